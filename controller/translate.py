@@ -1,0 +1,452 @@
+"""Kubernetes-style objects -> mesh resources, with no I/O.
+
+Both sources (the YAML directory, later the Kubernetes API) hand the same plain dicts to
+:func:`translate`, so one table of tests covers what users write. A malformed object of a
+kind we understand is a :class:`ConfigError` naming where it came from, which object and
+which field; the caller then keeps the last good configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.api import mesh_pb2
+
+log = logging.getLogger(__name__)
+
+DATAPLANE_MODE_LABELS = ("ambimesh.io/dataplane-mode", "istio.io/dataplane-mode")
+USE_WAYPOINT_LABELS = ("ambimesh.io/use-waypoint", "istio.io/use-waypoint")
+PEER_AUTHENTICATION_API_VERSIONS = ("security.istio.io/v1beta1", "security.istio.io/v1")
+
+# The oneof field names of mesh_pb2.Resource double as the kind part of resource keys.
+KIND_WORKLOAD = "workload"
+KIND_SERVICE = "service"
+KIND_PEER_AUTHENTICATION = "peer_authentication"
+
+_MTLS_MODES: Mapping[str, mesh_pb2.MtlsMode.ValueType] = {
+    "UNSET": mesh_pb2.MTLS_MODE_UNSET,
+    "PERMISSIVE": mesh_pb2.PERMISSIVE,
+    "STRICT": mesh_pb2.STRICT,
+    "DISABLE": mesh_pb2.DISABLE,
+}
+# Kubernetes' "safe" alphabet for generated name suffixes (pod-template-hash).
+_REPLICASET_HASH = re.compile(r"-[bcdfghjklmnpqrstvwxz2456789]{5,10}$")
+_POD_UID_NAMESPACE = uuid.UUID("6f0b3a53-2d1c-5c0e-9a7e-61a3b5c0d1e2")
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be applied; the message names source, object and field."""
+
+
+@dataclass(frozen=True)
+class SourcedObject:
+    """One Kubernetes-style object and where it came from (e.g. ``dir/app.yaml#3``)."""
+
+    obj: Mapping[str, Any]
+    source: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    cluster_domain: str = "cluster.local"
+
+
+def resource_key(kind: str, namespace: str, name: str) -> str:
+    return f"{kind}/{namespace}/{name}"
+
+
+def pod_uid(namespace: str, name: str) -> str:
+    """The uid of a pod whose YAML carries no ``metadata.uid``.
+
+    Deterministic (uuid5 of namespace/name) so that whoever builds the pod (the lab puts
+    the uid in the pod's cgroup path) and the controller agree without talking.
+    """
+    return str(uuid.uuid5(_POD_UID_NAMESPACE, f"{namespace}/{name}"))
+
+
+@dataclass
+class _Obj:
+    """One object being translated, with the context every error message needs."""
+
+    raw: Mapping[str, Any]
+    source: str
+    kind: str
+    namespace: str
+    name: str
+
+    def error(self, path: str, problem: str) -> ConfigError:
+        where = (
+            f"{self.kind} {self.namespace}/{self.name}"
+            if self.namespace
+            else f"{self.kind} {self.name}"
+        )
+        return ConfigError(f"{self.source}: {where}: {path}: {problem}")
+
+    def get(self, path: str, expected: type | tuple[type, ...], default: Any = None) -> Any:
+        """The value at dotted ``path``; ``default`` when absent, error when mistyped."""
+        node: Any = self.raw
+        walked: list[str] = []
+        for part in path.split("."):
+            if node is None:
+                return default
+            if not isinstance(node, Mapping):
+                raise self.error(".".join(walked), f"must be a mapping, got {_tname(node)}")
+            walked.append(part)
+            node = node.get(part)
+        if node is None:
+            return default
+        if isinstance(node, bool) and bool not in _as_tuple(expected):
+            raise self.error(path, f"must be {_expected_name(expected)}, got a boolean")
+        if not isinstance(node, expected):
+            raise self.error(path, f"must be {_expected_name(expected)}, got {_tname(node)}")
+        return node
+
+    def labels(self, path: str) -> dict[str, str]:
+        return _string_map(self, path, self.get(path, Mapping, {}))
+
+
+@dataclass
+class _Pod:
+    obj: _Obj
+    labels: dict[str, str]
+    uid: str
+    workload: mesh_pb2.Workload | None
+    container_ports: dict[str, int] = field(default_factory=dict)
+
+
+def translate(
+    objects: Iterable[SourcedObject], settings: Settings | None = None
+) -> dict[str, mesh_pb2.Resource]:
+    """Every object the mesh understands, as resources keyed by ``<kind>/<ns>/<name>``."""
+    settings = settings or Settings()
+    namespaces: dict[str, dict[str, str]] = {}
+    pods: list[_Pod] = []
+    services: list[_Obj] = []
+    policies: list[_Obj] = []
+    seen: dict[tuple[str, str, str], str] = {}
+
+    for sourced in objects:
+        obj = _identify(sourced)
+        if obj is None:
+            continue
+        ident = (obj.kind, obj.namespace, obj.name)
+        if ident in seen:
+            raise obj.error("metadata.name", f"defined twice (first in {seen[ident]})")
+        seen[ident] = obj.source
+        if obj.kind == "Namespace":
+            namespaces[obj.name] = obj.labels("metadata.labels")
+        elif obj.kind == "Pod":
+            pods.append(_read_pod(obj))
+        elif obj.kind == "Service":
+            services.append(obj)
+        else:
+            policies.append(obj)
+
+    out: dict[str, mesh_pb2.Resource] = {}
+    for pod in pods:
+        ns_labels = namespaces.get(pod.obj.namespace, {})
+        _finish_workload(pod, ns_labels, settings)
+        if pod.workload is not None:
+            key = resource_key(KIND_WORKLOAD, pod.obj.namespace, pod.obj.name)
+            out[key] = mesh_pb2.Resource(key=key, workload=pod.workload)
+    for svc in services:
+        service = _service(svc, pods, namespaces.get(svc.namespace, {}), settings)
+        key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
+        out[key] = mesh_pb2.Resource(key=key, service=service)
+    for pa in policies:
+        policy = _peer_authentication(pa, settings)
+        key = resource_key(KIND_PEER_AUTHENTICATION, pa.namespace, pa.name)
+        out[key] = mesh_pb2.Resource(key=key, peer_authentication=policy)
+    return out
+
+
+def _identify(sourced: SourcedObject) -> _Obj | None:
+    raw = sourced.obj
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{sourced.source}: expected a Kubernetes object (a mapping)")
+    api_version, kind = raw.get("apiVersion"), raw.get("kind")
+    known = (api_version == "v1" and kind in ("Namespace", "Pod", "Service")) or (
+        kind == "PeerAuthentication" and api_version in PEER_AUTHENTICATION_API_VERSIONS
+    )
+    if not known:
+        log.debug(
+            "%s: ignoring %s %s (not a kind ambimesh uses)", sourced.source, api_version, kind
+        )
+        return None
+    obj = _Obj(raw, sourced.source, str(kind), "", "?")
+    obj.name = obj.get("metadata.name", str, "")
+    if not obj.name:
+        raise obj.error("metadata.name", "is required")
+    if kind != "Namespace":
+        obj.namespace = obj.get("metadata.namespace", str, "") or "default"
+    return obj
+
+
+def _read_pod(obj: _Obj) -> _Pod:
+    uid = obj.get("metadata.uid", str, "") or pod_uid(obj.namespace, obj.name)
+    pod = _Pod(obj=obj, labels=obj.labels("metadata.labels"), uid=uid, workload=None)
+    for c_index, container in enumerate(obj.get("spec.containers", list, [])):
+        if not isinstance(container, Mapping):
+            raise obj.error(f"spec.containers[{c_index}]", "must be a mapping")
+        for p_index, port in enumerate(container.get("ports") or []):
+            where = f"spec.containers[{c_index}].ports[{p_index}]"
+            if not isinstance(port, Mapping):
+                raise obj.error(where, "must be a mapping")
+            name = port.get("name")
+            if name is not None:
+                pod.container_ports[str(name)] = _port_number(
+                    obj, f"{where}.containerPort", port.get("containerPort")
+                )
+    return pod
+
+
+def _finish_workload(pod: _Pod, ns_labels: Mapping[str, str], settings: Settings) -> None:
+    obj = pod.obj
+    node = obj.get("spec.nodeName", str, "")
+    addresses = _pod_addresses(obj)
+    if not node or not addresses:
+        log.debug(
+            "%s: pod %s/%s has no node or IP yet; not a workload",
+            obj.source,
+            obj.namespace,
+            obj.name,
+        )
+        return
+    pod.workload = mesh_pb2.Workload(
+        uid=pod.uid,
+        name=obj.name,
+        namespace=obj.namespace,
+        service_account=obj.get("spec.serviceAccountName", str, "") or "default",
+        node=node,
+        addresses=addresses,
+        ambient=_ambient(obj, pod.labels, ns_labels),
+        waypoint=_waypoint(pod.labels, ns_labels),
+        labels=pod.labels,
+        trust_domain=settings.trust_domain,
+        workload_name=_workload_name(obj, pod.labels),
+    )
+
+
+def _pod_addresses(obj: _Obj) -> list[str]:
+    candidates: list[tuple[str, Any]] = [("status.podIP", obj.get("status.podIP", str, ""))]
+    for index, entry in enumerate(obj.get("status.podIPs", list, [])):
+        ip = entry.get("ip") if isinstance(entry, Mapping) else None
+        candidates.append((f"status.podIPs[{index}].ip", ip))
+    return _unique_ips(obj, candidates)
+
+
+def _unique_ips(obj: _Obj, candidates: list[tuple[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for path, value in candidates:
+        if not value:
+            continue
+        try:
+            ip = str(ipaddress.ip_address(str(value)))
+        except ValueError:
+            raise obj.error(path, f"{value!r} is not an IP address") from None
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def _label(
+    names: tuple[str, ...], own: Mapping[str, str], ns: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(label name, value) from the object's own labels, else its namespace's."""
+    for labels in (own, ns):
+        for name in names:
+            if name in labels:
+                return name, labels[name]
+    return None
+
+
+def _ambient(obj: _Obj, labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bool:
+    found = _label(DATAPLANE_MODE_LABELS, labels, ns_labels)
+    if found is None:
+        return False
+    name, value = found
+    if value not in ("ambient", "none"):
+        where = "metadata.labels" if name in labels else f"namespace {obj.namespace} labels"
+        raise obj.error(f"{where}[{name}]", f"{value!r} is not one of: ambient, none")
+    return value == "ambient"
+
+
+def _waypoint(labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> str:
+    found = _label(USE_WAYPOINT_LABELS, labels, ns_labels)
+    return "" if found is None or found[1] == "none" else found[1]
+
+
+def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
+    owners = obj.get("metadata.ownerReferences", list, [])
+    owner = next((o for o in owners if isinstance(o, Mapping) and o.get("controller")), None)
+    if owner is None and owners:
+        owner = owners[0]
+    if not isinstance(owner, Mapping) or not isinstance(owner.get("name"), str):
+        return obj.name
+    name: str = owner["name"]
+    if owner.get("kind") == "ReplicaSet":
+        template_hash = labels.get("pod-template-hash")
+        if template_hash and name.endswith(f"-{template_hash}"):
+            return name[: -len(template_hash) - 1]
+        return _REPLICASET_HASH.sub("", name)
+    return name
+
+
+def _service(
+    obj: _Obj, pods: list[_Pod], ns_labels: Mapping[str, str], settings: Settings
+) -> mesh_pb2.Service:
+    selector = _string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
+    selected = [
+        p
+        for p in pods
+        if selector
+        and p.obj.namespace == obj.namespace
+        and all(p.labels.get(k) == v for k, v in selector.items())
+    ]
+    candidates: list[tuple[str, Any]] = [("spec.clusterIP", obj.get("spec.clusterIP", str, ""))]
+    for index, ip in enumerate(obj.get("spec.clusterIPs", list, [])):
+        candidates.append((f"spec.clusterIPs[{index}]", ip))
+    candidates = [(path, ip) for path, ip in candidates if ip != "None"]
+    return mesh_pb2.Service(
+        name=obj.name,
+        namespace=obj.namespace,
+        hostname=f"{obj.name}.{obj.namespace}.svc.{settings.cluster_domain}",
+        addresses=_unique_ips(obj, candidates),
+        ports=[
+            _service_port(obj, i, p, selected)
+            for i, p in enumerate(obj.get("spec.ports", list, []))
+        ],
+        endpoint_uids=sorted(p.uid for p in selected if p.workload is not None),
+        waypoint=_waypoint(obj.labels("metadata.labels"), ns_labels),
+    )
+
+
+def _service_port(obj: _Obj, index: int, raw: Any, selected: list[_Pod]) -> mesh_pb2.ServicePort:
+    where = f"spec.ports[{index}]"
+    if not isinstance(raw, Mapping):
+        raise obj.error(where, "must be a mapping")
+    port = _port_number(obj, f"{where}.port", raw.get("port"))
+    target = raw.get("targetPort", port)
+    if isinstance(target, str) and not target.isdigit():
+        numbers = {p.container_ports[target] for p in selected if target in p.container_ports}
+        if len(numbers) != 1:
+            problem = (
+                "no pod selected by the service declares a container port with that name"
+                if not numbers
+                else f"selected pods disagree on its number ({sorted(numbers)})"
+            )
+            raise obj.error(
+                f"{where}.targetPort",
+                f"named port {target!r}: {problem}; name the port in the pods' "
+                "spec.containers[].ports[] or use a number",
+            )
+        target = numbers.pop()
+    name = raw.get("name", "")
+    if not isinstance(name, str):
+        raise obj.error(f"{where}.name", f"must be a string, got {_tname(name)}")
+    return mesh_pb2.ServicePort(
+        port=port, target_port=_port_number(obj, f"{where}.targetPort", target), name=name
+    )
+
+
+def _peer_authentication(obj: _Obj, settings: Settings) -> mesh_pb2.PeerAuthentication:
+    selector_raw = obj.get("spec.selector", Mapping, None)
+    selector = (
+        _string_map(
+            obj, "spec.selector.matchLabels", obj.get("spec.selector.matchLabels", Mapping, {})
+        )
+        if selector_raw is not None
+        else {}
+    )
+    if selector_raw is not None and not selector:
+        raise obj.error(
+            "spec.selector.matchLabels",
+            "an empty selector selects nothing; remove spec.selector to apply to the namespace",
+        )
+    if selector:
+        scope = mesh_pb2.WORKLOAD
+    elif obj.namespace == settings.root_namespace:
+        scope = mesh_pb2.MESH
+    else:
+        scope = mesh_pb2.NAMESPACE
+    port_modes: dict[int, mesh_pb2.MtlsMode.ValueType] = {}
+    port_level = obj.get("spec.portLevelMtls", Mapping, {})
+    if port_level and not selector:
+        raise obj.error(
+            "spec.portLevelMtls", "requires spec.selector (as in Istio): add a workload selector"
+        )
+    for port, setting in port_level.items():
+        where = f"spec.portLevelMtls[{port}]"
+        number = _port_number(
+            obj, where, int(port) if isinstance(port, str) and port.isdigit() else port
+        )
+        if not isinstance(setting, Mapping):
+            raise obj.error(where, "must be a mapping with a mode")
+        port_modes[number] = _mtls_mode(obj, f"{where}.mode", setting.get("mode"))
+    return mesh_pb2.PeerAuthentication(
+        name=obj.name,
+        namespace=obj.namespace,
+        scope=scope,
+        selector=selector,
+        mode=_mtls_mode(obj, "spec.mtls.mode", obj.get("spec.mtls.mode", str, None)),
+        port_modes=port_modes,
+    )
+
+
+def _mtls_mode(obj: _Obj, path: str, value: Any) -> mesh_pb2.MtlsMode.ValueType:
+    if value is None:
+        return mesh_pb2.MTLS_MODE_UNSET
+    if not isinstance(value, str) or value.upper() not in _MTLS_MODES:
+        raise obj.error(path, f"{value!r} is not one of: {', '.join(_MTLS_MODES)}")
+    return _MTLS_MODES[value.upper()]
+
+
+def _port_number(obj: _Obj, path: str, value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise obj.error(path, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _string_map(obj: _Obj, path: str, value: Mapping[Any, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, (Mapping, list)) or item is None:
+            raise obj.error(f"{path}[{key}]", "labels must map strings to strings")
+        out[key] = (
+            item
+            if isinstance(item, str)
+            else str(item).lower()
+            if isinstance(item, bool)
+            else str(item)
+        )
+    return out
+
+
+def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def _expected_name(expected: type | tuple[type, ...]) -> str:
+    names = {Mapping: "a mapping", list: "a list", str: "a string", int: "an integer"}
+    return " or ".join(names.get(t, t.__name__) for t in _as_tuple(expected))
+
+
+def _tname(value: Any) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        bool: "a boolean",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
