@@ -1,0 +1,72 @@
+"""``CertificateAuthority.CreateCertificate``: a node gets certificates only for identities
+of pods scheduled on it, as the current configuration snapshot says."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import grpc
+
+from controller.auth import AuthError, NodeAuthenticator
+from controller.ca import CertificateAuthority, CsrError, csr_spiffe_id, load_csr
+from controller.store import Store
+from mesh.api import mesh_pb2
+from mesh.spiffe import SpiffeError, SpiffeId
+
+log = logging.getLogger(__name__)
+
+
+class CertificateService:
+    """Registered with ``mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server``."""
+
+    def __init__(
+        self, ca: CertificateAuthority, store: Store, authenticator: NodeAuthenticator
+    ) -> None:
+        self._ca = ca
+        self._store = store
+        self._auth = authenticator
+
+    def identities_on(self, node: str) -> set[SpiffeId]:
+        out: set[SpiffeId] = set()
+        for resource in self._store.current.resources.values():
+            if resource.WhichOneof("kind") != "workload" or resource.workload.node != node:
+                continue
+            w = resource.workload
+            try:
+                out.add(SpiffeId(w.trust_domain, w.namespace, w.service_account))
+            except SpiffeError as e:
+                log.warning("workload %s/%s has no valid identity: %s", w.namespace, w.name, e)
+        return out
+
+    async def CreateCertificate(
+        self, request: mesh_pb2.CreateCertificateRequest, context: Any
+    ) -> mesh_pb2.CreateCertificateResponse:
+        try:
+            node = self._auth.authenticate(context.invocation_metadata() or ())
+        except AuthError as e:
+            log.warning("certificate request from %s refused: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        try:
+            csr_pem = request.csr_pem.encode()
+            spiffe_id = csr_spiffe_id(load_csr(csr_pem))
+        except (CsrError, UnicodeEncodeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad CSR: {e}")
+        if spiffe_id not in self.identities_on(node):
+            message = (
+                f"node {node} may not obtain a certificate for {spiffe_id.uri}: no pod with "
+                f"that identity is scheduled on node {node} in configuration version "
+                f"{self._store.current.version}"
+            )
+            log.warning("%s", message)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        ttl = datetime.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds > 0 else None
+        try:
+            chain = self._ca.sign(csr_pem, spiffe_id, ttl)
+        except CsrError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad CSR: {e}")
+        log.info("issued a certificate for %s to node %s", spiffe_id.uri, node)
+        return mesh_pb2.CreateCertificateResponse(
+            cert_chain_pem=[c.decode() for c in chain], root_pem=self._ca.root_pem.decode()
+        )

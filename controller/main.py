@@ -1,0 +1,152 @@
+"""``ambimesh-controller``: config store + file source + CA + push API on one gRPC port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+
+from controller.auth import TokenAuthenticator, TokensFileError
+from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
+from controller.ca_service import CertificateService
+from controller.push_service import DiscoveryService
+from controller.sources.files import DirectoryWatcher
+from controller.store import Store
+from controller.translate import ConfigError, Settings, SourcedObject, translate
+from mesh.api import mesh_pb2_grpc
+
+log = logging.getLogger("controller")
+
+DEFAULT_LISTEN = "0.0.0.0:15012"
+DEFAULT_STATE_DIR = "/var/lib/ambimesh/controller"
+_WILDCARDS = ("", "0.0.0.0", "::")
+_SERVER_OPTIONS = [
+    # A second controller on the same port must fail, not silently share it.
+    ("grpc.so_reuseport", 0),
+    # Nodes keep their push stream alive with pings every 30 s.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StartupError(Exception):
+    """The controller cannot start; the message is the one line the operator sees."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ambimesh-controller", description=__doc__)
+    p.add_argument(
+        "--config-dir", required=True, type=Path, help="directory of Kubernetes-style YAML"
+    )
+    p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="CA material")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT for push + CA gRPC")
+    p.add_argument(
+        "--serving-hosts",
+        type=lambda s: [h.strip() for h in s.split(",") if h.strip()],
+        help="comma-separated DNS names/IPs for the serving certificate (default: the listen host)",
+    )
+    p.add_argument(
+        "--tokens", required=True, type=Path, help="YAML mapping node name -> join token"
+    )
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--root-namespace", default="istio-system")
+    p.add_argument("--cluster-domain", default="cluster.local")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StartupError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:15012")
+    return host.strip("[]"), int(port)
+
+
+def serving_hosts(listen_host: str, explicit: list[str] | None) -> list[str]:
+    if explicit:
+        return explicit
+    if listen_host in _WILDCARDS:
+        return [socket.gethostname(), "localhost", "127.0.0.1"]
+    return [listen_host]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if not args.config_dir.is_dir():
+        raise StartupError(
+            f"config directory {args.config_dir} does not exist: create it or fix --config-dir"
+        )
+    host, _ = split_host_port(args.listen)
+    try:
+        authenticator = TokenAuthenticator(args.tokens)
+    except TokensFileError as e:
+        raise StartupError(f"{e} (--tokens)") from None
+    try:
+        ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+    except (CAError, OSError) as e:
+        raise StartupError(f"CA state in {args.state_dir}: {e}") from None
+
+    store = Store()
+    settings = Settings(args.trust_domain, args.root_namespace, args.cluster_domain)
+
+    def apply(objects: list[SourcedObject]) -> None:
+        store.replace(translate(objects, settings))
+
+    watcher = DirectoryWatcher(args.config_dir, apply)
+    try:
+        watcher.load_once()
+    except ConfigError as e:
+        raise StartupError(f"initial configuration rejected: {e}") from None
+
+    serving = ca.serving_cert(serving_hosts(host, args.serving_hosts))
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    mesh_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryService(store, authenticator), server)
+    mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
+        CertificateService(ca, store, authenticator), server
+    )
+    credentials = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
+    try:
+        bound = server.add_secure_port(args.listen, credentials)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise StartupError(f"cannot listen on {args.listen}: port in use or address not local")
+    await server.start()
+    log.info(
+        "serving push + CA on %s:%d (root certificate: %s)",
+        host or "*",
+        bound,
+        args.state_dir / ROOT_CERT_FILE,
+    )
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    watch = asyncio.create_task(watcher.run())
+    try:
+        await stopping.wait()
+        log.info("shutting down")
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        await server.stop(grace=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(args))
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
+    return 0
