@@ -1,0 +1,68 @@
+"""Python views of the maps in ``src/maps.h``: ctypes structures named like the C fields.
+
+A privileged test compares every structure here with the layout bcc derives from the C
+(``Table.Key``/``Table.Leaf``), and a unit test compares ``COUNTERS`` with the C enum, so
+neither side can drift alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+
+
+class OrigDst(ctypes.Structure):
+    """``struct orig_dst``: an original destination, both fields in network byte order."""
+
+    _fields_ = (
+        ("ip4", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return socket.inet_ntoa(struct.pack("=I", self.ip4)), socket.ntohs(self.port)
+
+
+class PeerKey(ctypes.Structure):
+    """``struct peer_key``: a redirected client (netns cookie, IPv4, port; network order)."""
+
+    _fields_ = (
+        ("netns_cookie", ctypes.c_uint64),
+        ("ip4", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    )
+
+
+# Per map: (key type, value type), in C's terms.
+LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
+    "orig_dst_by_cookie": (ctypes.c_uint64, OrigDst),
+    "orig_dst_by_peer": (PeerKey, OrigDst),
+    "enrolled_pods": (ctypes.c_uint32, ctypes.c_uint8),
+    "excluded_ports": (ctypes.c_uint16, ctypes.c_uint8),
+    "counters": (ctypes.c_uint32, ctypes.c_uint64),
+}
+
+# ``enum ambimesh_counter`` in order: index in the ``counters`` per-CPU array -> name.
+COUNTERS: tuple[str, ...] = (
+    "outbound_redirected",
+    "outbound_established",
+    "original_dst_answered",
+    "inbound_steered",
+    "inbound_dropped",
+)
+
+
+def ip4_key(address: str) -> int:
+    """An IPv4 address as the u32 the programs see (network byte order in memory)."""
+    try:
+        packed = socket.inet_aton(address)
+    except OSError as exc:
+        raise ValueError(f"not an IPv4 address: {address!r}") from exc
+    if socket.inet_ntoa(packed) != address:
+        raise ValueError(f"not a dotted-quad IPv4 address: {address!r}")
+    value: int = struct.unpack("=I", packed)[0]
+    return value

@@ -1,0 +1,83 @@
+/* Shared by every ambimesh program. The loader compiles all programs as one translation
+ * unit, so each map below exists once and every program sees the same one.
+ *
+ * bpf/maps.py mirrors the structs and the counter enum; a test compares them with the
+ * layouts bcc derives from this file, so change both together.
+ */
+#ifndef AMBIMESH_MAPS_H
+#define AMBIMESH_MAPS_H
+
+#include <uapi/linux/bpf.h>
+
+/* The loader passes the real ports as -D flags; these are the documented defaults. */
+#ifndef AMBIMESH_OUTBOUND_PORT
+#define AMBIMESH_OUTBOUND_PORT 15001
+#endif
+#ifndef AMBIMESH_INBOUND_PORT
+#define AMBIMESH_INBOUND_PORT 15006
+#endif
+#ifndef AMBIMESH_HBONE_PORT
+#define AMBIMESH_HBONE_PORT 15008
+#endif
+
+/* Userspace constants, spelled out because bcc does not pull in libc headers. */
+#define AMBIMESH_AF_INET 2
+#define AMBIMESH_SOCK_STREAM 1
+#define AMBIMESH_IPPROTO_TCP 6
+#define AMBIMESH_SOL_IP 0
+#define AMBIMESH_SO_ORIGINAL_DST 80
+#define AMBIMESH_LOCALHOST 0x7f000001
+
+/* A connection's original destination; both fields in network byte order. */
+struct orig_dst {
+    __u32 ip4;
+    __u16 port;
+    __u16 pad;
+};
+
+/* The client end of a redirected connection, as the proxy's accepted socket sees its
+ * peer. Every pod dials the same 127.0.0.1:15001 inside its own netns, so the address
+ * and port alone repeat across pods; the netns cookie makes the key unique. */
+struct peer_key {
+    __u64 netns_cookie;
+    __u32 ip4;  /* network byte order */
+    __u16 port; /* network byte order */
+    __u16 pad;
+};
+
+enum ambimesh_counter {
+    COUNTER_OUTBOUND_REDIRECTED = 0,
+    COUNTER_OUTBOUND_ESTABLISHED = 1,
+    COUNTER_ORIGINAL_DST_ANSWERED = 2,
+    COUNTER_INBOUND_STEERED = 3,
+    COUNTER_INBOUND_DROPPED = 4,
+    COUNTER_MAX = 5,
+};
+
+/* connect4 -> sockops and getpeername4: the destination the pod's socket asked for. */
+BPF_TABLE("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
+/* sockops -> getsockopt: the same destination, found from the proxy's accepted socket. */
+BPF_TABLE("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
+/* Enrolled pod IPv4 addresses (network byte order); the value is always 1. */
+BPF_HASH(enrolled_pods, __u32, __u8, 4096);
+/* Inbound destination ports (host byte order) that are never captured. */
+BPF_HASH(excluded_ports, __u16, __u8, 1024);
+/* ztunnel's inbound (15006) listener in each pod netns, keyed by pod IPv4. */
+BPF_TABLE("sockhash", __u32, __u64, inbound_listeners, 4096);
+BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
+
+static __always_inline void count(__u32 which)
+{
+    __u64 *value = counters.lookup(&which);
+    if (value)
+        *value += 1;
+}
+
+/* 127.0.0.0/8 and 0.0.0.0 (which connect() treats as this host). */
+static __always_inline int is_local(__u32 ip4_be)
+{
+    __u32 ip4 = bpf_ntohl(ip4_be);
+    return ip4 == 0 || (ip4 >> 24) == 127;
+}
+
+#endif /* AMBIMESH_MAPS_H */
