@@ -238,7 +238,7 @@ class MeshBpf:
             ) from exc
         self._libbpf = _Libbpf()
         try:
-            self._bpf: Any = bcc.BPF(text=self.source(), cflags=flags)
+            self._bpf: Any = bcc.BPF(text=self.source().encode(), cflags=flags)
         except Exception as exc:
             raise BpfError(
                 f"compiling the eBPF programs failed ({exc}); is the kernel built with "
@@ -253,7 +253,9 @@ class MeshBpf:
                 _SK_LOOKUP_PROGRAM,
             ):
                 expected = -1 if prog_type == _PROG_SOCK_OPS else attach_type
-                self._fns[name] = self._bpf.load_func(name, prog_type, attach_type=expected)
+                self._fns[name] = self._bpf.load_func(
+                    name.encode(), prog_type, attach_type=expected
+                )
             self._listeners_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"inbound_listeners"))
         except Exception as exc:
             self._bpf.cleanup()
@@ -300,7 +302,7 @@ class MeshBpf:
                     f"linking sk_lookup to netns fd {netns_fd} failed ({exc.strerror}); "
                     "pass an fd of /proc/<pid>/ns/net or /var/run/netns/<name>"
                 ) from exc
-            table = self._bpf["enrolled_pods"]
+            table = self._bpf[b"enrolled_pods"]
             for key in keys:
                 table[table.Key(key)] = table.Leaf(1)
         except BaseException:
@@ -324,7 +326,7 @@ class MeshBpf:
         for name, _, attach_type in _POD_CGROUP_PROGRAMS:
             self._cgroup_detach(name, attachment.cgroup_fd, attach_type)
         os.close(attachment.cgroup_fd)
-        table = self._bpf["enrolled_pods"]
+        table = self._bpf[b"enrolled_pods"]
         for address in attachment.addresses:
             key = table.Key(ip4_key(address))
             if key in table:
@@ -393,7 +395,7 @@ class MeshBpf:
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise BpfError(f"excluded port must be an integer in 1..65535, got {port!r}")
             wanted.add(port)
-        table = self._bpf["excluded_ports"]
+        table = self._bpf[b"excluded_ports"]
         for key in list(table.keys()):
             if key.value not in wanted:
                 del table[key]
@@ -403,13 +405,13 @@ class MeshBpf:
     def counters(self) -> dict[str, int]:
         """Totals over all CPUs, for the agent's ``ambimesh_*`` metrics."""
         self._check_open()
-        table = self._bpf["counters"]
+        table = self._bpf[b"counters"]
         return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(COUNTERS)}
 
     def table(self, name: str) -> Any:
         """bcc's view of a map, for inspection and tests (not for SOCKHASH)."""
         self._check_open()
-        return self._bpf[name]
+        return self._bpf[name.encode()]
 
     # -- lifetime ----------------------------------------------------------------------
 
