@@ -40,7 +40,6 @@ def socket_in(
     bind: tuple[str, int] | None = None,
     listen: int | None = None,
     reuse: bool = True,
-    transparent_source: bool = False,
 ) -> socket.socket:
     """Create a socket in the namespace; bind and listen there when asked (ports are per netns)."""
     with entered(netns_fd):
@@ -48,8 +47,6 @@ def socket_in(
         try:
             if reuse:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if transparent_source:
-                sock.setsockopt(socket.SOL_IP, socket.IP_FREEBIND, 1)
             if bind is not None:
                 sock.bind(bind)
             if listen is not None:

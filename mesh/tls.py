@@ -133,11 +133,13 @@ def _context(protocol: int, identity: TlsIdentity) -> ssl.SSLContext:
         ctx.load_verify_locations(cadata=identity.root_pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError) as exc:
         raise CertificateError(f"trust root is not a valid PEM certificate: {exc}") from exc
-    _load_cert_chain(ctx, identity)
+    load_identity(ctx, identity)
     return ctx
 
 
-def _load_cert_chain(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
+def load_identity(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
+    """Put ``identity``'s certificate and key into ``ctx``; on renewal, new handshakes use
+    the new certificate while established connections keep theirs."""
     with (
         _secret_file(identity.cert_chain_pem) as cert_path,
         _secret_file(identity.key_pem) as key_path,

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 out="${1:-.}"
 python=${PYTHON:-.venv/bin/python}
 "$python" -m grpc_tools.protoc -I. --python_out="$out" --mypy_out="$out" \
-    --grpc_python_out="$out" mesh/api/mesh.proto mesh/api/node.proto
+    --grpc_python_out="$out" --mypy_grpc_out="$out" mesh/api/mesh.proto mesh/api/node.proto

@@ -1,0 +1,169 @@
+"""Pod enrollment on one node: desired state from the controller, actual state in BPF and
+in ztunnel, one reconcile loop between them.
+
+Order matters for safety: a pod is captured only once ztunnel holds listeners in its
+netns (so capture never black-holes traffic that would otherwise flow), and its BPF
+attachments go before it is released from ztunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from agent.discovery import find_pod
+from agent.ztunnel_link import ZtunnelError, ZtunnelLink
+from bpf.loader import BpfError, MeshBpf, PodAttachment, ProxyAttachment
+from mesh.api import mesh_pb2, node_pb2
+from mesh.cgroups import cgroup_of
+from mesh.nodeproto import message
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0
+
+
+@dataclass
+class Enrolled:
+    workload: mesh_pb2.Workload
+    netns_fd: int
+    cgroup: str
+    attachment: PodAttachment | None = None
+    listeners: list[str] = field(default_factory=list)
+
+
+def desired_pods(
+    node: str, resources: Mapping[str, mesh_pb2.Resource]
+) -> dict[str, mesh_pb2.Workload]:
+    """Workloads of this node that are enrolled in the mesh, by uid."""
+    out = {}
+    for res in resources.values():
+        if res.WhichOneof("kind") == "workload":
+            w = res.workload
+            if w.node == node and w.ambient:
+                out[w.uid] = w
+    return out
+
+
+class NodeAgent:
+    def __init__(self, node: str, bpf: MeshBpf, link: ZtunnelLink) -> None:
+        self.node = node
+        self.bpf = bpf
+        self.link = link
+        self.desired: dict[str, mesh_pb2.Workload] = {}
+        self.enrolled: dict[str, Enrolled] = {}
+        self.errors = 0
+        self._proxy: ProxyAttachment | None = None
+        self._wake = asyncio.Event()
+
+    def set_desired(self, resources: Mapping[str, mesh_pb2.Resource]) -> None:
+        self.desired = desired_pods(self.node, resources)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconcile whenever something changes, and every second while pods are pending."""
+        while True:
+            self._wake.clear()
+            pending = await self.reconcile()
+            timeout = RETRY_SECONDS if pending else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def reconcile(self) -> bool:
+        """One pass; True if some desired pod could not be enrolled yet."""
+        for uid in [u for u in self.enrolled if u not in self.desired]:
+            await self._release(uid)
+        pending = False
+        for uid, workload in self.desired.items():
+            if uid in self.enrolled and self.enrolled[uid].attachment is not None:
+                continue
+            try:
+                await self._enroll(workload)
+            except (ZtunnelError, BpfError, OSError) as exc:
+                pending = True
+                self.errors += 1
+                log.warning(
+                    "pod %s/%s not enrolled yet: %s", workload.namespace, workload.name, exc
+                )
+        return pending
+
+    async def on_ztunnel_connect(self, pid: int) -> None:
+        """A (new) ztunnel: let its cgroup read original destinations, re-send every pod."""
+        cgroup = str(cgroup_of(pid))
+        if self._proxy is not None:
+            self.bpf.detach_proxy(self._proxy)
+        self._proxy = self.bpf.attach_proxy(cgroup)
+        log.info("ztunnel cgroup %s may read original destinations", cgroup)
+        for entry in list(self.enrolled.values()):
+            await self._add_to_ztunnel(entry)
+        self._wake.set()
+
+    async def _enroll(self, workload: mesh_pb2.Workload) -> None:
+        entry = self.enrolled.get(workload.uid)
+        if entry is None:
+            sandbox = find_pod(workload.uid)
+            if sandbox is None:
+                raise ZtunnelError("no running process of the pod found under /proc")
+            fd = os.open(sandbox.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            entry = Enrolled(workload, fd, str(sandbox.cgroup_path))
+            self.enrolled[workload.uid] = entry
+        await self._add_to_ztunnel(entry)
+        entry.attachment = self.bpf.attach_pod(
+            entry.cgroup, entry.netns_fd, list(workload.addresses)
+        )
+        log.info(
+            "enrolled pod %s/%s (%s)",
+            workload.namespace,
+            workload.name,
+            ", ".join(workload.addresses),
+        )
+
+    async def _add_to_ztunnel(self, entry: Enrolled) -> None:
+        w = entry.workload
+        pod = node_pb2.PodInfo(
+            uid=w.uid,
+            name=w.name,
+            namespace=w.namespace,
+            service_account=w.service_account,
+            addresses=list(w.addresses),
+        )
+        fds = await self.link.send(
+            message(add_workload=node_pb2.AddWorkload(pod=pod)), (entry.netns_fd,)
+        )
+        try:
+            if len(fds) != 1:
+                raise ZtunnelError(f"ztunnel sent {len(fds)} listener fds for one pod, expected 1")
+            for address in w.addresses:
+                self.bpf.set_inbound_listener(address, fds[0])
+            entry.listeners = list(w.addresses)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _release(self, uid: str) -> None:
+        entry = self.enrolled.pop(uid)
+        w = entry.workload
+        if entry.attachment is not None:
+            self.bpf.detach_pod(entry.attachment)
+        for address in entry.listeners:
+            self.bpf.remove_inbound_listener(address)
+        try:
+            await self.link.send(message(del_workload=node_pb2.DelWorkload(uid=uid)))
+        except ZtunnelError as exc:
+            log.warning("ztunnel did not confirm release of %s/%s: %s", w.namespace, w.name, exc)
+        os.close(entry.netns_fd)
+        log.info("released pod %s/%s", w.namespace, w.name)
+
+    def close(self) -> None:
+        for entry in self.enrolled.values():
+            if entry.attachment is not None:
+                self.bpf.detach_pod(entry.attachment)
+            os.close(entry.netns_fd)
+        self.enrolled.clear()
+        if self._proxy is not None:
+            self.bpf.detach_proxy(self._proxy)
+            self._proxy = None

@@ -1,0 +1,3 @@
+from ambimesh.cli import main
+
+main()

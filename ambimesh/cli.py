@@ -1,0 +1,54 @@
+"""The `ambimesh` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ambimesh.lab import demo
+from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError
+from ambimesh.lab.topology import PlanError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambimesh", description="ambient service mesh")
+    p.add_argument("--log-level", default="WARNING")
+    sub = p.add_subparsers(dest="command", required=True)
+    lab = sub.add_parser("lab", help="the local lab mesh (network namespaces on this machine)")
+    lab.add_argument("--name", default=DEFAULT_LAB, help="lab name (prefix of its namespaces)")
+    lab_sub = lab.add_subparsers(dest="action", required=True)
+    up = lab_sub.add_parser("up", help="build the lab (after removing any earlier one)")
+    up.add_argument("--config", type=Path, help="YAML directory (default: the bundled one)")
+    lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
+    lab_sub.add_parser("status", help="nodes, pods, services and readiness")
+    lab_sub.add_parser("demo", help="call server from client across nodes; show wire + metrics")
+    ex = lab_sub.add_parser("exec", help="run a command as a pod's process (like kubectl exec)")
+    ex.add_argument("pod", help="namespace/name, or a name unique across namespaces")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command ...")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    lab = Lab(args.name)
+    try:
+        if args.action == "up":
+            lab.up(args.config)
+            print(lab.status())
+        elif args.action == "down":
+            lab.down()
+        elif args.action == "status":
+            print(lab.status())
+        elif args.action == "demo":
+            sys.exit(demo.run(lab))
+        elif args.action == "exec":
+            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not command:
+                raise LabError("nothing to run: ambimesh lab exec POD -- COMMAND ...")
+            sys.exit(lab.exec(args.pod, command))
+    except (LabError, PlanError) as exc:
+        print(f"ambimesh: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,290 @@
+"""The local lab: a small cluster on one machine, out of network namespaces and cgroups.
+
+`up` always sweeps what an earlier lab of the same name left (so it recovers from a
+crash), then builds the fabric, nodes and pods, starts the controller in the fabric
+namespace and one agent + ztunnel per node, and waits until every node is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ambimesh.lab import cgroups, network, procs
+from ambimesh.lab.netclient import http_get
+from ambimesh.lab.topology import (
+    CONTROLLER_PORT,
+    LabPlan,
+    NodePlan,
+    PodPlan,
+    ServicePlan,
+    documents_of,
+    plan,
+)
+from mesh.cgroups import cgroup2_mount
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAB = "amb"
+STATE_ROOT = Path(os.environ.get("AMBIMESH_STATE_ROOT", "/run/ambimesh"))
+READINESS_PORT = 15021
+METRICS_PORT = 15020
+
+
+class LabError(RuntimeError):
+    """The lab cannot be built or used; the message says what to do."""
+
+
+def bundled_config_dir() -> Path:
+    return Path(str(resources.files("ambimesh.lab") / "config"))
+
+
+class Lab:
+    def __init__(self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT) -> None:
+        if not name.replace("-", "").isalnum() or len(name) > 12:
+            raise LabError(f"lab name {name!r}: use up to 12 letters, digits or dashes")
+        self.name = name
+        self.state = state_root / name
+
+    # paths -------------------------------------------------------------------------
+    @property
+    def config_dir(self) -> Path:
+        """The runtime YAML directory the controller watches; edit it to change the lab."""
+        return self.state / "config"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    def node_dir(self, node: str) -> Path:
+        return self.state / "nodes" / node
+
+    @property
+    def root_cert(self) -> Path:
+        return self.state / "controller" / "root-cert.pem"
+
+    # lifecycle ---------------------------------------------------------------------
+    def up(self, config_dir: Path | None = None, timeout: float = 60.0) -> LabPlan:
+        check_environment()
+        self.down(quiet=True)
+        source = config_dir or bundled_config_dir()
+        files = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".yml"))
+        docs = documents_of((p.name, p.read_text()) for p in files)
+        lab_plan = plan(self.name, docs, lambda: str(uuid.uuid4()))
+        self._write_state(lab_plan)
+        say(f"building lab {self.name!r} from {source}")
+        network.build_fabric(lab_plan)
+        for node in lab_plan.nodes:
+            network.build_node(lab_plan, node)
+        for pod in lab_plan.pods:
+            network.build_pod(lab_plan, pod)
+            self._start_pod(pod)
+        self._start_controller(lab_plan)
+        self._wait_for(
+            lambda: self.root_cert.exists(), timeout, "the controller's root cert", "controller"
+        )
+        for node in lab_plan.nodes:
+            self._start_node(lab_plan, node)
+        for node in lab_plan.nodes:
+            self._wait_for(
+                lambda n=node: self._ready(n),
+                timeout,
+                f"ztunnel on {node.name} to be ready",
+                f"ztunnel-{node.name}",
+            )
+        say(f"lab {self.name!r} is up: {len(lab_plan.nodes)} nodes, {len(lab_plan.pods)} pods")
+        return lab_plan
+
+    def down(self, quiet: bool = False) -> None:
+        """Remove every process, cgroup, netns and file of this lab, whatever state it is in."""
+        cgroups.remove_tree(cgroups.lab_root(self.name))
+        removed = network.remove_namespaces(self.name)
+        if self.state.exists():
+            shutil.rmtree(self.state)
+        if not quiet:
+            say(f"lab {self.name!r} is down (removed {len(removed)} network namespaces)")
+
+    def load_plan(self) -> LabPlan:
+        path = self.state / "plan.json"
+        if not path.exists():
+            raise LabError(f"lab {self.name!r} is not up (no {path}); run: ambimesh lab up")
+        raw = json.loads(path.read_text())
+        return LabPlan(
+            lab=raw["lab"],
+            fabric_netns=raw["fabric_netns"],
+            controller_address=raw["controller_address"],
+            nodes=tuple(NodePlan(**n) for n in raw["nodes"]),
+            pods=tuple(
+                PodPlan(**{**p, "commands": tuple(map(tuple, p["commands"]))}) for p in raw["pods"]
+            ),
+            services=tuple(
+                ServicePlan(**{**s, "ports": tuple(map(tuple, s["ports"]))})
+                for s in raw["services"]
+            ),
+        )
+
+    def exec(self, pod_ref: str, argv: list[str]) -> int:
+        """Run a command as the pod's own process: its netns, its cgroup, its hosts file."""
+        lab_plan = self.load_plan()
+        try:
+            pod = lab_plan.pod(pod_ref)
+        except KeyError as exc:
+            raise LabError(str(exc.args[0])) from None
+        proc = procs.spawn(
+            argv,
+            cgroup=cgroups.pod_cgroup(self.name, pod.node, pod.uid),
+            netns_name=pod.netns,
+            pod=True,
+            stdin=None,
+        )
+        return proc.wait()
+
+    def status(self) -> str:
+        lab_plan = self.load_plan()
+        lines = [f"lab {self.name!r}: config {self.config_dir}, logs {self.logs}"]
+        lines.append(f"  controller  {lab_plan.controller_target}  (netns {lab_plan.fabric_netns})")
+        for node in lab_plan.nodes:
+            ready = "ready" if self._ready(node) else "NOT ready"
+            lines.append(
+                f"  {node.name:<11} {node.address:<14} pods {node.pod_cidr}  "
+                f"ztunnel {ready}  (netns {node.netns})"
+            )
+        for pod in lab_plan.pods:
+            lines.append(f"  pod {pod.ref:<22} {pod.address:<14} on {pod.node}  uid {pod.uid}")
+        for svc in lab_plan.services:
+            ports = ", ".join(f"{p}->{t}" for p, t in svc.ports)
+            lines.append(f"  service {svc.namespace}/{svc.name:<14} {svc.vip:<14} {ports}")
+        return "\n".join(lines)
+
+    # internals ---------------------------------------------------------------------
+    def _write_state(self, lab_plan: LabPlan) -> None:
+        self.state.mkdir(parents=True, mode=0o700, exist_ok=True)
+        self.config_dir.mkdir(exist_ok=True)
+        for fname, docs in lab_plan.runtime_documents.items():
+            (self.config_dir / fname).write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        state = asdict(lab_plan)
+        state.pop("runtime_documents")
+        (self.state / "plan.json").write_text(json.dumps(state, indent=1))
+        tokens = {node.name: secrets.token_urlsafe(32) for node in lab_plan.nodes}
+        _write_private(self.state / "tokens.yaml", yaml.safe_dump(tokens))
+        for node, token in tokens.items():
+            self.node_dir(node).mkdir(parents=True, exist_ok=True)
+            _write_private(self.node_dir(node) / "token", token)
+
+    def _start_pod(self, pod: PodPlan) -> None:
+        cgroup = cgroups.create(cgroups.pod_cgroup(self.name, pod.node, pod.uid))
+        log_file = self.logs / f"pod-{pod.namespace}-{pod.name}.log"
+        env = {"POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace}
+        procs.spawn(
+            ["sleep", "infinity"], cgroup=cgroup, netns_name=pod.netns, pod=True, log=log_file
+        )
+        for command in pod.commands:
+            procs.spawn(
+                command, cgroup=cgroup, netns_name=pod.netns, pod=True, log=log_file, env=env
+            )
+
+    def _start_controller(self, lab_plan: LabPlan) -> None:
+        say(f"starting controller on {lab_plan.controller_target}")
+        procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "--config-dir",
+                str(self.config_dir),
+                "--state-dir",
+                str(self.root_cert.parent),
+                "--listen",
+                f"{lab_plan.controller_address}:{CONTROLLER_PORT}",
+                "--tokens",
+                str(self.state / "tokens.yaml"),
+            ],
+            cgroup=cgroups.create(cgroups.component_cgroup(self.name, None, "controller")),
+            netns_name=lab_plan.fabric_netns,
+            pod=False,
+            log=self.logs / "controller.log",
+        )
+
+    def _start_node(self, lab_plan: LabPlan, node: NodePlan) -> None:
+        say(f"starting agent and ztunnel on {node.name}")
+        common = [
+            "--node",
+            node.name,
+            "--controller",
+            lab_plan.controller_target,
+            "--root-cert",
+            str(self.root_cert),
+            "--token-file",
+            str(self.node_dir(node.name) / "token"),
+        ]
+        sock = str(self.node_dir(node.name) / "ztunnel.sock")
+        for component, argv in (
+            ("agent", [sys.executable, "-m", "agent", *common, "--socket", sock]),
+            ("ztunnel", [sys.executable, "-m", "ztunnel", *common, "--agent-socket", sock]),
+        ):
+            procs.spawn(
+                argv,
+                cgroup=cgroups.create(cgroups.component_cgroup(self.name, node.name, component)),
+                netns_name=node.netns,
+                pod=False,
+                log=self.logs / f"{component}-{node.name}.log",
+            )
+
+    def _ready(self, node: NodePlan) -> bool:
+        try:
+            status, _ = http_get(node.netns, node.address, READINESS_PORT, "/healthz/ready", 1.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def _wait_for(self, check: object, timeout: float, what: str, log_name: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():  # type: ignore[operator]
+                return
+            time.sleep(0.2)
+        tail = _tail(self.logs / f"{log_name}.log")
+        raise LabError(
+            f"timed out after {timeout:.0f}s waiting for {what}; "
+            f"last lines of {self.logs}/{log_name}.log:\n{tail}"
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def say(message: str) -> None:
+    print(f"[lab] {message}", flush=True)
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, cgroups, eBPF); run it with sudo")
+    try:
+        cgroup2_mount()
+    except RuntimeError as exc:
+        raise LabError(str(exc)) from None
+    if shutil.which("ip") is None:
+        raise LabError("iproute2's `ip` is missing; run scripts/setup.sh")
+    if not Path("/proc/sys/net/core/bpf_jit_enable").exists():
+        raise LabError("this kernel has no BPF support")

@@ -1,0 +1,39 @@
+"""Talking to a lab address from the lab tool itself, through a socket made in a namespace."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+
+from mesh.netns import open_netns, socket_in
+
+
+def connect_in(netns_name: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    fd = open_netns(f"/var/run/netns/{netns_name}")
+    try:
+        sock = socket_in(fd, reuse=False)
+    finally:
+        os.close(fd)
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def http_get(
+    netns_name: str, host: str, port: int, path: str, timeout: float = 5.0
+) -> tuple[int, str]:
+    """GET ``path`` from host:port as seen from inside ``netns_name``; (status, body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.sock = connect_in(netns_name, host, port, timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()

@@ -1,0 +1,3 @@
+from ztunnel.main import main
+
+main()

@@ -1,0 +1,81 @@
+"""What every listener of every pod shares: current mesh state, certificates, the HBONE
+pool and metrics. One object, built once by the proxy."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from mesh.api import mesh_pb2, node_pb2
+from mesh.spiffe import SpiffeId
+from ztunnel.identity import CertManager
+from ztunnel.metrics import ConnectionLabels, TcpMetrics
+from ztunnel.pool import HbonePool
+from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
+
+
+@dataclass
+class ProxyContext:
+    certs: CertManager
+    metrics: TcpMetrics
+    pool: HbonePool = field(default_factory=HbonePool)
+    state: MeshState = field(default_factory=MeshState)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    """A pod of this node as the agent described it; owns a dup of its netns fd."""
+
+    info: node_pb2.PodInfo
+    netns_fd: int
+    identity: SpiffeId
+
+    @classmethod
+    def adopt(cls, info: node_pb2.PodInfo, netns_fd: int, trust_domain: str) -> LocalPod:
+        sid = SpiffeId(trust_domain, info.namespace, info.service_account or "default")
+        return cls(info, os.dup(netns_fd), sid)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.info.namespace}/{self.info.name}"
+
+    def workload(self, state: MeshState) -> mesh_pb2.Workload:
+        """The controller's view of this pod, or a minimal stand-in built from the agent's."""
+        known = state.workloads.get(self.info.uid)
+        if known is not None:
+            return known
+        return mesh_pb2.Workload(
+            uid=self.info.uid,
+            name=self.info.name,
+            namespace=self.info.namespace,
+            service_account=self.info.service_account,
+            addresses=list(self.info.addresses),
+            ambient=True,
+            workload_name=self.info.name,
+        )
+
+
+def workload_labels(
+    reporter: str,
+    source: mesh_pb2.Workload | None,
+    source_principal: SpiffeId | None,
+    destination: mesh_pb2.Workload | None,
+    destination_principal: SpiffeId | None,
+    service: mesh_pb2.Service | None,
+    mtls: bool,
+) -> ConnectionLabels:
+    unknown = "unknown"
+    return ConnectionLabels(
+        reporter=reporter,
+        source_workload=(source.workload_name or source.name) if source else unknown,
+        source_workload_namespace=source.namespace if source else unknown,
+        source_principal=source_principal.uri if source_principal else unknown,
+        destination_workload=(destination.workload_name or destination.name)
+        if destination
+        else unknown,
+        destination_workload_namespace=destination.namespace if destination else unknown,
+        destination_principal=destination_principal.uri if destination_principal else unknown,
+        destination_service=service.hostname if service else unknown,
+        connection_security_policy="mutual_tls" if mtls else "none",
+    )

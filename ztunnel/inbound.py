@@ -1,0 +1,71 @@
+"""Inbound HBONE (15008 in the pod's netns): verify the tunnel targets this pod, then
+deliver it to the app from 127.0.0.6 so the BPF capture lets the delivery through."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mesh.hbone.connection import HboneStream, connect_socket
+from mesh.hbone.protocol import ConnectRequest, Status
+from mesh.hbone.relay import StreamDuplex, relay
+from mesh.spiffe import SpiffeId
+from ztunnel.context import LocalPod, ProxyContext, workload_labels
+from ztunnel.sockets import INBOUND_SOURCE, upstream_socket
+
+log = logging.getLogger("ztunnel.access")
+
+
+async def handle(
+    ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
+) -> None:
+    started = time.monotonic()
+    target = (request.authority_host, request.authority_port)
+    if request.authority_host not in pod.info.addresses:
+        log.warning(
+            "inbound HBONE from %s for %s:%d refused: not an address of pod %s",
+            peer,
+            *target,
+            pod.ref,
+        )
+        stream.refuse(Status.BAD_REQUEST)
+        return
+    state = ctx.state
+    source = next(
+        (
+            w
+            for w in state.workloads.values()
+            if w.namespace == peer.namespace and w.service_account == peer.service_account
+        ),
+        None,
+    )
+    labels = workload_labels(
+        "destination", source, peer, pod.workload(state), pod.identity, None, True
+    )
+    try:
+        sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
+        await connect_socket(sock, target)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except OSError as exc:
+        log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
+        stream.refuse(Status.UPSTREAM_UNREACHABLE)
+        return
+    await stream.accept()
+    ctx.metrics.open(labels)
+    sent = received = 0
+    try:
+        received, sent = await relay(stream, StreamDuplex(reader, writer))
+    finally:
+        ctx.metrics.close(labels, sent, received)
+        log.info(
+            "inbound complete src.identity=%s dst.workload=%s dst.addr=%s:%d "
+            "dst.identity=%s policy=mutual_tls sent=%d recv=%d duration=%.0fms",
+            peer,
+            pod.ref,
+            *target,
+            pod.identity,
+            sent,
+            received,
+            (time.monotonic() - started) * 1000,
+        )

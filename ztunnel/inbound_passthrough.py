@@ -1,0 +1,68 @@
+"""Inbound plaintext (15006 in the pod's netns): connections the sk_lookup program
+steered here. STRICT pods refuse them; PERMISSIVE pods get them delivered unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mesh.api import mesh_pb2
+from mesh.hbone.connection import connect_socket
+from mesh.hbone.relay import StreamDuplex, relay
+from ztunnel.context import LocalPod, ProxyContext, workload_labels
+from ztunnel.sockets import INBOUND_SOURCE, upstream_socket
+
+log = logging.getLogger("ztunnel.access")
+
+
+async def handle(
+    ctx: ProxyContext, pod: LocalPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    started = time.monotonic()
+    client = StreamDuplex(reader, writer)
+    dst_ip, dst_port = writer.get_extra_info("sockname")[:2]
+    src_ip, src_port = writer.get_extra_info("peername")[:2]
+    state = ctx.state
+    workload = pod.workload(state)
+    mode = state.mtls_mode(workload, dst_port)
+    if mode == mesh_pb2.STRICT:
+        log.warning(
+            "inbound plaintext %s:%d -> %s:%d refused: pod %s requires mTLS "
+            "(PeerAuthentication STRICT)",
+            src_ip,
+            src_port,
+            dst_ip,
+            dst_port,
+            pod.ref,
+        )
+        client.close()
+        return
+    source = state.by_address.get(src_ip)
+    labels = workload_labels("destination", source, None, workload, None, None, False)
+    try:
+        sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
+        await connect_socket(sock, (dst_ip, dst_port))
+        up_reader, up_writer = await asyncio.open_connection(sock=sock)
+    except OSError as exc:
+        log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
+        client.close()
+        return
+    ctx.metrics.open(labels)
+    sent = received = 0
+    try:
+        received, sent = await relay(client, StreamDuplex(up_reader, up_writer))
+    finally:
+        ctx.metrics.close(labels, sent, received)
+        log.info(
+            "inbound plaintext complete src.addr=%s:%d dst.workload=%s dst.addr=%s:%d "
+            "sent=%d recv=%d duration=%.0fms",
+            src_ip,
+            src_port,
+            pod.ref,
+            dst_ip,
+            dst_port,
+            sent,
+            received,
+            (time.monotonic() - started) * 1000,
+        )

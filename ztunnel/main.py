@@ -1,0 +1,107 @@
+"""ambimesh-ztunnel: the per-node L4 mTLS tunnel (HBONE) for every enrolled pod."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+
+import uvloop
+from prometheus_client import CollectorRegistry, start_http_server
+
+from mesh import tls
+from mesh.api import mesh_pb2
+from mesh.cert_client import request_certificate
+from mesh.csr import make_key_and_csr
+from mesh.push_client import PushClient
+from mesh.spiffe import SpiffeId
+from ztunnel.context import ProxyContext
+from ztunnel.health import start_readiness_server
+from ztunnel.identity import CertManager
+from ztunnel.inpod import InpodClient
+from ztunnel.metrics import TcpMetrics
+from ztunnel.proxy import Ztunnel
+
+log = logging.getLogger("ztunnel")
+
+CERT_TTL_SECONDS = 24 * 3600
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ambimesh-ztunnel", description=__doc__)
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--controller", required=True, help="controller address host:port")
+    p.add_argument("--root-cert", required=True, type=Path, help="mesh root CA (PEM)")
+    p.add_argument("--token-file", required=True, type=Path, help="this node's join token")
+    p.add_argument("--agent-socket", required=True, type=Path, help="the node agent's socket")
+    p.add_argument("--metrics-port", type=int, default=15020)
+    p.add_argument("--readiness-port", type=int, default=15021)
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def fetch_identity(
+    args: argparse.Namespace, token: str, root: bytes, sid: SpiffeId
+) -> tls.TlsIdentity:
+    key_pem, csr_pem = make_key_and_csr(sid)
+    chain, root_pem = request_certificate(args.controller, root, token, csr_pem, CERT_TTL_SECONDS)
+    return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
+
+
+async def run(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    token = args.token_file.read_text().strip()
+    root = args.root_cert.read_bytes()
+    registry = CollectorRegistry()
+    ctx = ProxyContext(
+        certs=CertManager(partial(fetch_identity, args, token, root)),
+        metrics=TcpMetrics(registry),
+        trust_domain=args.trust_domain,
+    )
+    ztunnel = Ztunnel(ctx)
+    inpod = InpodClient(args.agent_socket, ztunnel.add_pod, ztunnel.del_pod, ztunnel.known_pods)
+    start_http_server(args.metrics_port, registry=registry)
+    start_readiness_server(
+        ("0.0.0.0", args.readiness_port),
+        lambda: ztunnel.config_synced.is_set() and inpod.synced.is_set(),
+    )
+
+    def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
+        loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))
+
+    push = PushClient(args.controller, root, token, args.node, on_update)
+    push.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    inpod_task = asyncio.create_task(inpod.run())
+    log.info(
+        "ztunnel for %s up: metrics :%d, readiness :%d",
+        args.node,
+        args.metrics_port,
+        args.readiness_port,
+    )
+    try:
+        await stop.wait()
+    finally:
+        inpod_task.cancel()
+        push.stop(2.0)
+        await ztunnel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        uvloop.run(run(args))
+    except OSError as exc:
+        log.error("%s", exc)
+        sys.exit(1)

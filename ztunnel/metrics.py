@@ -1,0 +1,61 @@
+"""Istio's TCP metrics, same names and labels, so existing dashboards work unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+)
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ConnectionLabels:
+    reporter: str
+    source_workload: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    connection_security_policy: str = "none"
+
+
+class TcpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened.", LABELS, registry=registry
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed.", LABELS, registry=registry
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent towards the destination.", LABELS, registry=registry
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination.",
+            LABELS,
+            registry=registry,
+        )
+
+    def open(self, labels: ConnectionLabels) -> None:
+        self.opened.labels(*astuple(labels)).inc()
+
+    def close(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        values = astuple(labels)
+        self.closed.labels(*values).inc()
+        self.sent.labels(*values).inc(sent)
+        self.received.labels(*values).inc(received)

@@ -1,0 +1,67 @@
+"""The ztunnel process's top object: binds the node-level listeners first (failing early
+and loudly), then runs the agent link, the config stream and the per-pod proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+
+from mesh.api import mesh_pb2, node_pb2
+from ztunnel.context import LocalPod, ProxyContext
+from ztunnel.pod_proxy import PodProxy
+from ztunnel.state import MeshState
+
+log = logging.getLogger(__name__)
+
+
+class Ztunnel:
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.pods: dict[str, PodProxy] = {}
+        self.config_synced = asyncio.Event()
+
+    def update_state(self, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
+        """Swap in a new view of the mesh; connections in flight keep the one they started with."""
+        self.ctx.state = MeshState.build(version, resources)
+        self.config_synced.set()
+        log.info(
+            "config version %s: %d workloads, %d services",
+            version,
+            len(self.ctx.state.workloads),
+            len(self.ctx.state.services_by_vip),
+        )
+
+    async def add_pod(self, info: node_pb2.PodInfo, netns_fd: int) -> int:
+        existing = self.pods.get(info.uid)
+        if existing is not None:
+            return existing.inbound_fd
+        pod = LocalPod.adopt(info, netns_fd, self.ctx.trust_domain)
+        try:
+            proxy = PodProxy(self.ctx, pod)
+        except OSError:
+            os.close(pod.netns_fd)
+            raise
+        await proxy.start()
+        self.pods[info.uid] = proxy
+        log.info("serving pod %s (%s) as %s", pod.ref, ", ".join(info.addresses), pod.identity)
+        return proxy.inbound_fd
+
+    async def del_pod(self, uid: str) -> None:
+        proxy = self.pods.pop(uid, None)
+        if proxy is None:
+            return
+        await proxy.close()
+        if not any(p.pod.identity == proxy.pod.identity for p in self.pods.values()):
+            self.ctx.certs.forget(proxy.pod.identity)
+        log.info("stopped serving pod %s", proxy.pod.ref)
+
+    def known_pods(self) -> set[str]:
+        return set(self.pods)
+
+    async def close(self) -> None:
+        for uid in list(self.pods):
+            await self.del_pod(uid)
+        self.ctx.pool.close()
+        self.ctx.certs.close()

@@ -1,0 +1,25 @@
+"""Socket helpers of the data path: original destinations and sockets made in pod netns."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from mesh.netns import socket_in
+
+SO_ORIGINAL_DST = 80
+INBOUND_SOURCE = "127.0.0.6"  # delivery source the BPF capture lets through (as Istio)
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """SO_ORIGINAL_DST: answered by our cgroup/getsockopt BPF program (or by iptables)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack_from("!H4s", raw, 2)
+    return socket.inet_ntoa(addr), port
+
+
+def upstream_socket(netns_fd: int, source: str | None = None) -> socket.socket:
+    """An unconnected TCP socket inside the pod's netns, optionally bound to ``source``."""
+    sock = socket_in(netns_fd, reuse=False, bind=(source, 0) if source else None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
