@@ -1,0 +1,725 @@
+"""HBONE over asyncio: one mTLS HTTP/2 connection carrying many CONNECT tunnels.
+
+`asyncio.Protocol` based (not streams) so it runs the same on uvloop and so that flow
+control is explicit: received bytes are acknowledged to the peer only as the reader consumes
+them (a slow reader slows its sender), and a writer's `drain()` waits for both HTTP/2 send
+windows and the transport's write buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Self, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from mesh.hbone.protocol import (
+    ConnectRequest,
+    HboneError,
+    HboneProtocolError,
+    HboneStreamRefused,
+    Header,
+    Status,
+    build_connect_request,
+    build_response,
+    is_success,
+    parse_connect_request,
+    parse_response_status,
+)
+from mesh.spiffe import SpiffeId
+from mesh.tls import ALPN_H2, PeerIdentityError, TlsError, peer_identity
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 256 * 1024
+MAX_CONCURRENT_STREAMS = 1000
+CONNECT_TIMEOUT = 10.0
+OPEN_STREAM_TIMEOUT = 10.0
+# A writer may queue this much on a stream before drain() makes it wait.
+SEND_HIGH_WATER = 256 * 1024
+# Leave room below 2**31 - 1 so a connection nearly out of stream ids is retired, not used.
+_LAST_USABLE_STREAM_ID = 2**31 - 1 - 1000
+
+Handler = Callable[["HboneStream", ConnectRequest, SpiffeId], Awaitable[None]]
+
+
+class HboneConnectError(HboneError, ConnectionError):
+    """An HBONE connection could not be set up (TCP, TLS or HTTP/2 preface)."""
+
+
+class HboneConnectionClosed(HboneError, ConnectionError):
+    """The HBONE connection under a stream went away."""
+
+
+class HboneStreamReset(HboneError, ConnectionResetError):
+    """The tunnel was reset (RST_STREAM) by the peer or locally."""
+
+
+class HboneTimeout(HboneError, TimeoutError):
+    """The peer did not answer in time."""
+
+
+class HboneStream:
+    """One CONNECT tunnel: a byte duplex with HTTP/2 flow control."""
+
+    def __init__(
+        self, conn: _HboneConnection, stream_id: int, request: ConnectRequest, peer: SpiffeId
+    ) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.request = request
+        self.peer = peer
+        self._recv: collections.deque[bytes] = collections.deque()
+        self._recv_eof = False
+        self._send: collections.deque[bytes] = collections.deque()
+        self._send_size = 0
+        self._send_eof_pending = False
+        self._send_closed = False
+        self._error: BaseException | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._responded = False
+
+    def __repr__(self) -> str:
+        return f"<HboneStream {self.stream_id} {self.request.authority} peer={self.peer}>"
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None or (self._recv_eof and self._send_closed)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to `max_bytes`; b"" once the peer has sent END_STREAM and all data was read."""
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        while not self._recv and not self._recv_eof and self._error is None:
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            await self._read_waiter
+        # A reset after the peer's END_STREAM aborts only our sending side.
+        if self._error is not None and not self._recv_eof:
+            raise self._error
+        if not self._recv:
+            return b""
+        chunk = self._recv.popleft()
+        if len(chunk) > max_bytes:
+            self._recv.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._conn._consumed(self, len(chunk))
+        return chunk
+
+    def write(self, data: bytes) -> None:
+        """Queue `data`; call `drain()` after to respect flow control."""
+        if self._error is not None:
+            raise self._error
+        if self._send_eof_pending or self._send_closed:
+            raise HboneError(f"write on stream {self.stream_id} after write_eof()")
+        if data:
+            self._send.append(bytes(data))
+            self._send_size += len(data)
+            self._conn._pump(self)
+
+    async def drain(self) -> None:
+        """Wait until the queued data has mostly been handed to the connection.
+
+        After `write_eof()`, wait until everything, END_STREAM included, was handed over.
+        """
+        while self._error is None and (
+            self._send_size > SEND_HIGH_WATER or (self._send_eof_pending and not self._send_closed)
+        ):
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self._error is not None:
+            raise self._error
+
+    def write_eof(self) -> None:
+        """Half-close: END_STREAM once queued data is sent."""
+        if self._error is not None or self._send_eof_pending or self._send_closed:
+            return
+        self._send_eof_pending = True
+        self._conn._pump(self)
+
+    def reset(self, error_code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        """Abort the tunnel both ways (RST_STREAM)."""
+        if self._error is None:
+            self._conn._reset_stream(self, error_code)
+            self._fail(HboneStreamReset(f"stream {self.stream_id} was reset locally"))
+
+    def close(self) -> None:
+        """Release the stream: a no-op if both directions finished, else a reset."""
+        if not self.is_closed:
+            self.reset()
+        self._conn._forget(self)
+
+    async def accept(self) -> None:
+        """Server side: answer 200 so the client starts sending tunnel bytes."""
+        self._respond(Status.OK, end_stream=False)
+
+    def refuse(self, status: int) -> None:
+        """Server side: answer a non-2xx status and end the stream."""
+        if is_success(status):
+            raise ValueError(f"refuse() needs a non-2xx status, got {status}")
+        self._respond(status, end_stream=True)
+        self._send_closed = True
+        self._conn._forget_if_done(self)
+
+    def _respond(self, status: int, *, end_stream: bool) -> None:
+        if self._responded:
+            raise HboneError(f"stream {self.stream_id} already answered")
+        if self._error is not None:
+            raise self._error
+        self._responded = True
+        self._conn._send_headers(self, build_response(status), end_stream=end_stream)
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if not self._response.done():
+            self._response.set_exception(error)
+            # Retrieved or not, a failed open must not log "exception never retrieved".
+            self._response.exception()
+        if not self._recv_eof:
+            unread = sum(len(chunk) for chunk in self._recv)
+            self._recv.clear()
+            self._conn._consumed(self, unread)
+        self._send.clear()
+        self._send_size = 0
+        self._wake_reader()
+        self._wake_writer()
+
+
+class _HboneConnection(asyncio.Protocol):
+    """What client and server share: the h2 state machine, flow control, stream table."""
+
+    def __init__(
+        self, *, client_side: bool, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+    ) -> None:
+        self._max_concurrent_streams = max_concurrent_streams
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        )
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, HboneStream] = {}
+        self._write_paused = False
+        self._lost: BaseException | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+        self._goaway = False
+        self._state_waiters: list[asyncio.Future[None]] = []
+        self.peer: SpiffeId | None = None
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def close(self) -> None:
+        """GOAWAY and close the connection; open streams fail."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._h2.close_connection()
+            self._flush()
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self._transport = cast(asyncio.Transport, transport)
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
+        }
+        if self._h2.config.client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self._h2.local_settings = h2.settings.Settings(
+            client=self._h2.config.client_side, initial_values=settings
+        )
+        self._h2.initiate_connection()
+        # h2 raises its frame size limit only on the receive_data call after our SETTINGS
+        # are acked, so a peer sending the ACK and a large frame in one read would trip it.
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("HBONE peer %s broke HTTP/2, closing the connection: %s", self.peer, exc)
+            self._flush()
+            self._abort()
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or HboneConnectionClosed(f"HBONE connection to {self.peer} closed")
+        error = HboneConnectionClosed(f"HBONE connection to {self.peer} lost: {self._lost}")
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+        self._streams.clear()
+        self._notify_state()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for stream in list(self._streams.values()):
+            self._pump(stream, flush=False)
+        self._flush()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            self._on_data(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._recv_eof = True
+                stream._wake_reader()
+                self._forget_if_done(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._fail(
+                    HboneStreamReset(
+                        f"peer {self.peer} reset stream {event.stream_id} "
+                        f"({ErrorCodes(event.error_code).name})"
+                    )
+                )
+                self._notify_state()
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = (
+                list(self._streams.values())
+                if event.stream_id == 0
+                else [s for s in (self._streams.get(event.stream_id),) if s is not None]
+            )
+            for stream in targets:
+                self._pump(stream, flush=False)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._on_settings()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway = True
+            self._on_goaway(event)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        data = event.data or b""
+        padding = event.flow_controlled_length - len(data)
+        if stream is None or stream._error is not None:
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        if padding:
+            self._h2.acknowledge_received_data(padding, event.stream_id)
+        if data:
+            stream._recv.append(data)
+            stream._wake_reader()
+
+    def _on_settings(self) -> None:
+        self._notify_state()
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        last = event.last_stream_id or 0
+        for stream_id, stream in list(self._streams.items()):
+            if stream_id > last:
+                stream._fail(HboneConnectionClosed(f"peer {self.peer} sent GOAWAY"))
+                self._streams.pop(stream_id)
+        self._notify_state()
+        if not self._streams and self._transport is not None:
+            self._transport.close()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _consumed(self, stream: HboneStream, size: int) -> None:
+        if size and self._lost is None:
+            self._h2.acknowledge_received_data(size, stream.stream_id)
+            self._flush()
+
+    def _pump(self, stream: HboneStream, *, flush: bool = True) -> None:
+        """Move queued bytes into HTTP/2 DATA frames as far as windows and the transport allow."""
+        if self._write_paused or self._lost is not None or stream._error is not None:
+            return
+        sid = stream.stream_id
+        while stream._send:
+            window = min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size)
+            if window <= 0:
+                break
+            chunk = stream._send[0]
+            if len(chunk) > window:
+                stream._send[0] = chunk[window:]
+                chunk = chunk[:window]
+            else:
+                stream._send.popleft()
+            self._h2.send_data(sid, chunk)
+            stream._send_size -= len(chunk)
+        if not stream._send and stream._send_eof_pending and not stream._send_closed:
+            self._h2.end_stream(sid)
+            stream._send_closed = True
+            self._forget_if_done(stream)
+        if stream._send_size <= SEND_HIGH_WATER:
+            stream._wake_writer()
+        if flush:
+            self._flush()
+
+    def _send_headers(
+        self, stream: HboneStream, headers: list[Header], *, end_stream: bool
+    ) -> None:
+        if self._lost is not None:
+            raise HboneConnectionClosed(f"HBONE connection to {self.peer} is closed")
+        self._h2.send_headers(stream.stream_id, headers, end_stream=end_stream)
+        self._flush()
+
+    def _reset_stream(self, stream: HboneStream, error_code: ErrorCodes) -> None:
+        if self._lost is None:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self._h2.reset_stream(stream.stream_id, error_code)
+            self._flush()
+        self._forget(stream)
+
+    def _forget_if_done(self, stream: HboneStream) -> None:
+        if stream._recv_eof and stream._send_closed:
+            self._forget(stream)
+
+    def _forget(self, stream: HboneStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self._notify_state()
+
+    def _notify_state(self) -> None:
+        waiters, self._state_waiters = self._state_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _state_changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._state_waiters.append(waiter)
+        await waiter
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def connect_socket(
+    sock: socket.socket, address: tuple[str, int], *, timeout: float = CONNECT_TIMEOUT
+) -> None:
+    """Connect a caller-made socket (e.g. created inside a pod's netns) without blocking."""
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, address)
+    except TimeoutError:
+        raise HboneTimeout(
+            f"TCP connect to {address[0]}:{address[1]} timed out after {timeout}s "
+            "(is the peer up, and does a NetworkPolicy or firewall allow port 15008?)"
+        ) from None
+    except OSError as exc:
+        raise HboneConnectError(
+            f"TCP connect to {address[0]}:{address[1]} failed: {exc.strerror or exc}"
+        ) from exc
+
+
+class HboneClientConnection(_HboneConnection):
+    """The client end: opens CONNECT tunnels to one verified peer."""
+
+    def __init__(self) -> None:
+        super().__init__(client_side=True)
+        self._preface: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def connect(
+        cls,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext,
+        expected_peer: SpiffeId | set[SpiffeId] | frozenset[SpiffeId] | None,
+        server_hostname: str | None = None,
+        *,
+        address: tuple[str, int] | None = None,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> Self:
+        """mTLS + HTTP/2 over `sock` (connected first to `address` if given), peer checked.
+
+        Returns only once the server's HTTP/2 preface arrived: with TLS 1.3 the server
+        checks our certificate after our side of the handshake is done, so a rejection
+        shows up here rather than on the first stream.
+        """
+        loop = asyncio.get_running_loop()
+        where = "{}:{}".format(*address) if address else _describe_peer(sock)
+        conn: Self | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if address is not None:
+                    await connect_socket(sock, address, timeout=timeout)
+                _, conn = await loop.create_connection(
+                    cls, sock=sock, ssl=ssl_context, server_hostname=server_hostname or ""
+                )
+                conn._check_peer(expected_peer, where)
+                await asyncio.shield(conn._preface)
+            return conn
+        except TimeoutError:
+            if conn is not None:
+                conn._abort()
+            raise HboneTimeout(
+                f"HBONE connection setup with {where} timed out after {timeout}s"
+            ) from None
+        except (HboneError, TlsError):
+            if conn is not None:
+                conn._abort()
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            if conn is not None:
+                conn._abort()
+            raise HboneConnectError(
+                f"mTLS handshake with {where} failed: {exc} "
+                "(do both sides trust the same mesh root?)"
+            ) from exc
+
+    def _check_peer(
+        self,
+        expected: SpiffeId | set[SpiffeId] | frozenset[SpiffeId] | None,
+        where: str,
+    ) -> None:
+        assert self._transport is not None
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            raise HboneConnectError(f"connection to {where} is not TLS")
+        alpn = ssl_object.selected_alpn_protocol()
+        if alpn != ALPN_H2:
+            raise HboneConnectError(
+                f"{where} negotiated ALPN {alpn!r}, not h2: is it an HBONE port (15008)?"
+            )
+        self.peer = peer_identity(ssl_object)
+        allowed = {expected} if isinstance(expected, SpiffeId) else expected
+        if allowed is not None and self.peer not in allowed:
+            wanted = ", ".join(sorted(str(s) for s in allowed))
+            raise PeerIdentityError(
+                f"{where} presented identity {self.peer}, expected {wanted}; "
+                "refusing to send traffic to an impostor or a stale endpoint"
+            )
+
+    @property
+    def is_usable(self) -> bool:
+        """Whether new streams may still be opened on this connection."""
+        return (
+            self._lost is None
+            and not self._goaway
+            and self._transport is not None
+            and not self._transport.is_closing()
+            and self._h2.highest_outbound_stream_id < _LAST_USABLE_STREAM_ID
+        )
+
+    async def open_stream(
+        self,
+        authority: str,
+        extra_headers: Iterable[Header] = (),
+        *,
+        timeout: float = OPEN_STREAM_TIMEOUT,
+    ) -> HboneStream:
+        """CONNECT to `authority`; waits for a free stream slot and the peer's answer.
+
+        Raises `HboneStreamRefused` on a non-2xx answer, `HboneTimeout`, or
+        `HboneConnectionClosed` when the connection cannot take new streams.
+        """
+        headers = build_connect_request(authority, extra_headers)
+        request = parse_connect_request(headers)
+        stream: HboneStream | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while self.is_usable and (
+                    self._h2.open_outbound_streams
+                    >= self._h2.remote_settings.max_concurrent_streams
+                ):
+                    await self._state_changed()
+                if not self.is_usable:
+                    raise HboneConnectionClosed(
+                        f"HBONE connection to {self.peer} no longer accepts new streams"
+                    )
+                assert self.peer is not None
+                stream = HboneStream(
+                    self, self._h2.get_next_available_stream_id(), request, self.peer
+                )
+                self._streams[stream.stream_id] = stream
+                self._send_headers(stream, headers, end_stream=False)
+                status = await asyncio.shield(stream._response)
+        except TimeoutError:
+            if stream is not None:
+                stream.reset()
+            raise HboneTimeout(
+                f"CONNECT {authority} to {self.peer} got no answer within {timeout}s"
+            ) from None
+        except asyncio.CancelledError:
+            if stream is not None:
+                stream.reset()
+            raise
+        if not is_success(status):
+            stream.close()
+            raise HboneStreamRefused(status, authority)
+        return stream
+
+    def _on_settings(self) -> None:
+        if not self._preface.done():
+            self._preface.set_result(None)
+        super()._on_settings()
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream._response.done():
+            return
+        try:
+            status = parse_response_status(event.headers or [])
+        except HboneProtocolError as exc:
+            stream.reset(ErrorCodes.PROTOCOL_ERROR)
+            stream._fail(exc)
+            return
+        stream._response.set_result(status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._preface.done():
+            self._preface.set_exception(
+                HboneConnectError(
+                    f"server closed the connection during setup ({exc or 'no error given'}); "
+                    "did it reject our certificate (different mesh root, expired)?"
+                )
+            )
+            self._preface.exception()
+        super().connection_lost(exc)
+
+
+def _describe_peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "HBONE peer"
+    return f"{host}:{port}"
+
+
+class HboneServerProtocol(_HboneConnection):
+    """The server end: one instance per accepted mTLS connection.
+
+    Use with `loop.create_server(lambda: HboneServerProtocol(handler), sock=..., ssl=...)`.
+    Each valid CONNECT runs `handler(stream, request, peer)` in its own task; the handler
+    must `await stream.accept()` or `stream.refuse(status)`, then relay. Malformed requests
+    get 400 without reaching the handler.
+    """
+
+    def __init__(
+        self, handler: Handler, *, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+    ) -> None:
+        super().__init__(client_side=False, max_concurrent_streams=max_concurrent_streams)
+        self._handler = handler
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        where = transport.get_extra_info("peername")
+        try:
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
+                raise HboneProtocolError("client did not negotiate TLS with ALPN h2")
+            self.peer = peer_identity(ssl_object)
+        except (HboneError, TlsError) as exc:
+            log.warning("rejecting HBONE connection from %s: %s", where, exc)
+            self._transport = cast(asyncio.Transport, transport)
+            self._transport.abort()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        super().connection_lost(exc)
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        assert event.stream_id is not None and self.peer is not None
+        try:
+            request = parse_connect_request(event.headers or [])
+        except HboneProtocolError as exc:
+            log.info("bad HBONE request from %s: %s", self.peer, exc)
+            self._h2.send_headers(
+                event.stream_id, build_response(Status.BAD_REQUEST), end_stream=True
+            )
+            return
+        stream = HboneStream(self, event.stream_id, request, self.peer)
+        self._streams[stream.stream_id] = stream
+        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: HboneStream) -> None:
+        try:
+            await self._handler(stream, stream.request, stream.peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "HBONE handler failed for %s from %s", stream.request.authority, stream.peer
+            )
+        finally:
+            if not stream._responded and stream._error is None and self._lost is None:
+                stream.refuse(Status.UPSTREAM_UNREACHABLE)
+            stream.close()
+
+
+def server_factory(
+    handler: Handler, *, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+) -> Callable[[], HboneServerProtocol]:
+    return lambda: HboneServerProtocol(handler, max_concurrent_streams=max_concurrent_streams)
+
+
+async def serve(
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext,
+    handler: Handler,
+    *,
+    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """Serve HBONE on a caller-made listening socket (e.g. bound inside a pod's netns).
+
+    Extra keyword arguments go to `loop.create_server` (e.g. `ssl_handshake_timeout`).
+    """
+    return await asyncio.get_running_loop().create_server(
+        server_factory(handler, max_concurrent_streams=max_concurrent_streams),
+        sock=sock,
+        ssl=ssl_context,
+        **kwargs,
+    )
