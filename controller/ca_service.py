@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any
 
 import grpc
 
 from controller.auth import AuthError, NodeAuthenticator
 from controller.ca import CertificateAuthority, CsrError, csr_spiffe_id, load_csr
 from controller.store import Store
-from mesh.api import mesh_pb2
+from mesh.api import mesh_pb2, mesh_pb2_grpc
 from mesh.spiffe import SpiffeError, SpiffeId
 
 log = logging.getLogger(__name__)
 
 
-class CertificateService:
-    """Registered with ``mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server``."""
+Context = grpc.aio.ServicerContext[
+    mesh_pb2.CreateCertificateRequest, mesh_pb2.CreateCertificateResponse
+]
 
+
+class CertificateService(mesh_pb2_grpc.CertificateAuthorityServicer):
     def __init__(
         self, ca: CertificateAuthority, store: Store, authenticator: NodeAuthenticator
     ) -> None:
@@ -41,7 +43,7 @@ class CertificateService:
         return out
 
     async def CreateCertificate(
-        self, request: mesh_pb2.CreateCertificateRequest, context: Any
+        self, request: mesh_pb2.CreateCertificateRequest, context: Context
     ) -> mesh_pb2.CreateCertificateResponse:
         try:
             node = self._auth.authenticate(context.invocation_metadata() or ())

@@ -12,13 +12,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
 from controller.auth import AuthError, NodeAuthenticator
 from controller.store import Snapshot, Store, diff
-from mesh.api import mesh_pb2
+from mesh.api import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +39,34 @@ class _Reply:
     error_detail: str
 
 
-class DiscoveryService:
-    """Registered with ``mesh_pb2_grpc.add_DiscoveryServicer_to_server``."""
+Context = grpc.aio.ServicerContext[mesh_pb2.DiscoveryRequest, mesh_pb2.DiscoveryResponse]
 
+
+class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
     def __init__(self, store: Store, authenticator: NodeAuthenticator) -> None:
         self._store = store
         self._auth = authenticator
         self.nodes: dict[str, NodeStatus] = {}
 
     async def Stream(
-        self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Any
-    ) -> None:
+        self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Context
+    ) -> AsyncIterator[mesh_pb2.DiscoveryResponse]:
         try:
             node = self._auth.authenticate(context.invocation_metadata() or ())
         except AuthError as e:
             log.warning("push stream from %s refused: %s", context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-            return
         status = self.nodes.setdefault(node, NodeStatus())
         status.connected += 1
         replies: asyncio.Queue[_Reply | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(node, request_iterator, replies, context))
+        reader = asyncio.create_task(_read(node, request_iterator, replies))
         log.info("node %s connected (%s)", node, context.peer())
         try:
-            await self._push(node, status, replies, context)
+            async for response in self._push(node, status, replies, reader):
+                yield response
+            if reader.done() and (mismatch := reader.result()):
+                log.warning("push stream: %s", mismatch)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, mismatch)
         finally:
             reader.cancel()
             status.connected -= 1
@@ -74,19 +77,18 @@ class DiscoveryService:
         node: str,
         status: NodeStatus,
         replies: asyncio.Queue[_Reply | None],
-        context: Any,
-    ) -> None:
+        reader: asyncio.Task[str | None],
+    ) -> AsyncIterator[mesh_pb2.DiscoveryResponse]:
+        """Send, wait for the answer, wait for a newer version; until the node goes away."""
         acked: Snapshot | None = None
         sent = self._store.current
-        await context.write(_response(None, sent))
-        status.sent_version = sent.version
         while True:
-            reply = await replies.get()
+            yield _response(acked, sent)
+            status.sent_version = sent.version
+            while (reply := await replies.get()) is not None and reply.version != sent.version:
+                log.debug("node %s answered stale version %s", node, reply.version)
             if reply is None:
                 return
-            if reply.version != sent.version:
-                log.debug("node %s answered stale version %s", node, reply.version)
-                continue
             if reply.error_detail:
                 status.nacked_version, status.error_detail = reply.version, reply.error_detail
                 log.warning(
@@ -95,29 +97,29 @@ class DiscoveryService:
             else:
                 acked, status.acked_version = sent, sent.version
                 log.debug("node %s applied version %s", node, sent.version)
-            sent = await self._store.wait_newer(sent.serial)
-            await context.write(_response(acked, sent))
-            status.sent_version = sent.version
+            newer = asyncio.ensure_future(self._store.wait_newer(sent.serial))
+            await asyncio.wait({newer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not newer.done():
+                newer.cancel()
+                return
+            sent = newer.result()
 
-    async def _read(
-        self,
-        node: str,
-        requests: AsyncIterator[mesh_pb2.DiscoveryRequest],
-        replies: asyncio.Queue[_Reply | None],
-        context: Any,
-    ) -> None:
-        try:
-            async for request in requests:
-                if request.node and request.node != node:
-                    message = (
-                        f"authenticated as node {node} but the request names node {request.node}"
-                    )
-                    log.warning("push stream: %s", message)
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-                if request.version:
-                    replies.put_nowait(_Reply(request.version, request.error_detail))
-        finally:
-            replies.put_nowait(None)
+
+async def _read(
+    node: str,
+    requests: AsyncIterator[mesh_pb2.DiscoveryRequest],
+    replies: asyncio.Queue[_Reply | None],
+) -> str | None:
+    """Queue the node's ACK/NACKs; the result is why the stream must end, if not its end."""
+    try:
+        async for request in requests:
+            if request.node and request.node != node:
+                return f"authenticated as node {node} but the request names node {request.node}"
+            if request.version:
+                replies.put_nowait(_Reply(request.version, request.error_detail))
+        return None
+    finally:
+        replies.put_nowait(None)
 
 
 def _response(base: Snapshot | None, new: Snapshot) -> mesh_pb2.DiscoveryResponse:

@@ -41,7 +41,7 @@ def request_certificate(
         stub = mesh_pb2_grpc.CertificateAuthorityStub(channel)
         try:
             response = stub.CreateCertificate(
-                request, timeout=timeout, metadata=[("authorization", f"Bearer {token}")]
+                request, timeout=timeout, metadata=(("authorization", f"Bearer {token}"),)
             )
         except grpc.RpcError as e:
             code = e.code()

@@ -54,7 +54,7 @@ class PushClient:
     ) -> None:
         self._target = target
         self._credentials = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
-        self._metadata = [("authorization", f"Bearer {token}")]
+        self._metadata = (("authorization", f"Bearer {token}"),)
         self._node = node
         self._on_update = on_update
         self._initial_backoff = initial_backoff

@@ -288,12 +288,27 @@ def test_bad_token_is_unauthenticated(controller: Controller) -> None:
     with grpc.secure_channel(controller.target, credentials) as channel:
         stream = mesh_pb2_grpc.DiscoveryStub(channel).Stream(
             iter([mesh_pb2.DiscoveryRequest(node="node-a")]),
-            metadata=[("authorization", "Bearer wrong")],
+            metadata=(("authorization", "Bearer wrong"),),
             timeout=10,
         )
         with pytest.raises(grpc.RpcError) as rpc:
             next(iter(stream))
     assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_stream_naming_another_node_is_denied(controller: Controller) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=controller.root_pem)
+    with grpc.secure_channel(controller.target, credentials) as channel:
+        stream = mesh_pb2_grpc.DiscoveryStub(channel).Stream(
+            iter([mesh_pb2.DiscoveryRequest(node="node-b")]),
+            metadata=(("authorization", f"Bearer {TOKENS['node-a']}"),),
+            timeout=10,
+        )
+        with pytest.raises(grpc.RpcError) as rpc:
+            for _ in stream:
+                pass
+    assert rpc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "authenticated as node node-a" in str(rpc.value.details())
 
 
 def test_sigterm_shuts_down_cleanly(controller: Controller) -> None:
