@@ -62,9 +62,25 @@ class Controller:
     config_dir: Path
     root_pem: bytes
     log_path: Path
+    tmp_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, state (root CA) and config directory."""
+        self.stop()
+        self.process = launch(self.tmp_path, self.target, self.log_path)
 
 
 def free_port() -> int:
@@ -94,6 +110,38 @@ def port_open(port: int) -> bool:
         return False
 
 
+def launch(tmp_path: Path, target: str, log_path: Path) -> subprocess.Popen[bytes]:
+    port = int(target.rpartition(":")[2])
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            controller_command(
+                "--config-dir",
+                tmp_path / "config",
+                "--state-dir",
+                tmp_path / "state",
+                "--tokens",
+                tmp_path / "tokens.yaml",
+                "--listen",
+                target,
+                "--log-level",
+                "DEBUG",
+            ),
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is not None or port_open(port), 20, "the controller to listen"
+        )
+    except AssertionError:
+        process.kill()
+        process.wait(5)
+        raise
+    assert process.poll() is None, f"controller exited:\n{log_path.read_text()}"
+    return process
+
+
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
     config_dir = tmp_path / "config"
@@ -107,47 +155,21 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("".join(f"{node}: {token}\n" for node, token in TOKENS.items()))
     tokens.chmod(0o600)
-    state = tmp_path / "state"
-    port = free_port()
+    target = f"127.0.0.1:{free_port()}"
     log_path = tmp_path / "controller.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            controller_command(
-                "--config-dir",
-                config_dir,
-                "--state-dir",
-                state,
-                "--tokens",
-                tokens,
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--log-level",
-                "DEBUG",
-            ),
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = launch(tmp_path, target, log_path)
+    running = Controller(
+        process,
+        target,
+        config_dir,
+        (tmp_path / "state" / "root-cert.pem").read_bytes(),
+        log_path,
+        tmp_path,
+    )
     try:
-        wait_until(
-            lambda: process.poll() is not None or port_open(port), 20, "the controller to listen"
-        )
-        assert process.poll() is None, f"controller exited:\n{log_path.read_text()}"
-        yield Controller(
-            process,
-            f"127.0.0.1:{port}",
-            config_dir,
-            (state / "root-cert.pem").read_bytes(),
-            log_path,
-        )
+        yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        running.stop()
 
 
 class Recorder:
@@ -311,9 +333,21 @@ def test_stream_naming_another_node_is_denied(controller: Controller) -> None:
     assert "authenticated as node node-a" in str(rpc.value.details())
 
 
+def test_client_reconnects_and_the_new_snapshot_replaces_its_state(
+    controller: Controller, clients: list[PushClient]
+) -> None:
+    client = connect(controller, clients, Recorder())
+    assert "workload/demo/db-1" in client.resources
+    controller.stop()
+    (controller.config_dir / "pods.yaml").write_text(pod_yaml("web-9", "node-a", "web", "10.1.0.9"))
+    controller.restart()
+    wait_until(lambda: "workload/demo/web-9" in client.resources, 20, "the client to resync")
+    assert "workload/demo/db-1" not in client.resources
+    assert "workload/demo/web-1" not in client.resources
+
+
 def test_sigterm_shuts_down_cleanly(controller: Controller) -> None:
-    controller.process.send_signal(signal.SIGTERM)
-    assert controller.process.wait(10) == 0
+    assert controller.stop() == 0
     assert "Traceback" not in controller.log()
 
 
