@@ -358,19 +358,10 @@ def _service_port(obj: _Obj, index: int, raw: Any, selected: list[_Pod]) -> mesh
 
 
 def _peer_authentication(obj: _Obj, settings: Settings) -> mesh_pb2.PeerAuthentication:
-    selector_raw = obj.get("spec.selector", Mapping, None)
-    selector = (
-        _string_map(
-            obj, "spec.selector.matchLabels", obj.get("spec.selector.matchLabels", Mapping, {})
-        )
-        if selector_raw is not None
-        else {}
+    # As in Istio, an empty matchLabels is no selector: the policy covers the namespace.
+    selector = _string_map(
+        obj, "spec.selector.matchLabels", obj.get("spec.selector.matchLabels", Mapping, {})
     )
-    if selector_raw is not None and not selector:
-        raise obj.error(
-            "spec.selector.matchLabels",
-            "an empty selector selects nothing; remove spec.selector to apply to the namespace",
-        )
     if selector:
         scope = mesh_pb2.WORKLOAD
     elif obj.namespace == settings.root_namespace:
@@ -418,18 +409,13 @@ def _port_number(obj: _Obj, path: str, value: Any) -> int:
 
 
 def _string_map(obj: _Obj, path: str, value: Mapping[Any, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
+    """Labels and selectors; like Kubernetes, a non-string value (``version: 2``) is an error."""
     for key, item in value.items():
-        if not isinstance(key, str) or isinstance(item, (Mapping, list)) or item is None:
-            raise obj.error(f"{path}[{key}]", "labels must map strings to strings")
-        out[key] = (
-            item
-            if isinstance(item, str)
-            else str(item).lower()
-            if isinstance(item, bool)
-            else str(item)
-        )
-    return out
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise obj.error(
+                f"{path}[{key}]", f"values must be strings, got {_tname(item)}: quote it"
+            )
+    return dict(value)
 
 
 def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:

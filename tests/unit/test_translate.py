@@ -241,6 +241,14 @@ def peer_auth(
         ("demo", {"mtls": {"mode": "DISABLE"}}, mesh_pb2.NAMESPACE, mesh_pb2.DISABLE, {}, {}),
         ("demo", {}, mesh_pb2.NAMESPACE, mesh_pb2.MTLS_MODE_UNSET, {}, {}),
         (
+            "demo",
+            {"selector": {"matchLabels": {}}},
+            mesh_pb2.NAMESPACE,
+            mesh_pb2.MTLS_MODE_UNSET,
+            {},
+            {},
+        ),
+        (
             "istio-system",
             {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "UNSET"}},
             mesh_pb2.WORKLOAD,
@@ -334,6 +342,10 @@ def test_unknown_kinds_are_ignored() -> None:
             ["Service demo/web", "spec.ports[0].targetPort", "'http'", "use a number"],
         ),
         (service("web", {}, "80"), ["spec.ports", "must be a list"]),
+        (
+            pod("web", labels={"version": 2}),
+            ["metadata.labels[version]", "must be strings", "quote it"],
+        ),
         (
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "demo"}},
             ["metadata.name", "is required"],
