@@ -10,7 +10,9 @@ descriptor refers to it, so an agent crash would silently detach ``connect4`` an
 STRICT pod's outbound traffic would leave the pod in plaintext. A legacy attachment stays
 with the cgroup until it is detached or the cgroup goes away, so after a crash the pod
 keeps being redirected to ztunnel (fail closed). ``ALLOW_MULTI`` lets other programs on
-the same cgroup (a CNI, systemd accounting) coexist with ours.
+the same cgroup (a CNI, systemd accounting) coexist with ours. The price: a restarted
+agent finds its predecessor's programs still attached, so ``attach_pod`` and
+``attach_proxy`` take over, detaching same-named ambimesh programs after attaching theirs.
 
 The netns ``sk_lookup`` program can only be attached as a link (``bpf_link_create``), so
 it *does* die with the agent's fds and inbound capture then stops until a new agent
@@ -24,6 +26,7 @@ import ctypes
 import errno
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,8 @@ _ATTACH_CGROUP_INET4_GETPEERNAME = 29
 _ATTACH_SK_LOOKUP = 36
 _BPF_F_ALLOW_MULTI = 1 << 1
 _BPF_ANY = 0
+_BPF_CGROUP_MAX_PROGS = 64
+_PROG_INFO_SIZE = 256  # >= sizeof(struct bpf_prog_info) on this kernel; the kernel fills less
 
 # (function, program type, expected attach type) for each program.
 _POD_CGROUP_PROGRAMS = (
@@ -171,12 +176,18 @@ class _Libbpf:
         lib.bpf_map_delete_elem.argtypes = [c_int, c_void_p]
         lib.bpf_prog_attach.argtypes = [c_int, c_int, c_int, c_uint]
         lib.bpf_prog_detach2.argtypes = [c_int, c_int, c_int]
+        lib.bpf_prog_query.argtypes = [c_int, c_int, c_uint, c_void_p, c_void_p, c_void_p]
+        lib.bpf_prog_get_fd_by_id.argtypes = [c_uint]
+        lib.bpf_obj_get_info_by_fd.argtypes = [c_int, c_void_p, c_void_p]
         for fn in (
             "bpf_link_create",
             "bpf_map_update_elem",
             "bpf_map_delete_elem",
             "bpf_prog_attach",
             "bpf_prog_detach2",
+            "bpf_prog_query",
+            "bpf_prog_get_fd_by_id",
+            "bpf_obj_get_info_by_fd",
         ):
             getattr(lib, fn).restype = c_int
         self._lib = lib
@@ -200,6 +211,33 @@ class _Libbpf:
 
     def prog_detach(self, prog_fd: int, target_fd: int, attach_type: int) -> None:
         self._check(self._lib.bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
+
+    def prog_query(self, target_fd: int, attach_type: int) -> list[int]:
+        """IDs of the programs attached to ``target_fd`` for ``attach_type``."""
+        ids = (ctypes.c_uint32 * _BPF_CGROUP_MAX_PROGS)()
+        count = ctypes.c_uint32(_BPF_CGROUP_MAX_PROGS)
+        self._check(
+            self._lib.bpf_prog_query(
+                target_fd, attach_type, 0, None, ctypes.byref(ids), ctypes.byref(count)
+            ),
+            "bpf_prog_query",
+        )
+        return list(ids[: count.value])
+
+    def prog_fd_by_id(self, prog_id: int) -> int:
+        return self._check(self._lib.bpf_prog_get_fd_by_id(prog_id), "bpf_prog_get_fd_by_id")
+
+    def prog_id_and_name(self, prog_fd: int) -> tuple[int, str]:
+        """From struct bpf_prog_info: id at offset 4, name[16] at offset 64."""
+        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+        size = ctypes.c_uint32(_PROG_INFO_SIZE)
+        self._check(
+            self._lib.bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)),
+            "bpf_obj_get_info_by_fd",
+        )
+        prog_id = int.from_bytes(info.raw[4:8], sys.byteorder)
+        name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+        return prog_id, name
 
     def map_update(self, map_fd: int, key: ctypes._CData, value: ctypes._CData) -> None:
         self._check(
@@ -457,6 +495,36 @@ class MeshBpf:
             raise BpfError(
                 f"attaching {name} to cgroup {path} failed ({exc.strerror}); {hint}"
             ) from exc
+        self._detach_stale(name, cgroup_fd, attach_type, path)
+
+    def _detach_stale(self, name: str, cgroup_fd: int, attach_type: int, path: str) -> None:
+        """Detach copies of our program left on the cgroup by an agent that died.
+
+        Legacy attachments outlive their loader (see the module docstring), so a restarted
+        agent finds its predecessor's programs still running against maps nobody can
+        update. Ours is attached first, so the cgroup is never left without one.
+        """
+        our_id, our_name = self._libbpf.prog_id_and_name(self._fns[name].fd)
+        try:
+            attached = self._libbpf.prog_query(cgroup_fd, attach_type)
+        except OSError as exc:
+            log.warning("cannot list programs on %s to remove stale ones: %s", path, exc)
+            return
+        for prog_id in attached:
+            if prog_id == our_id:
+                continue
+            try:
+                fd = self._libbpf.prog_fd_by_id(prog_id)
+            except OSError:
+                continue  # gone meanwhile
+            try:
+                if self._libbpf.prog_id_and_name(fd)[1] == our_name:
+                    self._libbpf.prog_detach(fd, cgroup_fd, attach_type)
+                    log.info("detached stale %s (id %d) from %s", name, prog_id, path)
+            except OSError as exc:
+                log.warning("cannot detach stale %s (id %d) from %s: %s", name, prog_id, path, exc)
+            finally:
+                os.close(fd)
 
     def _cgroup_detach(self, name: str, cgroup_fd: int, attach_type: int) -> None:
         """Best effort: a cgroup that is already gone took its programs with it."""

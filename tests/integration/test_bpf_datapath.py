@@ -129,7 +129,7 @@ def _reap(pid: int) -> None:
 @contextlib.contextmanager
 def build_lab() -> Iterator[Lab]:
     require_privileged()
-    tag = f"amb{os.getpid() % 100000}x{next(_ids)}"
+    tag = f"bpft{os.getpid() % 100000}x{next(_ids)}"
     lab = Lab(tag)
     names = {role: f"{tag}-{role}" for role in ("a", "b", "peer")}
     mount = cgroup2_mount()
@@ -398,3 +398,20 @@ def test_close_detaches_everything(lab: Lab) -> None:
         pass
     with pytest.raises(BpfError, match="closed"):
         mesh.counters()
+
+
+def test_restarted_agent_takes_over_programs_left_attached(lab: Lab) -> None:
+    """Legacy cgroup attachments outlive their loader; the next one replaces them."""
+    require_privileged()
+    with MeshBpf() as crashed:
+        crashed.attach_proxy(lab.cgroups["proxy"])
+        crashed.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A])
+        with MeshBpf() as restarted:
+            restarted.attach_proxy(lab.cgroups["proxy"])
+            pod = enroll(lab, restarted, "a", POD_A)
+            app = lab.client("a", cgroup="a")
+            app.connect(REMOTE)
+            with accept(pod.outbound) as conn:
+                assert original_dst(conn) == REMOTE
+            assert restarted.counters()["outbound_redirected"] == 1
+            assert crashed.counters()["outbound_redirected"] == 0

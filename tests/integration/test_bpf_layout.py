@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bpf.loader import MeshBpf
+from bpf.loader import MeshBpf, check_environment
 from bpf.maps import LAYOUTS
 from tests.integration.privileged import require_privileged
 
@@ -39,3 +39,8 @@ def test_python_layout_matches_c(mesh: MeshBpf, name: str) -> None:
     leaf = getattr(table, "sLeaf", table.Leaf)
     assert layout(key) == layout(table.Key), f"{name} key"
     assert layout(value) == layout(leaf), f"{name} value"
+
+
+def test_check_environment_passes_here() -> None:
+    require_privileged()
+    check_environment()
