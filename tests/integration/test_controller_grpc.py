@@ -318,6 +318,15 @@ def test_bad_token_is_unauthenticated(controller: Controller) -> None:
     assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_tokens_file_edits_apply_without_restart(controller: Controller) -> None:
+    tokens = controller.tmp_path / "tokens.yaml"
+    tokens.write_text(tokens.read_text() + "node-c: token-c-0123456789\n")
+    _, csr = make_key_and_csr(SpiffeId("cluster.local", "demo", "web"))
+    with pytest.raises(CertificateError) as info:
+        request_certificate(controller.target, controller.root_pem, "token-c-0123456789", csr, 60)
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED, "node-c is known but runs no pods"
+
+
 def test_stream_naming_another_node_is_denied(controller: Controller) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=controller.root_pem)
     with grpc.secure_channel(controller.target, credentials) as channel:
