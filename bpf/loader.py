@@ -321,7 +321,7 @@ class MeshBpf:
     ) -> PodAttachment:
         """Capture a pod: connect4, sockops, getpeername4 on its cgroup; sk_lookup on its netns."""
         self._check_open()
-        keys = [ip4_key_or_error(address) for address in addresses]
+        keys = [_pod_ip_key(address) for address in addresses]
         path = os.path.realpath(cgroup_path)
         if path in self._pods:
             raise BpfError(f"cgroup {path} is already attached; detach_pod it first")
@@ -406,7 +406,7 @@ class MeshBpf:
     def set_inbound_listener(self, address: str, sock_fd: int) -> None:
         """Steer inbound connections for pod ``address`` to this listening TCP socket."""
         self._check_open()
-        key = ctypes.c_uint32(ip4_key_or_error(address))
+        key = ctypes.c_uint32(_pod_ip_key(address))
         try:
             self._libbpf.map_update(self._listeners_fd, key, ctypes.c_uint64(sock_fd))
         except OSError as exc:
@@ -418,7 +418,7 @@ class MeshBpf:
     def remove_inbound_listener(self, address: str) -> None:
         """Forget pod ``address``'s listener (its inbound traffic is then dropped); idempotent."""
         self._check_open()
-        key = ctypes.c_uint32(ip4_key_or_error(address))
+        key = ctypes.c_uint32(_pod_ip_key(address))
         try:
             self._libbpf.map_delete(self._listeners_fd, key)
         except OSError as exc:
@@ -534,7 +534,7 @@ class MeshBpf:
             log.debug("detaching %s: %s (already gone)", name, exc)
 
 
-def ip4_key_or_error(address: str) -> int:
+def _pod_ip_key(address: str) -> int:
     """``ip4_key`` with a BpfError for the caller."""
     try:
         return ip4_key(address)
