@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from agent.metrics import AgentCollector
 from agent.node_agent import NodeAgent
@@ -39,6 +39,7 @@ async def run(args: argparse.Namespace) -> None:
     bpf = MeshBpf()
     link = ZtunnelLink(args.socket, lambda pid: agent.on_ztunnel_connect(pid))
     agent = NodeAgent(args.node, bpf, link)
+    disable_created_metrics()
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent))
     start_http_server(args.metrics_port, registry=registry)

@@ -25,6 +25,11 @@ class AgentCollector(Collector):
             value=len(self.agent.desired) - len(enrolled),
         )
         yield GaugeMetricFamily(
+            "ambimesh_config_synced",
+            "1 once the controller's config arrived.",
+            value=int(self.agent.synced),
+        )
+        yield GaugeMetricFamily(
             "ambimesh_ztunnel_connected",
             "1 while ztunnel is connected.",
             value=int(self.agent.link.connected),

@@ -57,11 +57,13 @@ class NodeAgent:
         self.desired: dict[str, mesh_pb2.Workload] = {}
         self.enrolled: dict[str, Enrolled] = {}
         self.errors = 0
+        self.synced = False
         self._proxy: ProxyAttachment | None = None
         self._wake = asyncio.Event()
 
     def set_desired(self, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         self.desired = desired_pods(self.node, resources)
+        self.synced = True
         self._wake.set()
 
     async def run(self) -> None:

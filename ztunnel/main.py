@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import uvloop
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from mesh import tls
 from mesh.api import mesh_pb2
@@ -58,6 +58,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     token = args.token_file.read_text().strip()
     root = args.root_cert.read_bytes()
+    disable_created_metrics()
     registry = CollectorRegistry()
     ctx = ProxyContext(
         certs=CertManager(partial(fetch_identity, args, token, root)),
@@ -69,7 +70,7 @@ async def run(args: argparse.Namespace) -> None:
     start_http_server(args.metrics_port, registry=registry)
     start_readiness_server(
         ("0.0.0.0", args.readiness_port),
-        lambda: ztunnel.config_synced.is_set() and inpod.synced.is_set(),
+        lambda: inpod.synced.is_set() and ztunnel.ready,
     )
 
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:

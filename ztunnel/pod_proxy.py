@@ -40,6 +40,7 @@ class PodProxy:
             raise
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
+        self.serving = False
 
     @property
     def inbound_fd(self) -> int:
@@ -78,6 +79,7 @@ class PodProxy:
         self._servers.append(
             await serve(self.hbone_sock, context, partial(inbound.handle, self.ctx, self.pod))
         )
+        self.serving = True
         log.info("pod %s: HBONE on :%d as %s", self.pod.ref, HBONE_PORT, self.pod.identity)
 
     async def close(self) -> None:

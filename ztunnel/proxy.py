@@ -57,6 +57,11 @@ class Ztunnel:
             self.ctx.certs.forget(proxy.pod.identity)
         log.info("stopped serving pod %s", proxy.pod.ref)
 
+    @property
+    def ready(self) -> bool:
+        """Config received and every pod's HBONE listener serving."""
+        return self.config_synced.is_set() and all(p.serving for p in self.pods.values())
+
     def known_pods(self) -> set[str]:
         return set(self.pods)
 

@@ -4,13 +4,11 @@ the answer, a capture of the wire between the nodes, and the metrics both ztunne
 from __future__ import annotations
 
 import subprocess
-import time
-from pathlib import Path
 
 from ambimesh.lab import cgroups, procs
+from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.lab import METRICS_PORT, Lab, say
 from ambimesh.lab.netclient import http_get
-from ambimesh.lab.network import FABRIC_BRIDGE
 
 CLIENT_POD = "demo/client"
 URL = "http://server/hello"
@@ -20,31 +18,6 @@ FETCH = (
     "import sys, urllib.request; "
     "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
 )
-
-
-def capture(lab: Lab, pcap: Path) -> subprocess.Popen[bytes]:
-    """tcpdump on the fabric bridge: the only wire between the nodes."""
-    plan = lab.load_plan()
-    return subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            plan.fabric_netns,
-            "tcpdump",
-            "-i",
-            FABRIC_BRIDGE,
-            "-U",
-            "-n",
-            "-s",
-            "0",
-            "-w",
-            str(pcap),
-            "tcp",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def fetch_in_pod(lab: Lab, pod_ref: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -76,22 +49,20 @@ def istio_metrics(lab: Lab, node: str) -> list[str]:
 def run(lab: Lab) -> int:
     plan = lab.load_plan()
     pcap = lab.state / "fabric.pcap"
-    sniffer = capture(lab, pcap)
-    time.sleep(1.0)
-    say(f"{CLIENT_POD} (on {plan.pod(CLIENT_POD).node}) -> {URL}")
-    result = fetch_in_pod(lab, CLIENT_POD, URL)
-    time.sleep(0.5)
-    sniffer.terminate()
-    sniffer.wait(5)
+    client = plan.pod(CLIENT_POD)
+    with fabric_capture(plan, client.node, pcap) as captured:
+        say(f"{CLIENT_POD} (on {client.node}) -> {URL}")
+        result = fetch_in_pod(lab, CLIENT_POD, URL)
+    wire = captured[0]
     if result.returncode != 0:
         say(f"the call failed:\n{result.stderr}")
         return 1
     print(f"  response: {result.stdout.strip()}")
-    wire = pcap.read_bytes() if pcap.exists() else b""
-    plaintext = b"GET /hello" in wire
+    plaintext = wire.contains(b"GET /hello")
     say(
-        f"capture on the fabric ({len(wire)} bytes in {pcap}): "
-        + ("PLAINTEXT FOUND" if plaintext else "no plaintext of the request; TLS records to :15008")
+        f"capture between {client.node} and the fabric ({pcap}): {wire.packets} packets, "
+        f"TCP ports {sorted(wire.ports())}: "
+        + ("PLAINTEXT FOUND" if plaintext else "no plaintext of the request (mTLS to :15008)")
     )
     for node in plan.nodes:
         say(f"metrics of ztunnel on {node.name} (:{METRICS_PORT}/metrics):")
@@ -102,4 +73,4 @@ def run(lab: Lab) -> int:
     print("  ambimesh lab status        # pods, nodes, services")
     print(f"  logs in {lab.logs}; runtime config (edit me) in {lab.config_dir}")
     print("  ambimesh lab down          # remove everything")
-    return 1 if plaintext else 0
+    return 1 if plaintext or wire.packets == 0 else 0

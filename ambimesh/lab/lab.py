@@ -40,6 +40,12 @@ DEFAULT_LAB = "amb"
 STATE_ROOT = Path(os.environ.get("AMBIMESH_STATE_ROOT", "/run/ambimesh"))
 READINESS_PORT = 15021
 METRICS_PORT = 15020
+AGENT_METRICS_PORT = 15014
+AGENT_READY = (
+    "ambimesh_config_synced 1.0",
+    "ambimesh_ztunnel_connected 1.0",
+    "ambimesh_pending_pods 0.0",
+)
 
 
 class LabError(RuntimeError):
@@ -126,7 +132,14 @@ class Lab:
             controller_address=raw["controller_address"],
             nodes=tuple(NodePlan(**n) for n in raw["nodes"]),
             pods=tuple(
-                PodPlan(**{**p, "commands": tuple(map(tuple, p["commands"]))}) for p in raw["pods"]
+                PodPlan(
+                    **{
+                        **p,
+                        "commands": tuple(map(tuple, p["commands"])),
+                        "ports": tuple(p["ports"]),
+                    }
+                )
+                for p in raw["pods"]
             ),
             services=tuple(
                 ServicePlan(**{**s, "ports": tuple(map(tuple, s["ports"]))})
@@ -242,11 +255,23 @@ class Lab:
             )
 
     def _ready(self, node: NodePlan) -> bool:
+        """ztunnel serves every pod it was given, and the agent captured every enrolled pod."""
         try:
             status, _ = http_get(node.netns, node.address, READINESS_PORT, "/healthz/ready", 1.0)
+            _, agent = http_get(node.netns, node.address, AGENT_METRICS_PORT, "/metrics", 1.0)
         except OSError:
             return False
-        return status == 200
+        return status == 200 and all(line in agent.splitlines() for line in AGENT_READY)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every node converged (e.g. after editing the runtime config)."""
+        for node in self.load_plan().nodes:
+            self._wait_for(
+                lambda n=node: self._ready(n),
+                timeout,
+                f"{node.name} to be ready",
+                f"agent-{node.name}",
+            )
 
     def _wait_for(self, check: object, timeout: float, what: str, log_name: str) -> None:
         deadline = time.monotonic() + timeout

@@ -46,6 +46,7 @@ class PodPlan:
     address: str
     host_veth: str
     commands: tuple[tuple[str, ...], ...]
+    ports: tuple[int, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -194,6 +195,7 @@ def _plan_pod(
     uid = meta.setdefault("uid", new_uid())
     doc["status"] = {"podIP": address, "podIPs": [{"ip": address}], "hostIP": node.address}
     commands: list[tuple[str, ...]] = []
+    ports: list[int] = []
     for i, container in enumerate(spec.get("containers") or []):
         command = [*(container.get("command") or []), *(container.get("args") or [])]
         if not command or not all(isinstance(c, str) for c in command):
@@ -201,6 +203,9 @@ def _plan_pod(
                 f"{_where(source, doc)}: spec.containers[{i}].command must be a list of strings"
             )
         commands.append(tuple(command))
+        ports.extend(
+            p["containerPort"] for p in container.get("ports") or [] if "containerPort" in p
+        )
     return PodPlan(
         name=name,
         namespace=namespace,
@@ -210,6 +215,7 @@ def _plan_pod(
         address=address,
         host_veth=f"vp{node.name[-4:].replace('-', '')}{index}",
         commands=tuple(commands),
+        ports=tuple(ports),
     )
 
 
