@@ -39,7 +39,7 @@ async def run(args: argparse.Namespace) -> None:
     bpf = MeshBpf()
     link = ZtunnelLink(args.socket, lambda pid: agent.on_ztunnel_connect(pid))
     agent = NodeAgent(args.node, bpf, link)
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent))
     start_http_server(args.metrics_port, registry=registry)

@@ -14,7 +14,7 @@ cgroup2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
 [ -n "$cgroup2" ] || die "no cgroup v2 hierarchy is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
 say "cgroup v2 at $cgroup2"
 
-apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv)
+apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv curl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

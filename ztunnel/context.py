@@ -10,15 +10,19 @@ from mesh.api import mesh_pb2, node_pb2
 from mesh.spiffe import SpiffeId
 from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels, TcpMetrics
-from ztunnel.pool import HbonePool
+from mesh.pool import HboneConnectionPool
 from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
+
+
+# (source identity, destination identity, destination address): one mTLS connection each
+PoolKey = tuple[SpiffeId, SpiffeId, str]
 
 
 @dataclass
 class ProxyContext:
     certs: CertManager
     metrics: TcpMetrics
-    pool: HbonePool = field(default_factory=HbonePool)
+    pool: HboneConnectionPool[PoolKey] = field(default_factory=HboneConnectionPool)
     state: MeshState = field(default_factory=MeshState)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
 

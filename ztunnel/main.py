@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     token = args.token_file.read_text().strip()
     root = args.root_cert.read_bytes()
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ctx = ProxyContext(
         certs=CertManager(partial(fetch_identity, args, token, root)),

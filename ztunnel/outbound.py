@@ -68,8 +68,7 @@ async def handle(
                     address=decision.address,
                 )
 
-            conn = await ctx.pool.get(key, dial)
-            upstream = await conn.open_stream(decision.authority)
+            upstream = await ctx.pool.open_stream(key, dial, decision.authority)
         else:
             sock = upstream_socket(pod.netns_fd)
             await connect_socket(sock, decision.address)

@@ -28,7 +28,7 @@ class CaptureResult:
 
     def ports(self) -> set[int]:
         """Every TCP port seen on either side of the captured packets."""
-        found = set()
+        found: set[int] = set()
         for line in self.summary:
             match = _PORTS.search(line)
             if match:
