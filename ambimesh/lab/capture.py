@@ -54,7 +54,7 @@ def fabric_capture(plan: LabPlan, node: str, pcap: Path) -> Iterator[list[Captur
         "-i",
         plan.node(node).fabric_veth,
         "-U",
-            "--immediate-mode",
+        "--immediate-mode",
         "-nn",
         "-s",
         "0",

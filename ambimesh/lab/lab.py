@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ambimesh.lab import cgroups, network, procs
-from ambimesh.lab.netclient import http_get
+from ambimesh.lab.netclient import connect_in, http_get
 from ambimesh.lab.topology import (
     CONTROLLER_PORT,
     LabPlan,
@@ -96,6 +96,14 @@ class Lab:
         for pod in lab_plan.pods:
             network.build_pod(lab_plan, pod)
             self._start_pod(pod)
+        for pod in lab_plan.pods:
+            for port in pod.ports:
+                self._wait_for(
+                    lambda p=pod, n=port: _listening(p, n),
+                    timeout,
+                    f"pod {pod.ref} to listen on {port}",
+                    f"pod-{pod.namespace}-{pod.name}",
+                )
         self._start_controller(lab_plan)
         self._wait_for(
             lambda: self.root_cert.exists(), timeout, "the controller's root cert", "controller"
@@ -284,6 +292,15 @@ class Lab:
             f"timed out after {timeout:.0f}s waiting for {what}; "
             f"last lines of {self.logs}/{log_name}.log:\n{tail}"
         )
+
+
+def _listening(pod: PodPlan, port: int) -> bool:
+    """The pod's app accepts on ``port`` (checked on its loopback, which is never captured)."""
+    try:
+        connect_in(pod.netns, "127.0.0.1", port, timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -1,0 +1,214 @@
+"""End to end in the lab: real netns, veths, cgroups, eBPF, TLS, gRPC and processes.
+
+One lab for the module (building it takes a few seconds); tests that change its
+configuration put it back in a `finally`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ambimesh.lab.capture import fabric_capture
+from ambimesh.lab.demo import fetch_in_pod, istio_metrics
+from ambimesh.lab.lab import AGENT_METRICS_PORT, Lab
+from ambimesh.lab.netclient import http_get
+from tests.integration.privileged import require_privileged
+
+pytestmark = pytest.mark.privileged
+
+LAB_NAME = "amtest"
+CLIENT_SA = "spiffe://cluster.local/ns/demo/sa/client"
+LEGACY_SA = "spiffe://cluster.local/ns/legacy/sa/default"
+WAIT_SECONDS = 30.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    require_privileged()
+    lab = Lab(LAB_NAME)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down(quiet=True)
+
+
+def agent_gauge(lab: Lab, node: str, name: str) -> float:
+    n = lab.load_plan().node(node)
+    _, body = http_get(n.netns, n.address, AGENT_METRICS_PORT, "/metrics")
+    for line in body.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing from the agent's metrics on {node}")
+
+
+def wait_until(check: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")
+
+
+def metric(lines: list[str], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in lines:
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def set_namespace_label(lab: Lab, namespace: str, value: str | None) -> None:
+    """Edit the runtime YAML the controller watches, as a GitOps change would."""
+    path = lab.config_dir / "namespaces.yaml"
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for doc in docs:
+        if doc["kind"] == "Namespace" and doc["metadata"]["name"] == namespace:
+            labels = doc["metadata"].setdefault("labels", {})
+            if value is None:
+                labels.pop("ambimesh.io/dataplane-mode", None)
+            else:
+                labels["ambimesh.io/dataplane-mode"] = value
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def log_text(lab: Lab, name: str) -> str:
+    return (lab.logs / f"{name}.log").read_text(errors="replace")
+
+
+def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
+    plan = lab.load_plan()
+    with fabric_capture(plan, "node-1", tmp_path / "fabric.pcap") as captured:
+        result = fetch_in_pod(lab, "demo/client", "http://server/secret-path-1")
+    assert result.returncode == 0, result.stderr
+    assert '"pod": "server"' in result.stdout
+    assert '"path": "/secret-path-1"' in result.stdout
+    wire = captured[0]
+    assert wire.packets > 0, "nothing crossed the fabric: the capture or the route is broken"
+    assert 15008 in wire.ports(), "the call did not travel as HBONE"
+    assert 8080 not in wire.ports() and 80 not in wire.ports(), "plain TCP crossed the fabric"
+    assert not wire.contains(b"secret-path-1"), "the request crossed the fabric in plaintext"
+
+    server_side = istio_metrics(lab, "node-2")
+    assert (
+        metric(
+            server_side,
+            "istio_tcp_connections_opened_total",
+            reporter="destination",
+            source_principal=CLIENT_SA,
+            connection_security_policy="mutual_tls",
+            destination_workload="server",
+        )
+        >= 1
+    )
+    client_side = istio_metrics(lab, "node-1")
+    assert (
+        metric(
+            client_side,
+            "istio_tcp_sent_bytes_total",
+            reporter="source",
+            destination_service="server.demo.svc.cluster.local",
+            destination_principal="spiffe://cluster.local/ns/demo/sa/server",
+        )
+        > 0
+    )
+    assert f"src.identity={CLIENT_SA} dst.workload=demo/server" in log_text(lab, "ztunnel-node-2")
+    assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") >= 1
+
+
+def test_legacy_client_is_plain_tcp_and_refused_by_strict_server(lab: Lab, tmp_path: Path) -> None:
+    plan = lab.load_plan()
+    server_ip = plan.pod("demo/server").address
+    redirected_before = agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total")
+    with fabric_capture(plan, "node-1", tmp_path / "fabric.pcap") as captured:
+        result = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/legacy-1")
+    assert result.returncode != 0, f"plaintext reached a STRICT workload: {result.stdout}"
+    ports = captured[0].ports()
+    assert 8080 in ports and 15008 not in ports, f"expected plain TCP to 8080, saw ports {ports}"
+    assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") == redirected_before
+    assert "requires mTLS (PeerAuthentication STRICT)" in log_text(lab, "ztunnel-node-2")
+    assert "/legacy-1" not in log_text(lab, "pod-demo-server"), "the app saw the request"
+
+
+def test_enrolling_a_namespace_at_runtime_and_back(lab: Lab) -> None:
+    plan = lab.load_plan()
+    server_ip = plan.pod("demo/server").address
+    enrolled_before = agent_gauge(lab, "node-1", "ambimesh_enrolled_pods")
+    try:
+        set_namespace_label(lab, "legacy", "ambient")
+        wait_until(
+            lambda: agent_gauge(lab, "node-1", "ambimesh_enrolled_pods") == enrolled_before + 1,
+            "legacy-client to be enrolled",
+        )
+        lab.wait_ready()
+        result = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/enrolled")
+        assert result.returncode == 0, result.stderr
+        assert (
+            metric(
+                istio_metrics(lab, "node-2"),
+                "istio_tcp_connections_opened_total",
+                reporter="destination",
+                source_principal=LEGACY_SA,
+            )
+            >= 1
+        )
+    finally:
+        set_namespace_label(lab, "legacy", None)
+    wait_until(
+        lambda: agent_gauge(lab, "node-1", "ambimesh_enrolled_pods") == enrolled_before,
+        "legacy-client to be released",
+    )
+    result = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/released")
+    assert result.returncode != 0, "a released pod still went through the mesh"
+
+
+CERT_PROBE = """
+import sys
+from mesh.cert_client import CertificateError, request_certificate
+from mesh.csr import make_key_and_csr
+from mesh.spiffe import SpiffeId
+controller, root, token, ns, sa = sys.argv[1:]
+_, csr = make_key_and_csr(SpiffeId("cluster.local", ns, sa))
+try:
+    chain, _ = request_certificate(controller, open(root, "rb").read(),
+                                   open(token).read().strip(), csr, 3600)
+    print("ISSUED", len(chain))
+except CertificateError as exc:
+    print("REFUSED", exc.code.name if exc.code else "?")
+"""
+
+
+def request_cert_as(lab: Lab, node: str, namespace: str, sa: str) -> str:
+    plan = lab.load_plan()
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        plan.node(node).netns,
+        sys.executable,
+        "-c",
+        CERT_PROBE,
+        plan.controller_target,
+        str(lab.root_cert),
+        str(lab.node_dir(node) / "token"),
+        namespace,
+        sa,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_node_gets_certificates_only_for_its_own_pods(lab: Lab) -> None:
+    assert request_cert_as(lab, "node-1", "demo", "client").startswith("ISSUED")
+    assert request_cert_as(lab, "node-1", "demo", "server") == "REFUSED PERMISSION_DENIED"
+    assert request_cert_as(lab, "node-2", "demo", "server").startswith("ISSUED")
