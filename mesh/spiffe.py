@@ -22,7 +22,8 @@ class SpiffeId:
     def __post_init__(self) -> None:
         if not _TRUST_DOMAIN.match(self.trust_domain):
             raise SpiffeError(f"invalid trust domain {self.trust_domain!r}")
-        for what, value in (("namespace", self.namespace), ("service account", self.service_account)):
+        labels = (("namespace", self.namespace), ("service account", self.service_account))
+        for what, value in labels:
             if not _LABEL.match(value):
                 raise SpiffeError(f"invalid {what} {value!r} in SPIFFE ID")
 

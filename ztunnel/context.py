@@ -7,12 +7,11 @@ import os
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2, node_pb2
+from mesh.pool import HboneConnectionPool
 from mesh.spiffe import SpiffeId
 from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels, TcpMetrics
-from mesh.pool import HboneConnectionPool
 from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
-
 
 # (source identity, destination identity, destination address): one mTLS connection each
 PoolKey = tuple[SpiffeId, SpiffeId, str]
