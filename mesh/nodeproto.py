@@ -103,6 +103,7 @@ class Channel:
         fd = self.sock.fileno()
         add = self._loop.add_writer if writable else self._loop.add_reader
         remove = self._loop.remove_writer if writable else self._loop.remove_reader
+
         def wake() -> None:
             if not future.done():
                 future.set_result(None)

@@ -20,11 +20,11 @@ class SpiffeId:
     service_account: str
 
     def __post_init__(self) -> None:
-        if not _TRUST_DOMAIN.match(self.trust_domain):
+        if not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise SpiffeError(f"invalid trust domain {self.trust_domain!r}")
         labels = (("namespace", self.namespace), ("service account", self.service_account))
         for what, value in labels:
-            if not _LABEL.match(value):
+            if not _LABEL.fullmatch(value):
                 raise SpiffeError(f"invalid {what} {value!r} in SPIFFE ID")
 
     @property

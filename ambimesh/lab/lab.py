@@ -58,8 +58,9 @@ def bundled_config_dir() -> Path:
 
 class Lab:
     def __init__(self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT) -> None:
-        if not name.replace("-", "").isalnum() or len(name) > 12:
-            raise LabError(f"lab name {name!r}: use up to 12 letters, digits or dashes")
+        if not (name.isascii() and name.isalnum()) or len(name) > 12:
+            # No dashes: `down` sweeps namespaces named "<lab>-*", which must not reach another lab.
+            raise LabError(f"lab name {name!r}: use up to 12 letters or digits")
         self.name = name
         self.state = state_root / name
 

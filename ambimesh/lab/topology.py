@@ -18,6 +18,7 @@ SERVICE_NET = ipaddress.IPv4Network("198.18.128.0/24")
 POD_SUPERNET = ipaddress.IPv4Network("198.19.0.0/16")
 CONTROLLER_PORT = 15012
 CLUSTER_DOMAIN = "cluster.local"
+MAX_NODES = 200
 
 Document = dict[str, Any]
 
@@ -135,11 +136,18 @@ def plan(
         raise PlanError("the lab needs at least one Node object")
     nodes: list[NodePlan] = []
     for index, (source, doc) in enumerate(node_docs, start=1):
+        name = _name(source, doc)
+        if "." in name or name == "fabric" or index > MAX_NODES:
+            # Pod netns names carry a dot (namespace.name) and the fabric has its own.
+            raise PlanError(
+                f"{_where(source, doc)}: the lab takes up to {MAX_NODES} nodes "
+                "named without dots and other than 'fabric'"
+            )
         cidr = list(POD_SUPERNET.subnets(new_prefix=24))[index]
         nodes.append(
             NodePlan(
-                name=_name(source, doc),
-                netns=f"{lab}-{_name(source, doc)}",
+                name=name,
+                netns=f"{lab}-{name}",
                 address=str(FABRIC_NET[10 + index]),
                 pod_cidr=str(cidr),
                 gateway=str(cidr[1]),
@@ -197,12 +205,14 @@ def _plan_pod(
     commands: list[tuple[str, ...]] = []
     ports: list[int] = []
     for i, container in enumerate(spec.get("containers") or []):
-        command = [*(container.get("command") or []), *(container.get("args") or [])]
-        if not command or not all(isinstance(c, str) for c in command):
+        command = container.get("command") or []
+        args = container.get("args") or []
+        argv = command + args if isinstance(command, list) and isinstance(args, list) else []
+        if not argv or not all(isinstance(c, str) for c in argv):
             raise PlanError(
                 f"{_where(source, doc)}: spec.containers[{i}].command must be a list of strings"
             )
-        commands.append(tuple(command))
+        commands.append(tuple(argv))
         ports.extend(
             p["containerPort"] for p in container.get("ports") or [] if "containerPort" in p
         )
@@ -211,7 +221,7 @@ def _plan_pod(
         namespace=namespace,
         uid=uid,
         node=node.name,
-        netns=f"{lab}-{namespace}-{name}",
+        netns=f"{lab}-{namespace}.{name}",
         address=address,
         host_veth=f"vp{node.name[-4:].replace('-', '')}{index}",
         commands=tuple(commands),
