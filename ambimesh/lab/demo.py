@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 
-from ambimesh.lab import cgroups, procs
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.lab import METRICS_PORT, Lab, say
 from ambimesh.lab.netclient import http_get
@@ -21,18 +20,7 @@ FETCH = (
 
 
 def fetch_in_pod(lab: Lab, pod_ref: str, url: str) -> subprocess.CompletedProcess[str]:
-    plan = lab.load_plan()
-    pod = plan.pod(pod_ref)
-    proc = procs.spawn(
-        [*FETCH, url],
-        cgroup=cgroups.pod_cgroup(lab.name, pod.node, pod.uid),
-        netns_name=pod.netns,
-        pod=True,
-        log=None,
-        capture=True,
-    )
-    out, err = proc.communicate(timeout=30)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    return lab.run(pod_ref, [*FETCH, url])
 
 
 def istio_metrics(lab: Lab, node: str) -> list[str]:

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
+from subprocess import CompletedProcess, Popen
 
 import yaml
 
@@ -158,19 +159,27 @@ class Lab:
 
     def exec(self, pod_ref: str, argv: list[str]) -> int:
         """Run a command as the pod's own process: its netns, its cgroup, its hosts file."""
-        lab_plan = self.load_plan()
+        return self._spawn_in_pod(pod_ref, argv, capture=False).wait()
+
+    def run(self, pod_ref: str, argv: list[str], timeout: float = 30.0) -> CompletedProcess[str]:
+        """`exec` with the output captured, for the demo and the tests."""
+        proc = self._spawn_in_pod(pod_ref, argv, capture=True)
         try:
-            pod = lab_plan.pod(pod_ref)
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            proc.kill()
+            proc.wait()
+        return CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+    def _spawn_in_pod(self, pod_ref: str, argv: list[str], capture: bool) -> Popen[bytes]:
+        try:
+            pod = self.load_plan().pod(pod_ref)
         except KeyError as exc:
             raise LabError(str(exc.args[0])) from None
-        proc = procs.spawn(
-            argv,
-            cgroup=cgroups.pod_cgroup(self.name, pod.node, pod.uid),
-            netns_name=pod.netns,
-            pod=True,
-            stdin=None,
+        cgroup = cgroups.pod_cgroup(self.name, pod.node, pod.uid)
+        return procs.spawn(
+            argv, cgroup=cgroup, netns_name=pod.netns, pod=True, stdin=None, capture=capture
         )
-        return proc.wait()
 
     def status(self) -> str:
         lab_plan = self.load_plan()

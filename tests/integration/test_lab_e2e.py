@@ -212,3 +212,25 @@ def test_node_gets_certificates_only_for_its_own_pods(lab: Lab) -> None:
     assert request_cert_as(lab, "node-1", "demo", "client").startswith("ISSUED")
     assert request_cert_as(lab, "node-1", "demo", "server") == "REFUSED PERMISSION_DENIED"
     assert request_cert_as(lab, "node-2", "demo", "server").startswith("ISSUED")
+
+
+PEER_PROBE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print("%s:%d" % s.getpeername())
+s.close()
+"""
+
+
+def test_destination_outside_the_mesh_passes_through_as_plain_tcp(lab: Lab) -> None:
+    plan = lab.load_plan()
+    outside = (plan.controller_address, 15012)  # the control plane is not a mesh workload
+    redirected_before = agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total")
+    result = lab.run("demo/client", ["python", "-c", PEER_PROBE, outside[0], str(outside[1])])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{outside[0]}:{outside[1]}", "getpeername() was not restored"
+    assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") > redirected_before
+    wait_until(
+        lambda: f"dst.addr={outside[0]}:{outside[1]} via=tcp" in log_text(lab, "ztunnel-node-1"),
+        "ztunnel to log the passthrough",
+    )
