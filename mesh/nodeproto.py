@@ -28,6 +28,8 @@ class ProtocolError(ValueError):
 
 
 def encode(message: node_pb2.NodeMessage) -> bytes:
+    if message.WhichOneof("payload") is None:
+        raise ProtocolError("node message carries no payload (it would read as a hang-up)")
     data = message.SerializeToString()
     if len(data) > MAX_PACKET:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_PACKET}")

@@ -48,40 +48,28 @@ class MeshState:
         return cls(version, workloads, by_address, services, tuple(policies))
 
     def mtls_mode(self, workload: mesh_pb2.Workload, port: int) -> int:
-        """Effective PeerAuthentication mode: workload selector > namespace > mesh; port-level
-        settings of the winning policy override its default. PERMISSIVE when nothing says."""
-        best: mesh_pb2.PeerAuthentication | None = None
-        rank = {mesh_pb2.MESH: 1, mesh_pb2.NAMESPACE: 2, mesh_pb2.WORKLOAD: 3}
-        for pa in self.peer_authentications:
-            if pa.scope == mesh_pb2.MESH:
-                applies = True
-            elif pa.namespace != workload.namespace:
-                applies = False
-            elif pa.scope == mesh_pb2.WORKLOAD:
-                applies = all(workload.labels.get(k) == v for k, v in pa.selector.items())
-            else:
-                applies = True
-            if not applies:
+        """Effective PeerAuthentication mode, composed as Istio does: mesh, then namespace,
+        then workload policy, each overriding the one before unless UNSET; a policy's port
+        setting overrides its own mode. PERMISSIVE when nothing says otherwise."""
+        mode: int = mesh_pb2.PERMISSIVE
+        for scope in (mesh_pb2.MESH, mesh_pb2.NAMESPACE, mesh_pb2.WORKLOAD):
+            policy = self._policy_for(workload, scope)
+            if policy is None:
                 continue
-            if (
-                best is None
-                or rank.get(pa.scope, 0) > rank.get(best.scope, 0)
-                or (
-                    pa.scope == best.scope and (pa.namespace, pa.name) < (best.namespace, best.name)
-                )
-            ):
-                best = pa
-        if best is None:
-            return mesh_pb2.PERMISSIVE
-        mode = best.port_modes.get(port, best.mode)
-        if mode == mesh_pb2.MTLS_MODE_UNSET:
-            # UNSET inherits from the parent scope; only mesh-wide has no parent.
-            parent = MeshState(
-                self.version,
-                self.workloads,
-                self.by_address,
-                self.services_by_vip,
-                tuple(p for p in self.peer_authentications if p is not best),
-            )
-            return parent.mtls_mode(workload, port)
+            for candidate in (policy.mode, policy.port_modes.get(port, mesh_pb2.MTLS_MODE_UNSET)):
+                if candidate != mesh_pb2.MTLS_MODE_UNSET:
+                    mode = candidate
         return mode
+
+    def _policy_for(
+        self, workload: mesh_pb2.Workload, scope: int
+    ) -> mesh_pb2.PeerAuthentication | None:
+        """The policy of one scope that applies; ties go to the first by namespace/name."""
+        matching = [
+            pa
+            for pa in self.peer_authentications
+            if pa.scope == scope
+            and (scope == mesh_pb2.MESH or pa.namespace == workload.namespace)
+            and all(workload.labels.get(k) == v for k, v in pa.selector.items())
+        ]
+        return min(matching, key=lambda pa: (pa.namespace, pa.name), default=None)

@@ -19,6 +19,7 @@ POD_SUPERNET = ipaddress.IPv4Network("198.19.0.0/16")
 CONTROLLER_PORT = 15012
 CLUSTER_DOMAIN = "cluster.local"
 MAX_NODES = 200
+MAX_PODS_PER_NODE = 240
 
 Document = dict[str, Any]
 
@@ -199,6 +200,11 @@ def _plan_pod(
     node = nodes[node_name]
     index = per_node.get(node.name, 0)
     per_node[node.name] = index + 1
+    if index >= MAX_PODS_PER_NODE:
+        raise PlanError(
+            f"{_where(source, doc)}: node {node.name} already has "
+            f"{MAX_PODS_PER_NODE} pods, the most its /24 holds"
+        )
     address = str(ipaddress.IPv4Network(node.pod_cidr)[10 + index])
     uid = meta.setdefault("uid", new_uid())
     doc["status"] = {"podIP": address, "podIPs": [{"ip": address}], "hostIP": node.address}

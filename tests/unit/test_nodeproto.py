@@ -213,3 +213,8 @@ async def test_garbage_packet_raises_protocol_error_and_closes_its_fds(
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def test_encode_refuses_an_empty_message() -> None:
+    with pytest.raises(ProtocolError, match="no payload"):
+        encode(node_pb2.NodeMessage())

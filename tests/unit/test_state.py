@@ -224,12 +224,6 @@ def test_mtls_mode_does_not_change_the_state() -> None:
     assert len(before) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MeshState.mtls_mode treats a port-level UNSET as 'inherit from the parent scope' "
-    "(namespace/mesh) instead of from the winning policy's own mode; Istio resolves "
-    "portLevelMtls UNSET to the workload policy's effective mode (STRICT here)",
-)
 def test_port_level_unset_inherits_the_policy_mode() -> None:
     state = state_of(
         DEMO_PERMISSIVE,

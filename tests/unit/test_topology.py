@@ -14,6 +14,7 @@ import ambimesh.lab
 from ambimesh.lab.topology import (
     CONTROLLER_PORT,
     MAX_NODES,
+    MAX_PODS_PER_NODE,
     Document,
     LabPlan,
     NodePlan,
@@ -476,3 +477,11 @@ def test_documents_of_skips_empty_documents_and_keeps_order() -> None:
     assert list(out) == ["b.yaml", "a.yaml"]
     assert out["b.yaml"] == [{"kind": "Node", "metadata": {"name": "n1"}}, {"kind": "Node"}]
     assert out["a.yaml"] == []
+
+
+def test_a_full_node_is_a_plan_error() -> None:
+    pods = [pod_doc(f"p{i}") for i in range(MAX_PODS_PER_NODE + 1)]
+    docs = {"p.yaml": [node_doc("node-1"), *pods]}
+    with pytest.raises(PlanError, match=f"already has {MAX_PODS_PER_NODE} pods"):
+        plan(LAB, docs, uid_factory())
+    assert len(plan(LAB, {"p.yaml": docs["p.yaml"][:-1]}, uid_factory()).pods) == MAX_PODS_PER_NODE
