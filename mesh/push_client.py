@@ -2,8 +2,8 @@
 controller, from a daemon thread with synchronous gRPC.
 
 Synchronous gRPC in its own thread keeps the client independent of the caller's event
-loop (agents and ztunnel run uvloop). ``on_update`` runs on that thread: a caller with a
-loop hands the new state over with ``loop.call_soon_threadsafe``.
+loop (ztunnel runs uvloop, which grpc.aio does not support). ``on_update`` runs on that
+thread: a caller with a loop hands the new state over with ``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.hbone.relay import StreamDuplex, relay
 from mesh.spiffe import SpiffeId
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, upstream_socket
+from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
+from ztunnel.state import identity_of
 
 log = logging.getLogger("ztunnel.access")
 
@@ -22,9 +23,9 @@ async def handle(
 ) -> None:
     started = time.monotonic()
     target = (request.authority_host, request.authority_port)
-    if request.authority_host not in pod.info.addresses:
+    if request.authority_host not in pod.info.addresses or request.authority_port in PROXY_PORTS:
         log.warning(
-            "inbound HBONE from %s for %s:%d refused: not an address of pod %s",
+            "inbound HBONE from %s for %s:%d refused: not an app port of pod %s",
             peer,
             *target,
             pod.ref,
@@ -32,17 +33,12 @@ async def handle(
         stream.refuse(Status.BAD_REQUEST)
         return
     state = ctx.state
-    source = next(
-        (
-            w
-            for w in state.workloads.values()
-            if w.namespace == peer.namespace and w.service_account == peer.service_account
-        ),
-        None,
-    )
-    labels = workload_labels(
-        "destination", source, peer, pod.workload(state), pod.identity, None, True
-    )
+    source = state.by_address.get(stream.peer_address or "")
+    if source is not None and identity_of(source) != peer:
+        source = None  # the address says one workload, the certificate another: trust neither
+    workload = pod.workload(state)
+    service = state.service_for(workload, request.authority_port)
+    labels = workload_labels("destination", source, peer, workload, pod.identity, service, True)
     try:
         sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
         await connect_socket(sock, target)

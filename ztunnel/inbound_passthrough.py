@@ -11,7 +11,7 @@ from mesh.api import mesh_pb2
 from mesh.hbone.connection import connect_socket
 from mesh.hbone.relay import StreamDuplex, relay
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, upstream_socket
+from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
 
 log = logging.getLogger("ztunnel.access")
 
@@ -25,8 +25,17 @@ async def handle(
     src_ip, src_port = writer.get_extra_info("peername")[:2]
     state = ctx.state
     workload = pod.workload(state)
-    mode = state.mtls_mode(workload, dst_port)
-    if mode == mesh_pb2.STRICT:
+    if dst_port in PROXY_PORTS:
+        log.warning(
+            "inbound plaintext %s:%d -> %s:%d refused: that is ztunnel's own port",
+            src_ip,
+            src_port,
+            dst_ip,
+            dst_port,
+        )
+        client.close()
+        return
+    if state.mtls_mode(workload, dst_port) == mesh_pb2.STRICT:
         log.warning(
             "inbound plaintext %s:%d -> %s:%d refused: pod %s requires mTLS "
             "(PeerAuthentication STRICT)",
@@ -39,7 +48,8 @@ async def handle(
         client.close()
         return
     source = state.by_address.get(src_ip)
-    labels = workload_labels("destination", source, None, workload, None, None, False)
+    service = state.service_for(workload, dst_port)
+    labels = workload_labels("destination", source, None, workload, None, service, False)
     try:
         sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
         await connect_socket(sock, (dst_ip, dst_port))

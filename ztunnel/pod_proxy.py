@@ -15,12 +15,10 @@ from mesh.hbone.connection import serve
 from mesh.netns import socket_in
 from ztunnel import inbound, inbound_passthrough, outbound
 from ztunnel.context import LocalPod, ProxyContext
+from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
 
 log = logging.getLogger(__name__)
 
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-HBONE_PORT = 15008
 BACKLOG = 1024
 CERT_ATTEMPTS = 60
 CERT_RETRY_SECONDS = 2.0

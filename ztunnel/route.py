@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 from mesh.api import mesh_pb2
 from mesh.spiffe import SpiffeId
+from ztunnel.sockets import HBONE_PORT
 from ztunnel.state import MeshState, identity_of
-
-HBONE_PORT = 15008
 
 
 class Protocol(enum.Enum):

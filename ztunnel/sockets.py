@@ -8,6 +8,11 @@ import struct
 from mesh.netns import socket_in
 
 SO_ORIGINAL_DST = 80
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+HBONE_PORT = 15008
+# ztunnel's own ports in a pod netns: never a destination, or a tunnel would loop into itself
+PROXY_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT})
 INBOUND_SOURCE = "127.0.0.6"  # delivery source the BPF capture lets through (as Istio)
 
 

@@ -47,6 +47,15 @@ class MeshState:
                 policies.append(res.peer_authentication)
         return cls(version, workloads, by_address, services, tuple(policies))
 
+    def service_for(self, workload: mesh_pb2.Workload, target_port: int) -> mesh_pb2.Service | None:
+        """A service that routes ``target_port`` to this workload (for destination_service)."""
+        for service in self.services_by_vip.values():
+            if workload.uid in service.endpoint_uids and any(
+                (p.target_port or p.port) == target_port for p in service.ports
+            ):
+                return service
+        return None
+
     def mtls_mode(self, workload: mesh_pb2.Workload, port: int) -> int:
         """Effective PeerAuthentication mode, composed as Istio does: mesh, then namespace,
         then workload policy, each overriding the one before unless UNSET; a policy's port

@@ -98,6 +98,11 @@ class HboneStream:
         return f"<HboneStream {self.stream_id} {self.request.authority} peer={self.peer}>"
 
     @property
+    def peer_address(self) -> str | None:
+        """The IP the tunnel's TCP connection came from (the source pod, for ztunnel peers)."""
+        return self._conn.peer_address
+
+    @property
     def is_closed(self) -> bool:
         return self._error is not None or (self._recv_eof and self._send_closed)
 
@@ -230,6 +235,11 @@ class _HboneConnection(asyncio.Protocol):
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def peer_address(self) -> str | None:
+        peername = self._transport.get_extra_info("peername") if self._transport else None
+        return str(peername[0]) if peername else None
 
     def close(self) -> None:
         """GOAWAY and close the connection; open streams fail."""

@@ -144,10 +144,10 @@ async def test_echo_with_half_close(server: Server, pki: Pki) -> None:
 
 
 async def test_handler_sees_request_and_peer(pki: Pki) -> None:
-    seen: asyncio.Future[tuple[ConnectRequest, SpiffeId]] = asyncio.Future()
+    seen: asyncio.Future[tuple[ConnectRequest, SpiffeId, str | None]] = asyncio.Future()
 
     async def handler(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
-        seen.set_result((request, peer))
+        seen.set_result((request, peer, stream.peer_address))
         await stream.accept()
         stream.write_eof()
         await stream.drain()
@@ -155,9 +155,10 @@ async def test_handler_sees_request_and_peer(pki: Pki) -> None:
     async with running_server(pki.server, handler) as srv:
         conn = await dial(srv, pki.client)
         stream = await conn.open_stream("[fd00::5]:9080", [("forwarded", "for=10.1.1.1")])
-        request, peer = await asyncio.wait_for(seen, TIMEOUT)
+        request, peer, address = await asyncio.wait_for(seen, TIMEOUT)
         assert request == ConnectRequest("fd00::5", 9080, (("forwarded", "for=10.1.1.1"),))
         assert peer == CLIENT_ID
+        assert address == "127.0.0.1"
         assert await read_all(stream) == b""
         stream.close()
         conn.close()
