@@ -107,6 +107,8 @@ def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
             source_principal=CLIENT_SA,
             connection_security_policy="mutual_tls",
             destination_workload="server",
+            source_workload="client",
+            destination_service="server.demo.svc.cluster.local",
         )
         >= 1
     )
@@ -160,6 +162,17 @@ def test_enrolling_a_namespace_at_runtime_and_back(lab: Lab) -> None:
                 source_principal=LEGACY_SA,
             )
             >= 1
+        )
+        # legacy is PERMISSIVE now; a tunnel aimed at ztunnel's own inbound port must not
+        # loop back into ztunnel
+        legacy_ip = plan.pod("legacy/legacy-client").address
+        looped = fetch_in_pod(lab, "demo/client", f"http://{legacy_ip}:15006/loop")
+        assert looped.returncode != 0
+        wait_until(
+            lambda: (
+                f"{legacy_ip}:15006 refused: not an app port" in log_text(lab, "ztunnel-node-1")
+            ),
+            "ztunnel to refuse the tunnel to its own port",
         )
     finally:
         set_namespace_label(lab, "legacy", None)

@@ -230,3 +230,26 @@ def test_port_level_unset_inherits_the_policy_mode() -> None:
         pa("s", "demo", WORKLOAD, STRICT, {"app": "server"}, {8080: UNSET}),
     )
     assert state.mtls_mode(wl(app="server"), 8080) == STRICT
+
+
+def test_service_for_finds_the_service_routing_the_target_port() -> None:
+    pod = mesh_pb2.Workload(uid="u1", name="server", namespace="demo", addresses=["10.0.0.1"])
+    other = mesh_pb2.Workload(uid="u2", name="other", namespace="demo", addresses=["10.0.0.2"])
+    svc = mesh_pb2.Service(
+        name="server",
+        namespace="demo",
+        hostname="server.demo.svc.cluster.local",
+        addresses=["10.96.0.1"],
+        ports=[mesh_pb2.ServicePort(port=80, target_port=8080)],
+        endpoint_uids=["u1"],
+    )
+    resources = {
+        "workload/demo/server": mesh_pb2.Resource(key="workload/demo/server", workload=pod),
+        "workload/demo/other": mesh_pb2.Resource(key="workload/demo/other", workload=other),
+        "service/demo/server": mesh_pb2.Resource(key="service/demo/server", service=svc),
+    }
+    state = MeshState.build("1", resources)
+    found = state.service_for(pod, 8080)
+    assert found is not None and found.hostname == "server.demo.svc.cluster.local"
+    assert state.service_for(pod, 80) is None
+    assert state.service_for(other, 8080) is None
