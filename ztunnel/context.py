@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from mesh.api import mesh_pb2, node_pb2
 from mesh.pool import HboneConnectionPool
 from mesh.spiffe import SpiffeId
+from ztunnel.connections import ConnectionTable
 from ztunnel.identity import CertManager
-from ztunnel.metrics import ConnectionLabels, TcpMetrics
+from ztunnel.metrics import ConnectionLabels
 from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
 
 # (source identity, destination identity, destination address): one mTLS connection each
@@ -20,7 +21,7 @@ PoolKey = tuple[SpiffeId, SpiffeId, str]
 @dataclass
 class ProxyContext:
     certs: CertManager
-    metrics: TcpMetrics
+    connections: ConnectionTable
     pool: HboneConnectionPool[PoolKey] = field(default_factory=HboneConnectionPool)
     state: MeshState = field(default_factory=MeshState)
     trust_domain: str = DEFAULT_TRUST_DOMAIN

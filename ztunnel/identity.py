@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from mesh import tls
 from mesh.spiffe import SpiffeId
@@ -42,6 +43,9 @@ class CertManager:
 
     async def client_context(self, sid: SpiffeId) -> ssl.SSLContext:
         return (await self._entry(sid)).client
+
+    def expiries(self) -> list[tuple[SpiffeId, datetime]]:
+        return [(sid, entry.identity.not_after) for sid, entry in list(self._entries.items())]
 
     def forget(self, sid: SpiffeId) -> None:
         """Stop renewing an identity no local pod uses any more."""

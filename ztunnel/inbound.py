@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from mesh.hbone.connection import HboneStream, connect_socket
 from mesh.hbone.protocol import ConnectRequest, Status
-from mesh.hbone.relay import StreamDuplex, relay
+from mesh.hbone.relay import StreamDuplex
 from mesh.spiffe import SpiffeId
+from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
 from ztunnel.state import identity_of
@@ -21,7 +21,6 @@ log = logging.getLogger("ztunnel.access")
 async def handle(
     ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
 ) -> None:
-    started = time.monotonic()
     target = (request.authority_host, request.authority_port)
     if request.authority_host not in pod.info.addresses or request.authority_port in PROXY_PORTS:
         log.warning(
@@ -48,20 +47,12 @@ async def handle(
         stream.refuse(Status.UPSTREAM_UNREACHABLE)
         return
     await stream.accept()
-    ctx.metrics.open(labels)
-    sent = received = 0
-    try:
-        received, sent = await relay(stream, StreamDuplex(reader, writer))
-    finally:
-        ctx.metrics.close(labels, sent, received)
-        log.info(
-            "inbound complete src.identity=%s dst.workload=%s dst.addr=%s:%d "
-            "dst.identity=%s policy=mutual_tls sent=%d recv=%d duration=%.0fms",
-            peer,
-            pod.ref,
-            *target,
-            pod.identity,
-            sent,
-            received,
-            (time.monotonic() - started) * 1000,
-        )
+    info = ConnectionInfo(
+        direction="inbound",
+        source=stream.peer_address or "unknown",
+        destination=request.authority,
+        labels=labels,
+        via="hbone",
+        hbone=request.authority,
+    )
+    await ctx.connections.relay(info, stream, StreamDuplex(reader, writer))

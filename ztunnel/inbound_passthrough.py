@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from mesh.api import mesh_pb2
 from mesh.hbone.connection import connect_socket
-from mesh.hbone.relay import StreamDuplex, relay
+from mesh.hbone.relay import StreamDuplex
+from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
 
@@ -19,7 +19,6 @@ log = logging.getLogger("ztunnel.access")
 async def handle(
     ctx: ProxyContext, pod: LocalPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    started = time.monotonic()
     client = StreamDuplex(reader, writer)
     dst_ip, dst_port = writer.get_extra_info("sockname")[:2]
     src_ip, src_port = writer.get_extra_info("peername")[:2]
@@ -58,21 +57,11 @@ async def handle(
         log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
         client.close()
         return
-    ctx.metrics.open(labels)
-    sent = received = 0
-    try:
-        received, sent = await relay(client, StreamDuplex(up_reader, up_writer))
-    finally:
-        ctx.metrics.close(labels, sent, received)
-        log.info(
-            "inbound plaintext complete src.addr=%s:%d dst.workload=%s dst.addr=%s:%d "
-            "sent=%d recv=%d duration=%.0fms",
-            src_ip,
-            src_port,
-            pod.ref,
-            dst_ip,
-            dst_port,
-            sent,
-            received,
-            (time.monotonic() - started) * 1000,
-        )
+    info = ConnectionInfo(
+        direction="inbound_plaintext",
+        source=f"{src_ip}:{src_port}",
+        destination=f"{dst_ip}:{dst_port}",
+        labels=labels,
+        via="tcp",
+    )
+    await ctx.connections.relay(info, client, StreamDuplex(up_reader, up_writer))

@@ -20,8 +20,9 @@ from mesh.cert_client import request_certificate
 from mesh.csr import make_key_and_csr
 from mesh.push_client import PushClient
 from mesh.spiffe import SpiffeId
+from ztunnel.admin import admin_routes, readiness_routes, serve_in_thread
+from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
-from ztunnel.health import start_readiness_server
 from ztunnel.identity import CertManager
 from ztunnel.inpod import InpodClient
 from ztunnel.metrics import TcpMetrics
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-socket", required=True, type=Path, help="the node agent's socket")
     p.add_argument("--metrics-port", type=int, default=15020)
     p.add_argument("--readiness-port", type=int, default=15021)
+    p.add_argument("--admin-port", type=int, default=15000, help="admin view, localhost only")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -62,16 +64,17 @@ async def run(args: argparse.Namespace) -> None:
     registry = CollectorRegistry()
     ctx = ProxyContext(
         certs=CertManager(partial(fetch_identity, args, token, root)),
-        metrics=TcpMetrics(registry),
+        connections=ConnectionTable(TcpMetrics(registry)),
         trust_domain=args.trust_domain,
     )
     ztunnel = Ztunnel(ctx)
     inpod = InpodClient(args.agent_socket, ztunnel.add_pod, ztunnel.del_pod, ztunnel.known_pods)
     start_http_server(args.metrics_port, registry=registry)
-    start_readiness_server(
+    serve_in_thread(
         ("0.0.0.0", args.readiness_port),
-        lambda: inpod.synced.is_set() and ztunnel.ready,
+        readiness_routes(lambda: inpod.synced.is_set() and ztunnel.ready),
     )
+    serve_in_thread(("127.0.0.1", args.admin_port), admin_routes(ztunnel))
 
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))

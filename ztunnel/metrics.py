@@ -42,11 +42,14 @@ class TcpMetrics:
             "istio_tcp_connections_closed", "TCP connections closed.", LABELS, registry=registry
         )
         self.sent = Counter(
-            "istio_tcp_sent_bytes", "Bytes sent towards the destination.", LABELS, registry=registry
+            "istio_tcp_sent_bytes",
+            "Bytes the destination sent back (responses).",
+            LABELS,
+            registry=registry,
         )
         self.received = Counter(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination.",
+            "Bytes the destination received (requests).",
             LABELS,
             registry=registry,
         )

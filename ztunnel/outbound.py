@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 
 from mesh.hbone.connection import HboneClientConnection, HboneStream, connect_socket
 from mesh.hbone.protocol import HboneError
-from mesh.hbone.relay import StreamDuplex, relay
+from mesh.hbone.relay import StreamDuplex
 from mesh.tls import TlsError
+from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.route import NoHealthyEndpoint, Protocol, decide_outbound
 from ztunnel.sockets import original_destination, upstream_socket
@@ -22,7 +22,6 @@ log = logging.getLogger("ztunnel.access")
 async def handle(
     ctx: ProxyContext, pod: LocalPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    started = time.monotonic()
     client = StreamDuplex(reader, writer)
     try:
         dst_ip, dst_port = original_destination(writer.get_extra_info("socket"))
@@ -85,24 +84,14 @@ async def handle(
         )
         client.close()
         return
-    ctx.metrics.open(labels)
-    sent = received = 0
-    try:
-        sent, received = await relay(client, upstream)
-    finally:
-        ctx.metrics.close(labels, sent, received)
-        log.info(
-            "outbound complete src.workload=%s src.identity=%s dst.addr=%s:%d via=%s "
-            "dst.hbone=%s dst.identity=%s dst.service=%s sent=%d recv=%d duration=%.0fms",
-            pod.ref,
-            pod.identity,
-            dst_ip,
-            dst_port,
-            decision.protocol.value,
-            decision.authority,
-            decision.expected_identity or "-",
-            labels.destination_service,
-            sent,
-            received,
-            (time.monotonic() - started) * 1000,
-        )
+    _, client_port = writer.get_extra_info("peername")[:2]
+    source_ip = pod.info.addresses[0] if pod.info.addresses else "127.0.0.1"
+    info = ConnectionInfo(
+        direction="outbound",
+        source=f"{source_ip}:{client_port}",
+        destination=f"{dst_ip}:{dst_port}",
+        labels=labels,
+        via=decision.protocol.value,
+        hbone=decision.authority if mtls else "-",
+    )
+    await ctx.connections.relay(info, client, upstream)

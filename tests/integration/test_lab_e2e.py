@@ -6,6 +6,7 @@ configuration put it back in a `finally`.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -85,6 +86,11 @@ def log_text(lab: Lab, name: str) -> str:
     return (lab.logs / f"{name}.log").read_text(errors="replace")
 
 
+def logged(lab: Lab, name: str, *parts: str) -> bool:
+    """Some line of the component's log has all of ``parts``."""
+    return any(all(p in line for p in parts) for line in log_text(lab, name).splitlines())
+
+
 def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
     plan = lab.load_plan()
     with fabric_capture(plan, "node-1", tmp_path / "fabric.pcap") as captured:
@@ -123,8 +129,29 @@ def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
         )
         > 0
     )
-    assert f"src.identity={CLIENT_SA} dst.workload=demo/server" in log_text(lab, "ztunnel-node-2")
+    assert logged(
+        lab,
+        "ztunnel-node-2",
+        "inbound complete",
+        f"src.identity={CLIENT_SA}",
+        "dst.workload=demo/server",
+        "via=hbone",
+    )
     assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") >= 1
+
+
+def test_admin_endpoint_dumps_config_on_localhost_only(lab: Lab) -> None:
+    node = lab.load_plan().node("node-2")
+    status, body = http_get(node.netns, "127.0.0.1", 15000, "/config_dump")
+    assert status == 200
+    dump = json.loads(body)
+    pods = {p["pod"]: p for p in dump["local_pods"]}
+    assert pods["demo/server"]["hbone_serving"] is True
+    assert pods["demo/server"]["identity"] == "spiffe://cluster.local/ns/demo/sa/server"
+    assert "spiffe://cluster.local/ns/demo/sa/server" in dump["certificates"]
+    assert {w["name"] for w in dump["workloads"]} >= {"client", "server", "legacy-client"}
+    with pytest.raises(OSError):
+        http_get(node.netns, node.address, 15000, "/config_dump", timeout=2)
 
 
 def test_legacy_client_is_plain_tcp_and_refused_by_strict_server(lab: Lab, tmp_path: Path) -> None:
@@ -244,6 +271,12 @@ def test_destination_outside_the_mesh_passes_through_as_plain_tcp(lab: Lab) -> N
     assert result.stdout.strip() == f"{outside[0]}:{outside[1]}", "getpeername() was not restored"
     assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") > redirected_before
     wait_until(
-        lambda: f"dst.addr={outside[0]}:{outside[1]} via=tcp" in log_text(lab, "ztunnel-node-1"),
+        lambda: logged(
+            lab,
+            "ztunnel-node-1",
+            "outbound complete",
+            f"dst.addr={outside[0]}:{outside[1]}",
+            "via=tcp",
+        ),
         "ztunnel to log the passthrough",
     )

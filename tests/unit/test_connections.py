@@ -1,0 +1,49 @@
+"""ConnectionTable: Istio byte semantics, the live view and the access log, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.unit.test_relay import MemoryDuplex
+from ztunnel.connections import ConnectionInfo, ConnectionTable
+from ztunnel.metrics import ConnectionLabels, TcpMetrics
+
+LABELS = ConnectionLabels(
+    reporter="source", source_workload="client", destination_workload="server"
+)
+
+
+def sample(registry: CollectorRegistry, name: str) -> float:
+    value = registry.get_sample_value(name, {**vars(LABELS)})
+    return 0.0 if value is None else value
+
+
+async def test_request_bytes_are_received_and_response_bytes_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    table = ConnectionTable(TcpMetrics(registry))
+    downstream = MemoryDuplex([b"GET / HTTP/1.1\r\n\r\n"])  # 18 request bytes
+    upstream = MemoryDuplex([b"HTTP/1.1 200 OK\r\n\r\nhello"], hold_open=True)  # 24 bytes
+    info = ConnectionInfo("outbound", "10.0.0.1:4000", "10.0.0.2:80", LABELS, "hbone", "a:1")
+    caplog.set_level(logging.INFO, logger="ztunnel.access")
+
+    task = asyncio.create_task(table.relay(info, downstream, upstream))
+    await asyncio.sleep(0.01)
+    live = table.live()
+    assert len(live) == 1 and live[0]["destination"] == "10.0.0.2:80"
+    assert sample(registry, "istio_tcp_connections_opened_total") == 1
+    upstream.released.set()
+    await asyncio.wait_for(task, 5)
+
+    assert len(table) == 0
+    assert sample(registry, "istio_tcp_connections_closed_total") == 1
+    assert sample(registry, "istio_tcp_received_bytes_total") == 18
+    assert sample(registry, "istio_tcp_sent_bytes_total") == 24
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("outbound complete src.addr=10.0.0.1:4000")
+    assert "request_bytes=18 response_bytes=24" in line and "via=hbone hbone=a:1" in line
