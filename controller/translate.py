@@ -82,13 +82,13 @@ class _Obj:
     namespace: str
     name: str
 
+    def describe(self) -> str:
+        """``source: Kind namespace/name``, the prefix of every message about this object."""
+        ref = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.source}: {self.kind} {ref}"
+
     def error(self, path: str, problem: str) -> ConfigError:
-        where = (
-            f"{self.kind} {self.namespace}/{self.name}"
-            if self.namespace
-            else f"{self.kind} {self.name}"
-        )
-        return ConfigError(f"{self.source}: {where}: {path}: {problem}")
+        return ConfigError(f"{self.describe()}: {path}: {problem}")
 
     def get(self, path: str, expected: type | tuple[type, ...], default: Any = None) -> Any:
         """The value at dotted ``path``; ``default`` when absent, error when mistyped."""
@@ -321,15 +321,20 @@ def _service(
         hostname=f"{obj.name}.{obj.namespace}.svc.{settings.cluster_domain}",
         addresses=_unique_ips(obj, candidates),
         ports=[
-            _service_port(obj, i, p, selected)
-            for i, p in enumerate(obj.get("spec.ports", list, []))
+            port
+            for i, raw in enumerate(obj.get("spec.ports", list, []))
+            if (port := _service_port(obj, i, raw, selected)) is not None
         ],
         endpoint_uids=sorted(p.uid for p in selected if p.workload is not None),
         waypoint=_waypoint(obj.labels("metadata.labels"), ns_labels),
     )
 
 
-def _service_port(obj: _Obj, index: int, raw: Any, selected: list[_Pod]) -> mesh_pb2.ServicePort:
+def _service_port(
+    obj: _Obj, index: int, raw: Any, selected: list[_Pod]
+) -> mesh_pb2.ServicePort | None:
+    """None for a named targetPort no selected pod declares (yet): like Kubernetes, the
+    service then has no endpoints on that port, which is no reason to reject the config."""
     where = f"spec.ports[{index}]"
     if not isinstance(raw, Mapping):
         raise obj.error(where, "must be a mapping")
@@ -337,16 +342,21 @@ def _service_port(obj: _Obj, index: int, raw: Any, selected: list[_Pod]) -> mesh
     target = raw.get("targetPort", port)
     if isinstance(target, str) and not target.isdigit():
         numbers = {p.container_ports[target] for p in selected if target in p.container_ports}
-        if len(numbers) != 1:
-            problem = (
-                "no pod selected by the service declares a container port with that name"
-                if not numbers
-                else f"selected pods disagree on its number ({sorted(numbers)})"
+        if not numbers:
+            log.warning(
+                "%s: %s.targetPort: no pod selected by the service declares a port named %r; "
+                "the service has no endpoints on port %d until one does",
+                obj.describe(),
+                where,
+                target,
+                port,
             )
+            return None
+        if len(numbers) != 1:
             raise obj.error(
                 f"{where}.targetPort",
-                f"named port {target!r}: {problem}; name the port in the pods' "
-                "spec.containers[].ports[] or use a number",
+                f"named port {target!r}: selected pods disagree on its number "
+                f"({sorted(numbers)}); ambimesh needs one number per service port: use a number",
             )
         target = numbers.pop()
     name = raw.get("name", "")

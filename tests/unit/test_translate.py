@@ -337,10 +337,6 @@ def test_unknown_kinds_are_ignored() -> None:
             service("web", {}, [{"port": 70000}]),
             ["Service demo/web", "spec.ports[0].port", "70000"],
         ),
-        (
-            service("web", {"app": "web"}, [{"port": 80, "targetPort": "http"}]),
-            ["Service demo/web", "spec.ports[0].targetPort", "'http'", "use a number"],
-        ),
         (service("web", {}, "80"), ["spec.ports", "must be a list"]),
         (
             pod("web", labels={"version": 2}),
@@ -373,3 +369,17 @@ def test_namespace_defaults_to_default() -> None:
     p = pod("web")
     del p["metadata"]["namespace"]
     assert workload(run(p), "web", namespace="default").namespace == "default"
+
+
+def test_named_target_port_no_pod_declares_drops_the_port_not_the_config(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = run(
+        ns("demo"),
+        pod("web", labels={"app": "web"}),
+        service("web", {"app": "web"}, [{"port": 80, "targetPort": "http"}, {"port": 81}]),
+    )
+    svc = out["service/demo/web"].service
+    assert [(p.port, p.target_port) for p in svc.ports] == [(81, 81)]
+    assert "cfg.yaml#3: Service demo/web: spec.ports[0].targetPort" in caplog.text
+    assert "'http'" in caplog.text
