@@ -383,3 +383,19 @@ def test_named_target_port_no_pod_declares_drops_the_port_not_the_config(
     assert [(p.port, p.target_port) for p in svc.ports] == [(81, 81)]
     assert "cfg.yaml#3: Service demo/web: spec.ports[0].targetPort" in caplog.text
     assert "'http'" in caplog.text
+
+
+def test_named_target_port_with_two_numbers_is_an_error() -> None:
+    def web(name: str, ip: str, number: int) -> dict[str, Any]:
+        containers = [{"name": "c", "ports": [{"name": "http", "containerPort": number}]}]
+        return pod(name, labels={"app": "web"}, ip=ip, spec={"containers": containers})
+
+    with pytest.raises(
+        ConfigError, match=r"named port 'http': selected pods disagree .*8080, 9090"
+    ):
+        run(
+            ns("demo"),
+            web("web-1", "10.0.0.5", 8080),
+            web("web-2", "10.0.0.6", 9090),
+            service("web", {"app": "web"}, [{"port": 80, "targetPort": "http"}]),
+        )
