@@ -17,17 +17,14 @@ from agent.node_agent import NodeAgent
 from agent.ztunnel_link import ZtunnelLink
 from bpf.loader import BpfError, MeshBpf
 from mesh.api import mesh_pb2
-from mesh.push_client import PushClient
+from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 
 log = logging.getLogger("agent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-agent", description=__doc__)
-    p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--controller", required=True, help="controller address host:port")
-    p.add_argument("--root-cert", required=True, type=Path, help="mesh root CA (PEM)")
-    p.add_argument("--token-file", required=True, type=Path, help="this node's join token")
+    add_controller_flags(p)
     p.add_argument("--socket", required=True, type=Path, help="Unix socket ztunnel connects to")
     p.add_argument("--metrics-port", type=int, default=15014)
     p.add_argument("--log-level", default="INFO")
@@ -36,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
+    access = ControllerAccess.from_args(args)
     bpf = MeshBpf()
     link = ZtunnelLink(args.socket, lambda pid: agent.on_ztunnel_connect(pid))
     agent = NodeAgent(args.node, bpf, link)
@@ -49,13 +47,7 @@ async def run(args: argparse.Namespace) -> None:
         loop.call_soon_threadsafe(agent.set_desired, snapshot)
         log.info("config version %s", version)
 
-    push = PushClient(
-        args.controller,
-        args.root_cert.read_bytes(),
-        args.token_file.read_text().strip(),
-        args.node,
-        on_update,
-    )
+    push = access.push_client(on_update)
     link.bind()
     push.start()
     stop = asyncio.Event()
@@ -86,6 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         asyncio.run(run(args))
-    except (BpfError, OSError) as exc:
+    except (BpfError, NodeConfigError, OSError) as exc:
         log.error("%s", exc)
         sys.exit(1)

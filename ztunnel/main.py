@@ -18,7 +18,7 @@ from mesh import tls
 from mesh.api import mesh_pb2
 from mesh.cert_client import request_certificate
 from mesh.csr import make_key_and_csr
-from mesh.push_client import PushClient
+from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.spiffe import SpiffeId
 from ztunnel.admin import admin_routes, readiness_routes, serve_in_thread
 from ztunnel.connections import ConnectionTable
@@ -35,10 +35,7 @@ CERT_TTL_SECONDS = 24 * 3600
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-ztunnel", description=__doc__)
-    p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--controller", required=True, help="controller address host:port")
-    p.add_argument("--root-cert", required=True, type=Path, help="mesh root CA (PEM)")
-    p.add_argument("--token-file", required=True, type=Path, help="this node's join token")
+    add_controller_flags(p)
     p.add_argument("--agent-socket", required=True, type=Path, help="the node agent's socket")
     p.add_argument("--metrics-port", type=int, default=15020)
     p.add_argument("--readiness-port", type=int, default=15021)
@@ -48,22 +45,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fetch_identity(
-    args: argparse.Namespace, token: str, root: bytes, sid: SpiffeId
-) -> tls.TlsIdentity:
+def fetch_identity(access: ControllerAccess, sid: SpiffeId) -> tls.TlsIdentity:
     key_pem, csr_pem = make_key_and_csr(sid)
-    chain, root_pem = request_certificate(args.controller, root, token, csr_pem, CERT_TTL_SECONDS)
+    chain, root_pem = request_certificate(
+        access.target, access.root_pem, access.token, csr_pem, CERT_TTL_SECONDS
+    )
     return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
 
 
 async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    token = args.token_file.read_text().strip()
-    root = args.root_cert.read_bytes()
+    access = ControllerAccess.from_args(args)
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ctx = ProxyContext(
-        certs=CertManager(partial(fetch_identity, args, token, root)),
+        certs=CertManager(partial(fetch_identity, access)),
         connections=ConnectionTable(TcpMetrics(registry)),
         trust_domain=args.trust_domain,
     )
@@ -79,7 +75,7 @@ async def run(args: argparse.Namespace) -> None:
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))
 
-    push = PushClient(args.controller, root, token, args.node, on_update)
+    push = access.push_client(on_update)
     push.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +102,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         uvloop.run(run(args))
-    except OSError as exc:
+    except (NodeConfigError, OSError) as exc:
         log.error("%s", exc)
         sys.exit(1)

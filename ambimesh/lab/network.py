@@ -53,6 +53,13 @@ def _create_netns(name: str) -> None:
         _up(ns, "lo")
 
 
+def _plug(bridge_netns: str, bridge: str, port: str, peer_netns: str) -> None:
+    """A veth from ``bridge`` (port ``port``) to ``eth0`` in ``peer_netns``, like a cable."""
+    with NetNS(bridge_netns) as ns:
+        ns.link("add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": peer_netns})
+        ns.link("set", index=_ifindex(ns, port), master=_ifindex(ns, bridge), state="up")
+
+
 def build_fabric(plan: LabPlan) -> None:
     log.info(
         "netns %s: fabric bridge %s, controller %s",
@@ -75,19 +82,7 @@ def build_fabric(plan: LabPlan) -> None:
 def build_node(plan: LabPlan, node: NodePlan) -> None:
     log.info("netns %s: %s on the fabric, pods in %s", node.netns, node.address, node.pod_cidr)
     _create_netns(node.netns)
-    with NetNS(plan.fabric_netns) as fabric:
-        fabric.link(
-            "add",
-            ifname=node.fabric_veth,
-            kind="veth",
-            peer={"ifname": "eth0", "net_ns_fd": node.netns},
-        )
-        fabric.link(
-            "set",
-            index=_ifindex(fabric, node.fabric_veth),
-            master=_ifindex(fabric, FABRIC_BRIDGE),
-            state="up",
-        )
+    _plug(plan.fabric_netns, FABRIC_BRIDGE, node.fabric_veth, node.netns)
     cidr = ipaddress.IPv4Network(node.pod_cidr)
     with NetNS(node.netns) as ns:
         ns.addr(
@@ -111,19 +106,7 @@ def build_pod(plan: LabPlan, pod: PodPlan) -> None:
     node = plan.node(pod.node)
     log.info("netns %s: pod %s at %s behind %s", pod.netns, pod.ref, pod.address, node.name)
     _create_netns(pod.netns)
-    with NetNS(node.netns) as host:
-        host.link(
-            "add",
-            ifname=pod.host_veth,
-            kind="veth",
-            peer={"ifname": "eth0", "net_ns_fd": pod.netns},
-        )
-        host.link(
-            "set",
-            index=_ifindex(host, pod.host_veth),
-            master=_ifindex(host, NODE_BRIDGE),
-            state="up",
-        )
+    _plug(node.netns, NODE_BRIDGE, pod.host_veth, pod.netns)
     prefix = ipaddress.IPv4Network(node.pod_cidr).prefixlen
     with NetNS(pod.netns) as ns:
         ns.addr("add", index=_ifindex(ns, "eth0"), address=pod.address, prefixlen=prefix)
