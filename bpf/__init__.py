@@ -7,6 +7,8 @@ from bpf.loader import (
     ProxyAttachment,
     cgroup2_mount,
     check_environment,
+    ensure_bpffs,
+    purge_pins,
 )
 
 __all__ = [
@@ -16,4 +18,6 @@ __all__ = [
     "ProxyAttachment",
     "cgroup2_mount",
     "check_environment",
+    "ensure_bpffs",
+    "purge_pins",
 ]

@@ -14,31 +14,41 @@ the same cgroup (a CNI, systemd accounting) coexist with ours. The price: a rest
 agent finds its predecessor's programs still attached, so ``attach_pod`` and
 ``attach_proxy`` take over, detaching same-named ambimesh programs after attaching theirs.
 
-The netns ``sk_lookup`` program can only be attached as a link (``bpf_link_create``), so
-it *does* die with the agent's fds and inbound capture then stops until a new agent
-attaches again: pinning the link (or handing its fd to ztunnel) is the fix, out of scope
-here. ``PodAttachment.link_fd`` is exposed for that.
+The netns ``sk_lookup`` program can only be attached as a link (``bpf_link_create``),
+which dies with the last fd or bpffs pin referring to it. So with a ``pin_dir`` (on a bpf
+filesystem) each pod's link is pinned at ``<pin_dir>/links/<pin_key>`` and every map at
+``<pin_dir>/maps/<name>``: an agent that exits (``release()``) or crashes leaves its pods
+captured, STRICT pods failing closed, and the next agent adopts the pinned links
+(``bpf_link_update`` to its own program) and reuses the maps, including the SOCKHASH of
+ztunnel's listeners, which the programs its predecessor left attached keep using too.
+Without a ``pin_dir`` everything lives only as long as this process (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from bpf.maps import COUNTERS, ip4_key
 
 __all__ = [
+    "DEFAULT_BPFFS",
     "DEFAULT_HBONE_PORT",
     "DEFAULT_INBOUND_PORT",
     "DEFAULT_OUTBOUND_PORT",
+    "DEFAULT_PIN_DIR",
     "BpfError",
     "MeshBpf",
     "PodAttachment",
@@ -46,6 +56,8 @@ __all__ = [
     "cflags",
     "cgroup2_mount",
     "check_environment",
+    "ensure_bpffs",
+    "purge_pins",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_HBONE_PORT = 15008
+DEFAULT_BPFFS = "/sys/fs/bpf"
+DEFAULT_PIN_DIR = f"{DEFAULT_BPFFS}/ambimesh"
 
 SRC_DIR = Path(__file__).resolve().parent / "src"
 # Order matters: the shared header first, then one file per attach point.
@@ -78,7 +92,11 @@ _ATTACH_SK_LOOKUP = 36
 _BPF_F_ALLOW_MULTI = 1 << 1
 _BPF_ANY = 0
 _BPF_CGROUP_MAX_PROGS = 64
-_PROG_INFO_SIZE = 256  # >= sizeof(struct bpf_prog_info) on this kernel; the kernel fills less
+_INFO_SIZE = 256  # >= sizeof(struct bpf_{prog,map,link}_info) on this kernel; it fills less
+_LINK_TYPE_NETNS = 5
+_BPF_FS_MAGIC = 0xCAFE4A11
+# bpffs refuses names containing '.'; a key is one path component.
+_PIN_KEY = re.compile(r"[A-Za-z0-9_:-]{1,200}")
 
 # (function, program type, expected attach type) for each program.
 _POD_CGROUP_PROGRAMS = (
@@ -96,13 +114,17 @@ class BpfError(Exception):
 
 @dataclass(eq=False)
 class PodAttachment:
-    """One enrolled pod: programs on its cgroup, an sk_lookup link on its netns."""
+    """One enrolled pod: programs on its cgroup, an sk_lookup link on its netns.
+
+    With a ``pin_key`` the link is pinned at ``<pin_dir>/links/<pin_key>``.
+    """
 
     cgroup_path: str
     addresses: tuple[str, ...]
     link_fd: int
     cgroup_fd: int = field(repr=False)
     active: bool = True
+    pin_key: str | None = None
 
 
 @dataclass(eq=False)
@@ -131,20 +153,27 @@ def cflags(
     outbound_port: int = DEFAULT_OUTBOUND_PORT,
     inbound_port: int = DEFAULT_INBOUND_PORT,
     hbone_port: int = DEFAULT_HBONE_PORT,
+    map_pin_dir: str | None = None,
 ) -> list[str]:
-    """The compiler flags that go with ``source()``: include path and the ports."""
+    """The compiler flags that go with ``source()``: include path, ports, where maps are pinned."""
     ports = {"outbound": outbound_port, "inbound": inbound_port, "hbone": hbone_port}
     for name, port in ports.items():
         if not isinstance(port, int) or not 0 < port < 65536:
             raise BpfError(f"{name} port must be an integer in 1..65535, got {port!r}")
     if len(set(ports.values())) != len(ports):
         raise BpfError(f"outbound, inbound and HBONE ports must differ, got {ports}")
-    return [
+    flags = [
         f"-I{SRC_DIR}",
         f"-DAMBIMESH_OUTBOUND_PORT={outbound_port}",
         f"-DAMBIMESH_INBOUND_PORT={inbound_port}",
         f"-DAMBIMESH_HBONE_PORT={hbone_port}",
     ]
+    if map_pin_dir is not None:
+        # It becomes a C string literal in maps.h.
+        if not os.path.isabs(map_pin_dir) or any(c in map_pin_dir for c in '"\\\n'):
+            raise BpfError(f"pin dir must be an absolute path without quotes, got {map_pin_dir!r}")
+        flags.append(f'-DAMBIMESH_MAP_PIN_DIR="{map_pin_dir}"')
+    return flags
 
 
 def check_environment() -> None:
@@ -155,8 +184,132 @@ def check_environment() -> None:
     MeshBpf().close()
 
 
+def ensure_bpffs(path: str = DEFAULT_BPFFS) -> None:
+    """Mount a bpf filesystem at ``path`` unless one is there: pins can only live on bpffs."""
+    if _is_bpffs(path):
+        return
+    libc = _libc()
+    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise BpfError(
+            f"no bpf filesystem at {path} and mounting one failed ({os.strerror(err)}); "
+            f"mount it (mount -t bpf bpf {path}) or run scripts/setup.sh"
+        )
+    log.info("mounted a bpf filesystem at %s", path)
+
+
+def purge_pins(pin_dir: str) -> None:
+    """Remove a pin dir and everything pinned under it (``ambimesh lab down``); idempotent.
+
+    Links whose pin goes and that no process holds are detached; maps live on while an
+    attached program still uses them. Refuses anything but a directory inside a bpffs.
+    """
+    if not os.path.lexists(pin_dir):
+        return
+    if not _is_bpffs(pin_dir) or os.path.ismount(pin_dir):
+        raise BpfError(f"{pin_dir} is not a directory inside a bpf filesystem; not removing it")
+    try:
+        shutil.rmtree(pin_dir)
+    except OSError as exc:
+        raise BpfError(f"cannot remove pin dir {pin_dir}: {exc}") from exc
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+    ]
+    libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    return libc
+
+
+def _is_bpffs(path: str) -> bool:
+    """statfs(2)'s f_type (the first field) is BPF_FS_MAGIC; False if ``path`` is missing."""
+    buf = ctypes.create_string_buffer(256)  # >= sizeof(struct statfs)
+    if _libc().statfs(os.fsencode(path), buf) != 0:
+        return False
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF == _BPF_FS_MAGIC
+
+
+def _prepare_pin_dir(pin_dir: str) -> None:
+    """Mount bpffs if needed, check ``pin_dir`` is on it, create its maps/ and links/."""
+    ensure_bpffs()
+    existing = pin_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not _is_bpffs(existing):
+        raise BpfError(
+            f"pin dir {pin_dir} is not on a bpf filesystem; use one under {DEFAULT_BPFFS}"
+        )
+    try:
+        for sub in ("maps", "links"):
+            os.makedirs(os.path.join(pin_dir, sub), exist_ok=True)
+    except OSError as exc:
+        raise BpfError(
+            f"cannot create pin dir {pin_dir} ({exc.strerror}); names on bpffs cannot contain '.'"
+        ) from exc
+
+
+class _MapShape(NamedTuple):
+    """What must agree between a pinned map and the C declaration for a program to use it."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+class _LinkInfo(NamedTuple):
+    """The fields of struct bpf_link_info ambimesh reads (``netns_*`` only for netns links)."""
+
+    type: int
+    id: int
+    prog_id: int
+    netns_ino: int
+    attach_type: int
+
+
+def _bcc_maps(libbcc_name: str, module: int) -> list[tuple[str, int, _MapShape]]:
+    """Name, fd and declared shape of every map bcc made for ``module``.
+
+    bcc's Python binding exposes no declared key/leaf sizes for a SOCKHASH, so this asks
+    libbcc, through a handle of its own to leave bcc's argtypes alone.
+    """
+    lib = ctypes.CDLL(libbcc_name)
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    for fn, restype in (
+        ("bpf_table_name", ctypes.c_char_p),
+        ("bpf_table_fd_id", ctypes.c_int),
+        ("bpf_table_type_id", ctypes.c_int),
+        ("bpf_table_key_size_id", ctypes.c_size_t),
+        ("bpf_table_leaf_size_id", ctypes.c_size_t),
+        ("bpf_table_max_entries_id", ctypes.c_size_t),
+        ("bpf_table_flags_id", ctypes.c_int),
+    ):
+        getattr(lib, fn).restype = restype
+        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    maps = []
+    for i in range(lib.bpf_num_tables(module)):
+        shape = _MapShape(
+            lib.bpf_table_type_id(module, i),
+            lib.bpf_table_key_size_id(module, i),
+            lib.bpf_table_leaf_size_id(module, i),
+            lib.bpf_table_max_entries_id(module, i),
+            lib.bpf_table_flags_id(module, i),
+        )
+        maps.append((lib.bpf_table_name(module, i).decode(), lib.bpf_table_fd_id(module, i), shape))
+    return maps
+
+
 class _Libbpf:
-    """The few libbpf calls bcc's Python API lacks (links, SOCKHASH, attach errnos)."""
+    """The few libbpf calls bcc's Python API lacks (links, pins, SOCKHASH, attach errnos)."""
 
     def __init__(self) -> None:
         try:
@@ -165,13 +318,18 @@ class _Libbpf:
             raise BpfError(
                 f"cannot load libbpf.so.1 ({exc}); install libbpf1 or run scripts/setup.sh"
             ) from exc
-        c_int, c_void_p, c_uint, c_uint64 = (
+        c_int, c_void_p, c_uint, c_uint64, c_char_p = (
             ctypes.c_int,
             ctypes.c_void_p,
             ctypes.c_uint,
             ctypes.c_uint64,
+            ctypes.c_char_p,
         )
         lib.bpf_link_create.argtypes = [c_int, c_int, c_int, c_void_p]
+        lib.bpf_link_update.argtypes = [c_int, c_int, c_void_p]
+        lib.bpf_link_detach.argtypes = [c_int]
+        lib.bpf_obj_pin.argtypes = [c_int, c_char_p]
+        lib.bpf_obj_get.argtypes = [c_char_p]
         lib.bpf_map_update_elem.argtypes = [c_int, c_void_p, c_void_p, c_uint64]
         lib.bpf_map_delete_elem.argtypes = [c_int, c_void_p]
         lib.bpf_prog_attach.argtypes = [c_int, c_int, c_int, c_uint]
@@ -181,6 +339,10 @@ class _Libbpf:
         lib.bpf_obj_get_info_by_fd.argtypes = [c_int, c_void_p, c_void_p]
         for fn in (
             "bpf_link_create",
+            "bpf_link_update",
+            "bpf_link_detach",
+            "bpf_obj_pin",
+            "bpf_obj_get",
             "bpf_map_update_elem",
             "bpf_map_delete_elem",
             "bpf_prog_attach",
@@ -203,6 +365,33 @@ class _Libbpf:
         return self._check(
             self._lib.bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf_link_create"
         )
+
+    def link_update(self, link_fd: int, prog_fd: int) -> None:
+        """Run ``prog_fd`` instead of the link's program, atomically (no unattached gap)."""
+        self._check(self._lib.bpf_link_update(link_fd, prog_fd, None), "bpf_link_update")
+
+    def link_detach(self, link_fd: int) -> None:
+        self._check(self._lib.bpf_link_detach(link_fd), "bpf_link_detach")
+
+    def link_info(self, link_fd: int) -> _LinkInfo:
+        """struct bpf_link_info: type, id, prog_id, then a union aligned to 8 (offset 16)."""
+        raw = self._info(link_fd)
+        return _LinkInfo(
+            *(int.from_bytes(raw[at : at + 4], sys.byteorder) for at in (0, 4, 8, 16, 20))
+        )
+
+    def map_shape(self, map_fd: int) -> _MapShape:
+        """struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags."""
+        raw = self._info(map_fd)
+        return _MapShape(
+            *(int.from_bytes(raw[at : at + 4], sys.byteorder) for at in (0, 8, 12, 16, 20))
+        )
+
+    def obj_pin(self, fd: int, path: str) -> None:
+        self._check(self._lib.bpf_obj_pin(fd, os.fsencode(path)), "bpf_obj_pin")
+
+    def obj_get(self, path: str) -> int:
+        return self._check(self._lib.bpf_obj_get(os.fsencode(path)), "bpf_obj_get")
 
     def prog_attach(self, prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
         self._check(
@@ -229,15 +418,20 @@ class _Libbpf:
 
     def prog_id_and_name(self, prog_fd: int) -> tuple[int, str]:
         """From struct bpf_prog_info: id at offset 4, name[16] at offset 64."""
-        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-        size = ctypes.c_uint32(_PROG_INFO_SIZE)
+        raw = self._info(prog_fd)
+        prog_id = int.from_bytes(raw[4:8], sys.byteorder)
+        name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+        return prog_id, name
+
+    def _info(self, fd: int) -> bytes:
+        """The struct bpf_*_info of a program, map or link fd."""
+        info = ctypes.create_string_buffer(_INFO_SIZE)
+        size = ctypes.c_uint32(_INFO_SIZE)
         self._check(
-            self._lib.bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)),
+            self._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)),
             "bpf_obj_get_info_by_fd",
         )
-        prog_id = int.from_bytes(info.raw[4:8], sys.byteorder)
-        name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-        return prog_id, name
+        return info.raw
 
     def map_update(self, map_fd: int, key: ctypes._CData, value: ctypes._CData) -> None:
         self._check(
@@ -255,6 +449,10 @@ class MeshBpf:
     Not thread-safe: one owner (the agent's enrollment loop) calls it. Call
     ``set_inbound_listener`` for a pod before ``attach_pod`` to avoid a window in which
     inbound connections are dropped (an enrolled pod without a listener fails closed).
+
+    With ``pin_dir`` (see the module docstring) the maps are pinned and shared by every
+    MeshBpf with that ``pin_dir``; end an agent with ``release()`` to leave pods captured,
+    with ``close()`` to stop capturing them.
     """
 
     def __init__(
@@ -262,8 +460,13 @@ class MeshBpf:
         outbound_port: int = DEFAULT_OUTBOUND_PORT,
         inbound_port: int = DEFAULT_INBOUND_PORT,
         hbone_port: int = DEFAULT_HBONE_PORT,
+        pin_dir: str | None = None,
     ) -> None:
-        flags = cflags(outbound_port, inbound_port, hbone_port)
+        self.pin_dir = None if pin_dir is None else os.path.abspath(pin_dir)
+        map_pin_dir = None if self.pin_dir is None else os.path.join(self.pin_dir, "maps")
+        flags = cflags(outbound_port, inbound_port, hbone_port, map_pin_dir)
+        if self.pin_dir is not None:
+            _prepare_pin_dir(self.pin_dir)
         self.outbound_port = outbound_port
         self.inbound_port = inbound_port
         self.hbone_port = hbone_port
@@ -278,11 +481,18 @@ class MeshBpf:
         try:
             self._bpf: Any = bcc.BPF(text=self.source().encode(), cflags=flags)
         except Exception as exc:
+            pins = "" if map_pin_dir is None else f" Are the pins in {map_pin_dir} maps?"
             raise BpfError(
                 f"compiling the eBPF programs failed ({exc}); is the kernel built with "
                 "CONFIG_BPF_SYSCALL, are kernel headers installed (run scripts/setup.sh)? "
-                "`python -m bpf --dump` prints the C that was compiled"
+                f"`python -m bpf --dump` prints the C that was compiled.{pins}"
             ) from exc
+        if map_pin_dir is not None:
+            try:
+                self._check_pinned_maps(bcc.lib._name, map_pin_dir)
+            except BaseException:
+                self._bpf.cleanup()
+                raise
         self._fns: dict[str, Any] = {}
         try:
             for name, prog_type, attach_type in (
@@ -317,59 +527,110 @@ class MeshBpf:
     # -- pods --------------------------------------------------------------------------
 
     def attach_pod(
-        self, cgroup_path: str, netns_fd: int, addresses: Sequence[str]
+        self,
+        cgroup_path: str,
+        netns_fd: int,
+        addresses: Sequence[str],
+        pin_key: str | None = None,
     ) -> PodAttachment:
-        """Capture a pod: connect4, sockops, getpeername4 on its cgroup; sk_lookup on its netns."""
+        """Capture a pod: connect4, sockops, getpeername4 on its cgroup; sk_lookup on its netns.
+
+        With ``pin_key`` (needs ``pin_dir``) the netns link is pinned so inbound capture
+        outlives this process, and a link already pinned under that key for this netns
+        (by a previous agent) is adopted and switched to this object's program rather
+        than doubled; one pinned for another netns (deleted or replaced) is replaced.
+        """
         self._check_open()
         keys = [_pod_ip_key(address) for address in addresses]
+        pin_path = None if pin_key is None else self._link_pin_path(pin_key)
         path = os.path.realpath(cgroup_path)
         if path in self._pods:
             raise BpfError(f"cgroup {path} is already attached; detach_pod it first")
+        if pin_key is not None and any(pod.pin_key == pin_key for pod in self._pods.values()):
+            raise BpfError(f"pin key {pin_key!r} is already used by another attached pod")
         cgroup_fd = _open_cgroup(path)
         attached: list[tuple[str, int]] = []
         link_fd = -1
+        adopted = False
         try:
             for name, _, attach_type in _POD_CGROUP_PROGRAMS:
                 self._cgroup_attach(name, cgroup_fd, attach_type, path)
                 attached.append((name, attach_type))
-            fn = self._fns[_SK_LOOKUP_PROGRAM[0]]
-            try:
-                link_fd = self._libbpf.link_create(fn.fd, netns_fd, _ATTACH_SK_LOOKUP)
-            except OSError as exc:
-                raise BpfError(
-                    f"linking sk_lookup to netns fd {netns_fd} failed ({exc.strerror}); "
-                    "pass an fd of /proc/<pid>/ns/net or /var/run/netns/<name>"
-                ) from exc
+            link_fd, adopted = self._sk_lookup_link(netns_fd, pin_path)
             table = self._bpf[b"enrolled_pods"]
             for key in keys:
                 table[table.Key(key)] = table.Leaf(1)
         except BaseException:
-            if link_fd >= 0:
-                os.close(link_fd)
+            if adopted:
+                os.close(link_fd)  # it was pinned before: leave it to the next try
+            elif link_fd >= 0:
+                self._drop_link(link_fd, pin_path)
             for name, attach_type in attached:
                 self._cgroup_detach(name, cgroup_fd, attach_type)
             os.close(cgroup_fd)
             raise
-        attachment = PodAttachment(path, tuple(addresses), link_fd, cgroup_fd)
+        attachment = PodAttachment(path, tuple(addresses), link_fd, cgroup_fd, pin_key=pin_key)
         self._pods[path] = attachment
         return attachment
 
     def detach_pod(self, attachment: PodAttachment) -> None:
-        """Undo attach_pod, including the pod's map entries; safe to call twice."""
+        """Undo attach_pod, including the pod's map entries and link pin; safe to call twice."""
         if not attachment.active:
             return
         attachment.active = False
         self._pods.pop(attachment.cgroup_path, None)
-        os.close(attachment.link_fd)
+        pin_key = attachment.pin_key
+        self._drop_link(
+            attachment.link_fd, None if pin_key is None else self._link_pin_path(pin_key)
+        )
         for name, _, attach_type in _POD_CGROUP_PROGRAMS:
             self._cgroup_detach(name, attachment.cgroup_fd, attach_type)
         os.close(attachment.cgroup_fd)
-        table = self._bpf[b"enrolled_pods"]
-        for address in attachment.addresses:
-            key = table.Key(ip4_key(address))
-            if key in table:
-                del table[key]
-            self.remove_inbound_listener(address)
+        self._forget_addresses(attachment.addresses)
+
+    def pinned_pods(self) -> set[str]:
+        """Pin keys of the pods with a pinned link, also those a previous agent pinned.
+
+        After a restart the agent ``unpin_pod``s those it no longer wants.
+        """
+        self._check_open()
+        return set(os.listdir(self._links_dir()))
+
+    def unpin_pod(
+        self,
+        pin_key: str,
+        addresses: Sequence[str] = (),
+        cgroup_path: str | None = None,
+    ) -> None:
+        """Stop capturing a pod known only by its pin (e.g. a previous agent's); idempotent.
+
+        The pin records neither addresses nor cgroup: pass ``addresses`` to also forget the
+        pod's map entries, ``cgroup_path`` to also detach the cgroup programs a previous
+        agent left there (a deleted cgroup took them along).
+        """
+        self._check_open()
+        pin_path = self._link_pin_path(pin_key)
+        for address in addresses:
+            _pod_ip_key(address)
+        for pod in list(self._pods.values()):
+            if pod.pin_key == pin_key:
+                self.detach_pod(pod)
+        try:
+            link_fd = self._libbpf.obj_get(pin_path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise BpfError(f"cannot open the link pinned at {pin_path}: {exc}") from exc
+        else:
+            self._drop_link(link_fd, pin_path)
+        self._forget_addresses(addresses)
+        if cgroup_path is not None and os.path.exists(cgroup_path):
+            path = os.path.realpath(cgroup_path)
+            cgroup_fd = _open_cgroup(path)
+            try:
+                for name, _, attach_type in _POD_CGROUP_PROGRAMS:
+                    self._detach_stale(name, cgroup_fd, attach_type, path)
+            finally:
+                os.close(cgroup_fd)
 
     # -- ztunnel -----------------------------------------------------------------------
 
@@ -453,8 +714,37 @@ class MeshBpf:
 
     # -- lifetime ----------------------------------------------------------------------
 
+    def release(self) -> None:
+        """Close this object's fds but detach and unpin nothing; then it is unusable.
+
+        For an agent that exits while its pods must stay captured (upgrade, restart): the
+        cgroup programs stay attached, pinned links and maps stay, so pods keep being
+        redirected and STRICT pods fail closed until the next MeshBpf with this
+        ``pin_dir`` takes over. Links attached without a ``pin_key`` die here.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for pod in self._pods.values():
+                if pod.pin_key is None:
+                    log.warning("inbound capture of %s stops: its link is not pinned", pod)
+                pod.active = False
+                os.close(pod.link_fd)
+                os.close(pod.cgroup_fd)
+            for proxy in self._proxies.values():
+                proxy.active = False
+                os.close(proxy.cgroup_fd)
+            self._pods.clear()
+            self._proxies.clear()
+        finally:
+            self._bpf.cleanup()
+
     def close(self) -> None:
-        """Detach everything this object attached and unload the programs; idempotent."""
+        """Detach (and unpin) what this object attached, unload the programs; idempotent.
+
+        Pinned maps stay (``purge_pins`` removes them).
+        """
         if self._closed:
             return
         try:
@@ -482,6 +772,100 @@ class MeshBpf:
     def _check_open(self) -> None:
         if self._closed:
             raise BpfError("this MeshBpf is closed; create a new one")
+
+    def _check_pinned_maps(self, libbcc_name: str, map_pin_dir: str) -> None:
+        """bcc reuses a pinned map whatever its shape; a program would then misread it."""
+        for name, fd, declared in _bcc_maps(libbcc_name, self._bpf.module):
+            pinned = self._libbpf.map_shape(fd)
+            if pinned != declared:
+                raise BpfError(
+                    f"the map pinned at {map_pin_dir}/{name} is {pinned} but this ambimesh "
+                    f"needs {declared}: another version made it. Remove the pin dir "
+                    f"{self.pin_dir} (ambimesh lab down, or rm -r) and start the agent again"
+                )
+
+    def _links_dir(self) -> str:
+        if self.pin_dir is None:
+            raise BpfError("pinning needs a MeshBpf made with pin_dir")
+        return os.path.join(self.pin_dir, "links")
+
+    def _link_pin_path(self, pin_key: str) -> str:
+        if not _PIN_KEY.fullmatch(pin_key):
+            raise BpfError(
+                f"pin key must be 1-200 of A-Z a-z 0-9 _ : - (bpffs refuses '.'), got {pin_key!r}"
+            )
+        return os.path.join(self._links_dir(), pin_key)
+
+    def _sk_lookup_link(self, netns_fd: int, pin_path: str | None) -> tuple[int, bool]:
+        """A link running our sk_lookup on the netns, pinned if asked; and if it was adopted."""
+        if pin_path is not None:
+            adopted = self._adopt_link(netns_fd, pin_path)
+            if adopted is not None:
+                return adopted, True
+        fn = self._fns[_SK_LOOKUP_PROGRAM[0]]
+        try:
+            link_fd = self._libbpf.link_create(fn.fd, netns_fd, _ATTACH_SK_LOOKUP)
+        except OSError as exc:
+            raise BpfError(
+                f"linking sk_lookup to netns fd {netns_fd} failed ({exc.strerror}); "
+                "pass an fd of /proc/<pid>/ns/net or /var/run/netns/<name>"
+            ) from exc
+        if pin_path is not None:
+            try:
+                self._libbpf.obj_pin(link_fd, pin_path)
+            except OSError as exc:
+                self._drop_link(link_fd, None)
+                raise BpfError(f"pinning the sk_lookup link at {pin_path} failed: {exc}") from exc
+        return link_fd, False
+
+    def _adopt_link(self, netns_fd: int, pin_path: str) -> int | None:
+        """The link pinned at ``pin_path`` for this netns, switched to our program.
+
+        None if nothing is pinned there, or if the pin is stale (its netns was deleted,
+        which leaves the link defunct with inode 0, or replaced): then the pin is removed
+        so that a new link takes its place.
+        """
+        try:
+            link_fd = self._libbpf.obj_get(pin_path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise BpfError(f"cannot open the link pinned at {pin_path}: {exc}") from exc
+        try:
+            info = self._libbpf.link_info(link_fd)
+            wanted = (_LINK_TYPE_NETNS, _ATTACH_SK_LOOKUP, os.fstat(netns_fd).st_ino)
+            if (info.type, info.attach_type, info.netns_ino) == wanted:
+                self._libbpf.link_update(link_fd, self._fns[_SK_LOOKUP_PROGRAM[0]].fd)
+                log.info("adopted the sk_lookup link pinned at %s (id %d)", pin_path, info.id)
+                return link_fd
+        except OSError as exc:
+            os.close(link_fd)
+            raise BpfError(
+                f"cannot adopt the link pinned at {pin_path} ({exc}); unpin_pod it to start over"
+            ) from exc
+        log.info("replacing the stale link pinned at %s (its netns is gone)", pin_path)
+        self._drop_link(link_fd, pin_path)
+        return None
+
+    def _drop_link(self, link_fd: int, pin_path: str | None) -> None:
+        """Unpin a link and detach it now, even if another fd still refers to it; close it."""
+        try:
+            if pin_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pin_path)
+            self._libbpf.link_detach(link_fd)
+        except OSError as exc:
+            log.warning("detaching link %s: %s", pin_path or link_fd, exc)
+        finally:
+            os.close(link_fd)
+
+    def _forget_addresses(self, addresses: Iterable[str]) -> None:
+        table = self._bpf[b"enrolled_pods"]
+        for address in addresses:
+            key = table.Key(ip4_key(address))
+            if key in table:
+                del table[key]
+            self.remove_inbound_listener(address)
 
     def _cgroup_attach(self, name: str, cgroup_fd: int, attach_type: int, path: str) -> None:
         try:

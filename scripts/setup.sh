@@ -13,6 +13,13 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 cgroup2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
 [ -n "$cgroup2" ] || die "no cgroup v2 hierarchy is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
 say "cgroup v2 at $cgroup2"
+# The agent pins its eBPF maps and links here so pods stay captured across agent restarts.
+if awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' /proc/mounts; then
+    say "bpffs at /sys/fs/bpf"
+else
+    say "mounting bpffs at /sys/fs/bpf"
+    mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)"
+fi
 
 apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv curl)
 missing=()

@@ -54,17 +54,29 @@ enum ambimesh_counter {
     COUNTER_MAX = 5,
 };
 
+/* With -DAMBIMESH_MAP_PIN_DIR="<dir>" every map is pinned at <dir>/<name>, or reused if
+ * already pinned there (bcc creates the pin), so every agent generation on a node and the
+ * programs it left attached share one set of maps. bcc does not check that a reused map
+ * matches the declaration: the loader does. */
+#ifdef AMBIMESH_MAP_PIN_DIR
+#define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
+    BPF_TABLE_PINNED(type, key, leaf, name, max_entries, AMBIMESH_MAP_PIN_DIR "/" #name)
+#else
+#define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
+    BPF_TABLE(type, key, leaf, name, max_entries)
+#endif
+
 /* connect4 -> sockops and getpeername4: the destination the pod's socket asked for. */
-BPF_TABLE("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
+AMBIMESH_MAP("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
 /* sockops -> getsockopt: the same destination, found from the proxy's accepted socket. */
-BPF_TABLE("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
+AMBIMESH_MAP("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
 /* Enrolled pod IPv4 addresses (network byte order); the value is always 1. */
-BPF_HASH(enrolled_pods, __u32, __u8, 4096);
+AMBIMESH_MAP("hash", __u32, __u8, enrolled_pods, 4096);
 /* Inbound destination ports (host byte order) that are never captured. */
-BPF_HASH(excluded_ports, __u16, __u8, 1024);
+AMBIMESH_MAP("hash", __u16, __u8, excluded_ports, 1024);
 /* ztunnel's inbound (15006) listener in each pod netns, keyed by pod IPv4. */
-BPF_TABLE("sockhash", __u32, __u64, inbound_listeners, 4096);
-BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
+AMBIMESH_MAP("sockhash", __u32, __u64, inbound_listeners, 4096);
+AMBIMESH_MAP("percpu_array", int, __u64, counters, COUNTER_MAX);
 
 static __always_inline void count(__u32 which)
 {
