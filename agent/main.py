@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics, start_
 from agent.metrics import AgentCollector
 from agent.node_agent import NodeAgent
 from agent.ztunnel_link import ZtunnelLink
-from bpf.loader import BpfError, MeshBpf
+from bpf.loader import DEFAULT_PIN_DIR, BpfError, MeshBpf
 from mesh.api import mesh_pb2
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 
@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_controller_flags(p)
     p.add_argument("--socket", required=True, type=Path, help="Unix socket ztunnel connects to")
     p.add_argument("--metrics-port", type=int, default=15014)
+    p.add_argument(
+        "--bpf-pin-dir",
+        default=DEFAULT_PIN_DIR,
+        help="bpffs dir for this node's maps and links (they outlive the agent)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -34,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     access = ControllerAccess.from_args(args)
-    bpf = MeshBpf()
+    bpf = MeshBpf(pin_dir=args.bpf_pin_dir)
     link = ZtunnelLink(args.socket, lambda pid: agent.on_ztunnel_connect(pid))
     agent = NodeAgent(args.node, bpf, link)
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -67,8 +72,8 @@ async def run(args: argparse.Namespace) -> None:
         push.stop(2.0)
         link.close()
         agent.close()
-        bpf.close()
-        log.info("agent stopped; pods released from capture")
+        bpf.release()
+        log.info("agent stopped; pods stay captured until the next agent takes over")
 
 
 def main(argv: list[str] | None = None) -> None:

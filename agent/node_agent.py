@@ -36,17 +36,15 @@ class Enrolled:
     listeners: list[str] = field(default_factory=list)
 
 
-def desired_pods(
+def node_workloads(
     node: str, resources: Mapping[str, mesh_pb2.Resource]
 ) -> dict[str, mesh_pb2.Workload]:
-    """Workloads of this node that are enrolled in the mesh, by uid."""
-    out = {}
-    for res in resources.values():
-        if res.WhichOneof("kind") == "workload":
-            w = res.workload
-            if w.node == node and w.ambient:
-                out[w.uid] = w
-    return out
+    """Workloads scheduled on this node, enrolled or not, by uid."""
+    return {
+        res.workload.uid: res.workload
+        for res in resources.values()
+        if res.WhichOneof("kind") == "workload" and res.workload.node == node
+    }
 
 
 class NodeAgent:
@@ -54,15 +52,18 @@ class NodeAgent:
         self.node = node
         self.bpf = bpf
         self.link = link
+        self.local: dict[str, mesh_pb2.Workload] = {}
         self.desired: dict[str, mesh_pb2.Workload] = {}
         self.enrolled: dict[str, Enrolled] = {}
         self.errors = 0
         self.synced = False
         self._proxy: ProxyAttachment | None = None
         self._wake = asyncio.Event()
+        self._first_pass = asyncio.Event()
 
     def set_desired(self, resources: Mapping[str, mesh_pb2.Resource]) -> None:
-        self.desired = desired_pods(self.node, resources)
+        self.local = node_workloads(self.node, resources)
+        self.desired = {uid: w for uid, w in self.local.items() if w.ambient}
         self.synced = True
         self._wake.set()
 
@@ -77,6 +78,8 @@ class NodeAgent:
 
     async def reconcile(self) -> bool:
         """One pass; True if some desired pod could not be enrolled yet."""
+        if self.synced and not self._first_pass.is_set():
+            self._release_stale_pins()
         for uid in [u for u in self.enrolled if u not in self.desired]:
             await self._release(uid)
         pending = False
@@ -91,10 +94,30 @@ class NodeAgent:
                 log.warning(
                     "pod %s/%s not enrolled yet: %s", workload.namespace, workload.name, exc
                 )
+        if self.synced:
+            self._first_pass.set()
         return pending
 
+    def _release_stale_pins(self) -> None:
+        """After a restart: stop capturing pods a previous agent pinned that are no longer
+        enrolled (those still enrolled are adopted by `_enroll`)."""
+        for uid in self.bpf.pinned_pods() - self.desired.keys():
+            known = self.local.get(uid)
+            sandbox = find_pod(uid)
+            self.bpf.unpin_pod(
+                uid,
+                addresses=list(known.addresses) if known else (),
+                cgroup_path=str(sandbox.cgroup_path) if sandbox else None,
+            )
+            log.info("released pod %s pinned by a previous agent", uid)
+
     async def on_ztunnel_connect(self, pid: int) -> None:
-        """A (new) ztunnel: let its cgroup read original destinations, re-send every pod."""
+        """A (new) ztunnel: let its cgroup read original destinations, re-send every pod.
+
+        Waits for the first reconcile pass so that a ztunnel that was serving pods while
+        this agent restarted is not told to drop them by an empty snapshot.
+        """
+        await self._first_pass.wait()
         cgroup = str(cgroup_of(pid))
         if self._proxy is not None:
             self.bpf.detach_proxy(self._proxy)
@@ -115,7 +138,7 @@ class NodeAgent:
             self.enrolled[workload.uid] = entry
         await self._add_to_ztunnel(entry)
         entry.attachment = self.bpf.attach_pod(
-            entry.cgroup, entry.netns_fd, list(workload.addresses)
+            entry.cgroup, entry.netns_fd, list(workload.addresses), pin_key=workload.uid
         )
         log.info(
             "enrolled pod %s/%s (%s)",
@@ -161,11 +184,8 @@ class NodeAgent:
         log.info("released pod %s/%s", w.namespace, w.name)
 
     def close(self) -> None:
+        """Let go of the pods' fds but not of their capture: the BPF attachments are pinned
+        and stay in force (fail closed) until the next agent adopts them."""
         for entry in self.enrolled.values():
-            if entry.attachment is not None:
-                self.bpf.detach_pod(entry.attachment)
             os.close(entry.netns_fd)
         self.enrolled.clear()
-        if self._proxy is not None:
-            self.bpf.detach_proxy(self._proxy)
-            self._proxy = None

@@ -26,13 +26,24 @@ def create(path: Path) -> Path:
     return path
 
 
+def kill(cgroup: Path, timeout: float = 10.0) -> None:
+    """SIGKILL every process in ``cgroup`` and below (cgroup v2's cgroup.kill, Linux 5.14+)
+    and wait until they are gone."""
+    if not cgroup.is_dir():
+        return
+    (cgroup / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + timeout
+    while "populated 1" in (cgroup / "cgroup.events").read_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes in {cgroup} survived SIGKILL for {timeout}s")
+        time.sleep(0.05)
+
+
 def remove_tree(root: Path, timeout: float = 10.0) -> None:
     """Kill every process under ``root`` and remove the cgroups, deepest first."""
     if not root.is_dir():
         return
-    kill = root / "cgroup.kill"
-    if kill.exists():
-        kill.write_text("1")
+    kill(root)
     deadline = time.monotonic() + timeout
     dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
     for cg in [*dirs, root]:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LAB = "amb"
 STATE_ROOT = Path(os.environ.get("AMBIMESH_STATE_ROOT", "/run/ambimesh"))
+BPF_PIN_ROOT = Path("/sys/fs/bpf/ambimesh-lab")
+COMPONENTS = ("agent", "ztunnel")
 READINESS_PORT = 15021
 METRICS_PORT = 15020
 AGENT_METRICS_PORT = 15014
@@ -70,6 +72,11 @@ class Lab:
     def config_dir(self) -> Path:
         """The runtime YAML directory the controller watches; edit it to change the lab."""
         return self.state / "config"
+
+    @property
+    def bpf_pins(self) -> Path:
+        """Where this lab's agents pin their BPF maps and links, one dir per node."""
+        return BPF_PIN_ROOT / self.name
 
     @property
     def logs(self) -> Path:
@@ -126,6 +133,8 @@ class Lab:
         """Remove every process, cgroup, netns and file of this lab, whatever state it is in."""
         cgroups.remove_tree(cgroups.lab_root(self.name))
         removed = network.remove_namespaces(self.name)
+        if self.bpf_pins.exists():  # the agents' pinned maps and links (bpffs)
+            shutil.rmtree(self.bpf_pins)
         if self.state.exists():
             shutil.rmtree(self.state)
         if not quiet:
@@ -249,28 +258,38 @@ class Lab:
 
     def _start_node(self, lab_plan: LabPlan, node: NodePlan) -> None:
         say(f"starting agent and ztunnel on {node.name}")
-        common = [
-            "--node",
-            node.name,
-            "--controller",
-            lab_plan.controller_target,
-            "--root-cert",
-            str(self.root_cert),
-            "--token-file",
-            str(self.node_dir(node.name) / "token"),
-        ]
-        sock = str(self.node_dir(node.name) / "ztunnel.sock")
-        for component, argv in (
-            ("agent", [sys.executable, "-m", "agent", *common, "--socket", sock]),
-            ("ztunnel", [sys.executable, "-m", "ztunnel", *common, "--agent-socket", sock]),
-        ):
-            procs.spawn(
-                argv,
-                cgroup=cgroups.create(cgroups.component_cgroup(self.name, node.name, component)),
-                netns_name=node.netns,
-                pod=False,
-                log=self.logs / f"{component}-{node.name}.log",
-            )
+        for component in COMPONENTS:
+            self.start_component(node.name, component, lab_plan)
+
+    def start_component(self, node: str, component: str, lab_plan: LabPlan | None = None) -> None:
+        """Start a node's agent or ztunnel (again, e.g. after `kill_component`)."""
+        lab_plan = lab_plan or self.load_plan()
+        netns = lab_plan.node(node).netns
+        argv = [
+            sys.executable, "-m", component,
+            "--node", node,
+            "--controller", lab_plan.controller_target,
+            "--root-cert", str(self.root_cert),
+            "--token-file", str(self.node_dir(node) / "token"),
+        ]  # fmt: skip
+        sock = str(self.node_dir(node) / "ztunnel.sock")
+        if component == "agent":
+            argv += ["--socket", sock, "--bpf-pin-dir", str(self.bpf_pins / node)]
+        elif component == "ztunnel":
+            argv += ["--agent-socket", sock]
+        else:
+            raise LabError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
+        procs.spawn(
+            argv,
+            cgroup=cgroups.create(cgroups.component_cgroup(self.name, node, component)),
+            netns_name=netns,
+            pod=False,
+            log=self.logs / f"{component}-{node}.log",
+        )
+
+    def kill_component(self, node: str, component: str) -> None:
+        """SIGKILL a node's agent or ztunnel, as a crash would."""
+        cgroups.kill(cgroups.component_cgroup(self.name, node, component))
 
     def _ready(self, node: NodePlan) -> bool:
         """ztunnel serves every pod it was given, and the agent captured every enrolled pod."""

@@ -280,3 +280,47 @@ def test_destination_outside_the_mesh_passes_through_as_plain_tcp(lab: Lab) -> N
         ),
         "ztunnel to log the passthrough",
     )
+
+
+def test_agent_crash_keeps_capture_and_a_new_agent_adopts_it(lab: Lab) -> None:
+    server_ip = lab.load_plan().pod("demo/server").address
+    lab.kill_component("node-2", "agent")
+    try:
+        through_mesh = fetch_in_pod(lab, "demo/client", "http://server/agent-down")
+        assert through_mesh.returncode == 0, through_mesh.stderr
+        plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/plain")
+        assert plaintext.returncode != 0, "with its agent dead, a STRICT pod took plaintext"
+        assert "/plain" not in log_text(lab, "pod-demo-server")
+    finally:
+        lab.start_component("node-2", "agent")
+    lab.wait_ready()
+    assert agent_gauge(lab, "node-2", "ambimesh_enrolled_pods") == 1
+    assert logged(lab, "agent-node-2", "enrolled pod demo/server")
+    assert fetch_in_pod(lab, "demo/client", "http://server/agent-back").returncode == 0
+    plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/plain-2")
+    assert plaintext.returncode != 0
+
+
+def test_ztunnel_restart_fails_closed_then_resyncs(lab: Lab) -> None:
+    server_ip = lab.load_plan().pod("demo/server").address
+    dropped_before = agent_gauge(lab, "node-2", "ambimesh_bpf_inbound_dropped_total")
+    lab.kill_component("node-2", "ztunnel")
+    try:
+        wait_until(
+            lambda: (
+                agent_gauge(lab, "node-2", "ambimesh_ztunnel_connected") == 0
+                or fetch_in_pod(
+                    lab, "legacy/legacy-client", f"http://{server_ip}:8080/x"
+                ).returncode
+                != 0
+            ),
+            "node-2's ztunnel to be gone",
+        )
+        plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/no-zt")
+        assert plaintext.returncode != 0, "with ztunnel gone, a STRICT pod took plaintext"
+        assert "/no-zt" not in log_text(lab, "pod-demo-server")
+        assert agent_gauge(lab, "node-2", "ambimesh_bpf_inbound_dropped_total") > dropped_before
+    finally:
+        lab.start_component("node-2", "ztunnel")
+    lab.wait_ready()
+    assert fetch_in_pod(lab, "demo/client", "http://server/zt-back").returncode == 0
