@@ -37,6 +37,11 @@ class AgentCollector(Collector):
         yield CounterMetricFamily(
             "ambimesh_agent_errors", "Failed enrollment attempts.", value=self.agent.errors
         )
+        yield GaugeMetricFamily(
+            "ambimesh_bpf_programs_attached",
+            "eBPF programs and links of this agent the kernel reports in force.",
+            value=self.agent.bpf.attached_programs(),
+        )
         counters = self.agent.bpf.counters()
         for name, value in sorted(counters.items()):
             yield CounterMetricFamily(f"ambimesh_bpf_{name}", f"BPF counter {name}.", value=value)

@@ -707,6 +707,34 @@ class MeshBpf:
         table = self._bpf[b"counters"]
         return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(COUNTERS)}
 
+    def attached_programs(self) -> int:
+        """How many of this object's attachments the kernel reports in force right now
+        (cgroup programs by query, netns links by their info), for the health metric."""
+        self._check_open()
+        ids = {name: self._libbpf.prog_id_and_name(fn.fd)[0] for name, fn in self._fns.items()}
+        sk_lookup = ids[_SK_LOOKUP_PROGRAM[0]]
+        cgroups = [
+            (pod.cgroup_fd, name, attach_type)
+            for pod in self._pods.values()
+            if pod.active
+            for name, _, attach_type in _POD_CGROUP_PROGRAMS
+        ]
+        cgroups += [
+            (proxy.cgroup_fd, _PROXY_PROGRAM[0], _PROXY_PROGRAM[2])
+            for proxy in self._proxies.values()
+            if proxy.active
+        ]
+        count = 0
+        for cgroup_fd, name, attach_type in cgroups:
+            with contextlib.suppress(OSError):
+                count += ids[name] in self._libbpf.prog_query(cgroup_fd, attach_type)
+        for pod in self._pods.values():
+            if pod.active:
+                with contextlib.suppress(OSError):
+                    info = self._libbpf.link_info(pod.link_fd)
+                    count += info.prog_id == sk_lookup and info.netns_ino != 0
+        return count
+
     def table(self, name: str) -> Any:
         """bcc's view of a map, for inspection and tests (not for SOCKHASH)."""
         self._check_open()

@@ -356,7 +356,9 @@ def test_inbound_fails_closed_without_ztunnel(lab: Lab, mesh: MeshBpf, how: str)
 def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     proxy = mesh.attach_proxy(lab.cgroups["proxy"])
     assert mesh.attach_proxy(lab.cgroups["proxy"]) is proxy
+    assert mesh.attached_programs() == 1
     pod = enroll(lab, mesh, "a", POD_A)
+    assert mesh.attached_programs() == 5  # getsockopt + connect4, sockops, getpeername4, link
     with pytest.raises(BpfError, match="already attached"):
         mesh.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A])
     mesh.detach_pod(pod.attachment)
@@ -364,6 +366,7 @@ def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     mesh.detach_proxy(proxy)
     mesh.detach_proxy(proxy)
     assert len(mesh.table("enrolled_pods")) == 0
+    assert mesh.attached_programs() == 0
 
     remote = lab.listener("peer", (PEER, 80))
     app = lab.client("a", cgroup="a")
