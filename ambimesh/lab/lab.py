@@ -7,6 +7,7 @@ namespace and one agent + ztunnel per node, and waits until every node is ready.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -135,6 +136,8 @@ class Lab:
         removed = network.remove_namespaces(self.name)
         if self.bpf_pins.exists():  # the agents' pinned maps and links (bpffs)
             shutil.rmtree(self.bpf_pins)
+        with contextlib.suppress(OSError):  # shared by labs: goes with the last one
+            BPF_PIN_ROOT.rmdir()
         if self.state.exists():
             shutil.rmtree(self.state)
         if not quiet:
