@@ -3,13 +3,18 @@ the answer, a capture of the wire between the nodes, and the metrics both ztunne
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
+from pathlib import Path
 
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.lab import METRICS_PORT, Lab, say
 from ambimesh.lab.netclient import http_get
 
 CLIENT_POD = "demo/client"
+SERVER_POD = "demo/server"
+_PRINCIPAL = re.compile(r'source_principal="(spiffe://[^"]+)"')
 URL = "http://server/hello"
 FETCH = (
     "python",
@@ -52,13 +57,22 @@ def run(lab: Lab) -> int:
         f"TCP ports {sorted(wire.ports())}: "
         + ("PLAINTEXT FOUND" if plaintext else "no plaintext of the request (mTLS to :15008)")
     )
+    server = plan.pod(SERVER_POD)
+    principals = set()
     for node in plan.nodes:
         say(f"metrics of ztunnel on {node.name} (:{METRICS_PORT}/metrics):")
         for line in istio_metrics(lab, node.name):
             print(f"  {line}")
+            if node.name == server.node and 'reporter="destination"' in line:
+                principals.update(_PRINCIPAL.findall(line))
+    say(
+        f"ztunnel on {server.node} authenticated the caller of {SERVER_POD} as: "
+        + (", ".join(sorted(principals)) or "NOBODY (no mTLS connection was metered)")
+    )
+    cli = Path(sys.executable).parent / "ambimesh"
     say("poke at it:")
-    print(f"  ambimesh lab exec client -- curl -s {URL}")
-    print("  ambimesh lab status        # pods, nodes, services")
+    print(f"  {cli} lab exec client -- curl -s {URL}")
+    print(f"  {cli} lab status   # pods, nodes, services")
+    print(f"  {cli} lab down     # remove everything (make down)")
     print(f"  logs in {lab.logs}; runtime config (edit me) in {lab.config_dir}")
-    print("  ambimesh lab down          # remove everything")
-    return 1 if plaintext or wire.packets == 0 else 0
+    return 1 if plaintext or wire.packets == 0 or not principals else 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ambimesh.lab import demo
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import AGENT_METRICS_PORT, Lab
@@ -327,3 +328,10 @@ def test_ztunnel_restart_fails_closed_then_resyncs(lab: Lab) -> None:
         lab.start_component("node-2", "ztunnel")
     lab.wait_ready()
     assert fetch_in_pod(lab, "demo/client", "http://server/zt-back").returncode == 0
+
+
+def test_the_demo_passes_its_own_checks(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.run(lab) == 0
+    out = capsys.readouterr().out
+    assert f"authenticated the caller of demo/server as: {CLIENT_SA}" in out
+    assert "no plaintext of the request" in out
