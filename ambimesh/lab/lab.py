@@ -171,11 +171,11 @@ class Lab:
 
     def exec(self, pod_ref: str, argv: list[str]) -> int:
         """Run a command as the pod's own process: its netns, its cgroup, its hosts file."""
-        return self._spawn_in_pod(pod_ref, argv, capture=False).wait()
+        return self.spawn_in_pod(pod_ref, argv, capture=False).wait()
 
     def run(self, pod_ref: str, argv: list[str], timeout: float = 30.0) -> CompletedProcess[str]:
         """`exec` with the output captured, for the demo and the tests."""
-        proc = self._spawn_in_pod(pod_ref, argv, capture=True)
+        proc = self.spawn_in_pod(pod_ref, argv, capture=True)
         try:
             out, err = proc.communicate(timeout=timeout)
         finally:
@@ -183,14 +183,17 @@ class Lab:
             proc.wait()
         return CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
 
-    def _spawn_in_pod(self, pod_ref: str, argv: list[str], capture: bool) -> Popen[bytes]:
+    def spawn_in_pod(
+        self, pod_ref: str, argv: list[str], capture: bool, stdin: int | None = None
+    ) -> Popen[bytes]:
+        """Start a process of the pod (see `exec`) without waiting for it."""
         try:
             pod = self.load_plan().pod(pod_ref)
         except KeyError as exc:
             raise LabError(str(exc.args[0])) from None
         cgroup = cgroups.pod_cgroup(self.name, pod.node, pod.uid)
         return procs.spawn(
-            argv, cgroup=cgroup, netns_name=pod.netns, pod=True, stdin=None, capture=capture
+            argv, cgroup=cgroup, netns_name=pod.netns, pod=True, stdin=stdin, capture=capture
         )
 
     def status(self) -> str:

@@ -335,3 +335,34 @@ def test_the_demo_passes_its_own_checks(lab: Lab, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert f"authenticated the caller of demo/server as: {CLIENT_SA}" in out
     assert "no plaintext of the request" in out
+
+
+HELD_OPEN = """
+import socket, sys
+s = socket.create_connection(("server", 80), timeout=30)
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(b"GET /survivor HTTP/1.0\\r\\nHost: server\\r\\n\\r\\n")
+print(b"".join(iter(lambda: s.recv(65536), b"")).decode(), flush=True)
+"""
+
+
+def test_established_connection_survives_agent_restarts(lab: Lab) -> None:
+    client = lab.spawn_in_pod(
+        "demo/client", ["python", "-c", HELD_OPEN], capture=True, stdin=subprocess.PIPE
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == b"connected"
+        for node in ("node-1", "node-2"):
+            lab.kill_component(node, "agent")
+            lab.start_component(node, "agent")
+        lab.wait_ready()
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 0, err.decode()
+        assert b"200 OK" in out and b'"path": "/survivor"' in out
+    finally:
+        client.kill()
+        client.wait()
