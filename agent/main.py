@@ -64,8 +64,8 @@ async def run(args: argparse.Namespace) -> None:
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task is not waiter and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            if task is not waiter:
+                task.result()  # a serving task ended: re-raise what ended it
     finally:
         for task in tasks:
             task.cancel()

@@ -16,7 +16,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from subprocess import CompletedProcess, Popen
@@ -109,7 +111,7 @@ class Lab:
         for pod in lab_plan.pods:
             for port in pod.ports:
                 self._wait_for(
-                    lambda p=pod, n=port: _listening(p, n),
+                    partial(_listening, pod, port),
                     timeout,
                     f"pod {pod.ref} to listen on {port}",
                     f"pod-{pod.namespace}-{pod.name}",
@@ -122,7 +124,7 @@ class Lab:
             self._start_node(lab_plan, node)
         for node in lab_plan.nodes:
             self._wait_for(
-                lambda n=node: self._ready(n),
+                partial(self._ready, node),
                 timeout,
                 f"ztunnel on {node.name} to be ready",
                 f"ztunnel-{node.name}",
@@ -310,16 +312,18 @@ class Lab:
         """Wait until every node converged (e.g. after editing the runtime config)."""
         for node in self.load_plan().nodes:
             self._wait_for(
-                lambda n=node: self._ready(n),
+                partial(self._ready, node),
                 timeout,
                 f"{node.name} to be ready",
                 f"agent-{node.name}",
             )
 
-    def _wait_for(self, check: object, timeout: float, what: str, log_name: str) -> None:
+    def _wait_for(
+        self, check: Callable[[], bool], timeout: float, what: str, log_name: str
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if check():  # type: ignore[operator]
+            if check():
                 return
             time.sleep(0.2)
         tail = _tail(self.logs / f"{log_name}.log")

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,10 +51,10 @@ def agent_gauge(lab: Lab, node: str, name: str) -> float:
     raise AssertionError(f"{name} missing from the agent's metrics on {node}")
 
 
-def wait_until(check: object, what: str) -> None:
+def wait_until(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")

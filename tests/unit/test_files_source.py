@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,9 @@ def test_fingerprint_changes_with_content_and_files(tmp_path: Path) -> None:
     assert fingerprint(tmp_path) != changed
 
 
-async def wait_for(condition: object, timeout: float = 5.0) -> None:
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async def poll() -> None:
-        while not condition():  # type: ignore[operator]
+        while not condition():
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(poll(), timeout)

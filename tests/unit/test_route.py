@@ -10,7 +10,8 @@ import pytest
 
 from mesh.api import mesh_pb2
 from mesh.spiffe import SpiffeId
-from ztunnel.route import HBONE_PORT, NoHealthyEndpoint, Protocol, decide_outbound
+from ztunnel.route import NoHealthyEndpoint, Protocol, decide_outbound
+from ztunnel.sockets import HBONE_PORT
 from ztunnel.state import MeshState
 
 

@@ -40,7 +40,7 @@ def ns(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
 def pod(
     name: str,
     namespace: str = "demo",
-    labels: dict[str, str] | None = None,
+    labels: dict[str, Any] | None = None,
     ip: str | None = "10.0.0.5",
     node: str | None = "node-a",
     **extra: Any,
@@ -57,9 +57,7 @@ def pod(
     return obj
 
 
-def service(
-    name: str, selector: dict[str, str], ports: list[dict[str, Any]], **spec: Any
-) -> dict[str, Any]:
+def service(name: str, selector: dict[str, str], ports: Any, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
