@@ -80,9 +80,14 @@ class NodeAgent:
         """One pass; True if some desired pod could not be enrolled yet."""
         if self.synced and not self._first_pass.is_set():
             self._release_stale_pins()
-        for uid in [u for u in self.enrolled if u not in self.desired]:
-            await self._release(uid)
         pending = False
+        for uid in [u for u in self.enrolled if u not in self.desired]:
+            try:
+                await self._release(uid)
+            except (BpfError, OSError) as exc:
+                pending = True
+                self.errors += 1
+                log.error("pod %s still captured, release failed (will retry): %s", uid, exc)
         for uid, workload in self.desired.items():
             if uid in self.enrolled and self.enrolled[uid].attachment is not None:
                 continue
@@ -123,8 +128,10 @@ class NodeAgent:
             self.bpf.detach_proxy(self._proxy)
         self._proxy = self.bpf.attach_proxy(cgroup)
         log.info("ztunnel cgroup %s may read original destinations", cgroup)
-        for entry in list(self.enrolled.values()):
-            await self._add_to_ztunnel(entry)
+        for uid in list(self.enrolled):
+            entry = self.enrolled.get(uid)  # reconcile may release pods while we await
+            if entry is not None:
+                await self._add_to_ztunnel(entry)
         self._wake.set()
 
     async def _enroll(self, workload: mesh_pb2.Workload) -> None:
@@ -170,12 +177,14 @@ class NodeAgent:
                 os.close(fd)
 
     async def _release(self, uid: str) -> None:
-        entry = self.enrolled.pop(uid)
+        """Capture goes first; a BpfError leaves the pod enrolled for the next pass."""
+        entry = self.enrolled[uid]
         w = entry.workload
         if entry.attachment is not None:
             self.bpf.detach_pod(entry.attachment)
         for address in entry.listeners:
             self.bpf.remove_inbound_listener(address)
+        del self.enrolled[uid]
         try:
             await self.link.send(message(del_workload=node_pb2.DelWorkload(uid=uid)))
         except ZtunnelError as exc:

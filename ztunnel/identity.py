@@ -35,7 +35,7 @@ class CertManager:
     def __init__(self, fetch: Fetch) -> None:
         self._fetch = fetch
         self._entries: dict[SpiffeId, _Entry] = {}
-        self._inflight: dict[SpiffeId, asyncio.Future[_Entry]] = {}
+        self._inflight: dict[SpiffeId, asyncio.Task[_Entry]] = {}
         self._renewals: dict[SpiffeId, asyncio.Task[None]] = {}
 
     async def server_context(self, sid: SpiffeId) -> ssl.SSLContext:
@@ -58,29 +58,25 @@ class CertManager:
         entry = self._entries.get(sid)
         if entry is not None:
             return entry
-        inflight = self._inflight.get(sid)
-        if inflight is not None:
-            return await asyncio.shield(inflight)
-        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
-        self._inflight[sid] = future
-        try:
-            identity = await self._fetch_async(sid)
-            entry = _Entry(
-                identity,
-                tls.server_context(identity),
-                tls.client_context(identity),
-                _half_life(identity),
-            )
-            self._entries[sid] = entry
-            self._renewals[sid] = asyncio.create_task(self._renew_loop(sid))
-            future.set_result(entry)
-            return entry
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here so a lone waiter never warns
-            raise
-        finally:
-            del self._inflight[sid]
+        task = self._inflight.get(sid)
+        if task is None:
+            # Its own task, so a caller that gives up cancels only its own wait.
+            task = asyncio.create_task(self._first_fetch(sid))
+            self._inflight[sid] = task
+            task.add_done_callback(lambda _: self._inflight.pop(sid, None))
+        return await asyncio.shield(task)
+
+    async def _first_fetch(self, sid: SpiffeId) -> _Entry:
+        identity = await self._fetch_async(sid)
+        entry = _Entry(
+            identity,
+            tls.server_context(identity),
+            tls.client_context(identity),
+            _half_life(identity),
+        )
+        self._entries[sid] = entry
+        self._renewals[sid] = asyncio.create_task(self._renew_loop(sid))
+        return entry
 
     async def _fetch_async(self, sid: SpiffeId) -> tls.TlsIdentity:
         identity = await asyncio.get_running_loop().run_in_executor(None, self._fetch, sid)
@@ -93,6 +89,7 @@ class CertManager:
             await asyncio.sleep(max(0.0, entry.renew_at - time.time()))
             try:
                 identity = await self._fetch_async(sid)
+                tls.server_context(identity)  # a throwaway load: never break the live contexts
             except Exception as exc:  # the one catch-all of this loop: keep the old cert
                 log.warning("renewing certificate for %s failed, retrying: %s", sid, exc)
                 entry.renew_at = time.time() + RETRY_SECONDS

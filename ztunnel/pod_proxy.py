@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from functools import partial
 
 from mesh.hbone.connection import serve
@@ -28,14 +29,16 @@ class PodProxy:
     def __init__(self, ctx: ProxyContext, pod: LocalPod) -> None:
         self.ctx = ctx
         self.pod = pod
-        bind = partial(socket_in, pod.netns_fd, listen=BACKLOG)
-        self.outbound_sock = bind(bind=("127.0.0.1", OUTBOUND_PORT))
+        bound: list[socket.socket] = []
         try:
-            self.inbound_sock = bind(bind=("0.0.0.0", INBOUND_PORT))
-            self.hbone_sock = bind(bind=("0.0.0.0", HBONE_PORT))
+            for address in (("127.0.0.1", OUTBOUND_PORT), ("0.0.0.0", INBOUND_PORT),
+                            ("0.0.0.0", HBONE_PORT)):  # fmt: skip
+                bound.append(socket_in(pod.netns_fd, bind=address, listen=BACKLOG))
         except OSError:
-            self.outbound_sock.close()
+            for sock in bound:
+                sock.close()
             raise
+        self.outbound_sock, self.inbound_sock, self.hbone_sock = bound
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
         self.serving = False

@@ -43,7 +43,11 @@ class Ztunnel:
         except OSError:
             os.close(pod.netns_fd)
             raise
-        await proxy.start()
+        try:
+            await proxy.start()
+        except BaseException:
+            await proxy.close()
+            raise
         self.pods[info.uid] = proxy
         log.info("serving pod %s (%s) as %s", pod.ref, ", ".join(info.addresses), pod.identity)
         return proxy.inbound_fd

@@ -198,12 +198,6 @@ async def test_fetch_failure_reaches_every_waiter_and_a_later_call_retries(
     assert len(fetch.calls) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CertManager._entry: the caller that runs the fetch puts its own CancelledError "
-    "into the shared future, so cancelling that one caller (e.g. a client that gave up on "
-    "its connection) cancels every other caller waiting for the same identity",
-)
 async def test_cancelling_the_first_caller_does_not_cancel_the_others(
     ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
 ) -> None:
@@ -277,14 +271,6 @@ async def test_failed_renewal_keeps_the_old_certificate_and_retries(
     assert len(fetch.calls) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a renewed certificate that cannot be loaded (key does not match the leaf): "
-    "mesh.tls.load_identity is not atomic, the failed load_cert_chain leaves the live server "
-    "context unable to handshake (UNSUPPORTED_PROTOCOL) and the client context without a "
-    "certificate; and CertManager._renew_loop only catches fetch errors, so the renewal "
-    "task dies instead of retrying: the identity stays broken until ztunnel restarts",
-)
 async def test_unloadable_renewal_keeps_the_old_certificate_and_retries(
     ca: CertAuthority,
     manager: Callable[[FakeFetch], CertManager],

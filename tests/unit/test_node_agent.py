@@ -593,14 +593,6 @@ async def test_close_lets_go_of_fds_but_keeps_capture(env: Env) -> None:
     assert env.agent.enrolled == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NodeAgent.on_ztunnel_connect re-sends a snapshot list(self.enrolled.values()) "
-    "across awaits; a pod that reconcile releases meanwhile (its netns fd closed) is then "
-    "re-sent with that closed fd (sendmsg EBADF: an OSError nobody catches, so the re-sync "
-    "dies before snapshot_done; or, were the fd number reused, another file goes to "
-    "ztunnel), and its listener would go back into the SOCKHASH after its release",
-)
 async def test_pod_released_during_resync_is_not_re_added(env: Env) -> None:
     env.agent.set_desired(
         resources(
