@@ -16,22 +16,11 @@ import pytest
 from mesh import nodeproto
 from mesh.api import node_pb2
 from mesh.nodeproto import Channel, ChannelClosed
+from tests.unit.fdcheck import fds_open_to
 from ztunnel import inpod
 from ztunnel.inpod import InpodClient
 
 TIMEOUT = 5.0
-
-
-def fds_open_to(path: Path) -> int:
-    """How many fds of this process refer to ``path``."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == str(path):
-                count += 1
-        except OSError:
-            continue
-    return count
 
 
 def add_msg(uid: str, name: str = "app") -> node_pb2.NodeMessage:

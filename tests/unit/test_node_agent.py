@@ -18,6 +18,7 @@ from agent.node_agent import NodeAgent
 from agent.ztunnel_link import ZtunnelError, ZtunnelLink
 from bpf.loader import MeshBpf, PodAttachment, ProxyAttachment
 from mesh.api import mesh_pb2, node_pb2
+from tests.unit.fdcheck import fds_open_to
 
 TIMEOUT = 5.0
 NODE = "node-1"
@@ -53,18 +54,6 @@ def workload(
 
 def resources(*items: mesh_pb2.Resource) -> dict[str, mesh_pb2.Resource]:
     return {item.key: item for item in items}
-
-
-def fds_open_to(path: Path) -> int:
-    """How many fds of this process refer to ``path``."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == str(path):
-                count += 1
-        except OSError:
-            continue  # the fd listdir itself used, gone by now
-    return count
 
 
 # -- fakes --------------------------------------------------------------------------------
