@@ -3,16 +3,14 @@ deliver it to the app from 127.0.0.6 so the BPF capture lets the delivery throug
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from mesh.hbone.connection import HboneStream, connect_socket
+from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
-from mesh.hbone.relay import StreamDuplex
 from mesh.spiffe import SpiffeId
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
+from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
 from ztunnel.state import identity_of
 
 log = logging.getLogger("ztunnel.access")
@@ -39,9 +37,7 @@ async def handle(
     service = state.service_for(workload, request.authority_port)
     labels = workload_labels("destination", source, peer, workload, pod.identity, service, True)
     try:
-        sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
-        await connect_socket(sock, target)
-        reader, writer = await asyncio.open_connection(sock=sock)
+        app = await open_upstream(pod.netns_fd, target, INBOUND_SOURCE)
     except OSError as exc:
         log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
         stream.refuse(Status.UPSTREAM_UNREACHABLE)
@@ -55,4 +51,4 @@ async def handle(
         via="hbone",
         hbone=request.authority,
     )
-    await ctx.connections.relay(info, stream, StreamDuplex(reader, writer))
+    await ctx.connections.relay(info, stream, app)

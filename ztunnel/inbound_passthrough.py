@@ -7,11 +7,10 @@ import asyncio
 import logging
 
 from mesh.api import mesh_pb2
-from mesh.hbone.connection import connect_socket
 from mesh.hbone.relay import StreamDuplex
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, upstream_socket
+from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
 
 log = logging.getLogger("ztunnel.access")
 
@@ -50,9 +49,7 @@ async def handle(
     service = state.service_for(workload, dst_port)
     labels = workload_labels("destination", source, None, workload, None, service, False)
     try:
-        sock = upstream_socket(pod.netns_fd, INBOUND_SOURCE)
-        await connect_socket(sock, (dst_ip, dst_port))
-        up_reader, up_writer = await asyncio.open_connection(sock=sock)
+        app = await open_upstream(pod.netns_fd, (dst_ip, dst_port), INBOUND_SOURCE)
     except OSError as exc:
         log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
         client.close()
@@ -64,4 +61,4 @@ async def handle(
         labels=labels,
         via="tcp",
     )
-    await ctx.connections.relay(info, client, StreamDuplex(up_reader, up_writer))
+    await ctx.connections.relay(info, client, app)

@@ -7,14 +7,14 @@ import asyncio
 import logging
 import random
 
-from mesh.hbone.connection import HboneClientConnection, HboneStream, connect_socket
+from mesh.hbone.connection import HboneClientConnection, HboneStream
 from mesh.hbone.protocol import HboneError
 from mesh.hbone.relay import StreamDuplex
 from mesh.tls import TlsError
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.route import NoHealthyEndpoint, Protocol, decide_outbound
-from ztunnel.sockets import original_destination, upstream_socket
+from ztunnel.sockets import open_upstream, original_destination, upstream_socket
 
 log = logging.getLogger("ztunnel.access")
 
@@ -69,10 +69,7 @@ async def handle(
 
             upstream = await ctx.pool.open_stream(key, dial, decision.authority)
         else:
-            sock = upstream_socket(pod.netns_fd)
-            await connect_socket(sock, decision.address)
-            up_reader, up_writer = await asyncio.open_connection(sock=sock)
-            upstream = StreamDuplex(up_reader, up_writer)
+            upstream = await open_upstream(pod.netns_fd, decision.address)
     except (HboneError, TlsError, OSError) as exc:
         log.warning(
             "outbound %s -> %s:%d (%s) failed: %s",

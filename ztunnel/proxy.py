@@ -1,5 +1,5 @@
-"""The ztunnel process's top object: binds the node-level listeners first (failing early
-and loudly), then runs the agent link, the config stream and the per-pod proxies."""
+"""The ztunnel process's top object: the current mesh state and one PodProxy per pod the
+agent handed over (added, re-acked on re-sync, removed)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 
+from mesh.hbone.connection import connect_socket
+from mesh.hbone.relay import StreamDuplex
 from mesh.netns import socket_in
 
 SO_ORIGINAL_DST = 80
@@ -28,3 +31,17 @@ def upstream_socket(netns_fd: int, source: str | None = None) -> socket.socket:
     sock = socket_in(netns_fd, reuse=False, bind=(source, 0) if source else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+async def open_upstream(
+    netns_fd: int, address: tuple[str, int], source: str | None = None
+) -> StreamDuplex:
+    """A plain TCP connection from inside the pod's netns; the socket is closed on failure."""
+    sock = upstream_socket(netns_fd, source)
+    try:
+        await connect_socket(sock, address)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return StreamDuplex(reader, writer)
