@@ -244,25 +244,13 @@ class Lab:
 
     def _start_controller(self, lab_plan: LabPlan) -> None:
         say(f"starting controller on {lab_plan.controller_target}")
-        procs.spawn(
-            [
-                sys.executable,
-                "-m",
-                "controller",
-                "--config-dir",
-                str(self.config_dir),
-                "--state-dir",
-                str(self.root_cert.parent),
-                "--listen",
-                f"{lab_plan.controller_address}:{CONTROLLER_PORT}",
-                "--tokens",
-                str(self.state / "tokens.yaml"),
-            ],
-            cgroup=cgroups.create(cgroups.component_cgroup(self.name, None, "controller")),
-            netns_name=lab_plan.fabric_netns,
-            pod=False,
-            log=self.logs / "controller.log",
-        )
+        argv = [
+            "--config-dir", str(self.config_dir),
+            "--state-dir", str(self.root_cert.parent),
+            "--listen", f"{lab_plan.controller_address}:{CONTROLLER_PORT}",
+            "--tokens", str(self.state / "tokens.yaml"),
+        ]  # fmt: skip
+        self._spawn_daemon("controller", None, lab_plan.fabric_netns, argv)
 
     def _start_node(self, lab_plan: LabPlan, node: NodePlan) -> None:
         say(f"starting agent and ztunnel on {node.name}")
@@ -274,7 +262,6 @@ class Lab:
         lab_plan = lab_plan or self.load_plan()
         netns = lab_plan.node(node).netns
         argv = [
-            sys.executable, "-m", component,
             "--node", node,
             "--controller", lab_plan.controller_target,
             "--root-cert", str(self.root_cert),
@@ -287,12 +274,16 @@ class Lab:
             argv += ["--agent-socket", sock]
         else:
             raise LabError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
+        self._spawn_daemon(component, node, netns, argv)
+
+    def _spawn_daemon(self, component: str, node: str | None, netns: str, args: list[str]) -> None:
+        """``python -m <component> args`` in its own cgroup and the netns, logging to a file."""
         procs.spawn(
-            argv,
+            [sys.executable, "-m", component, *args],
             cgroup=cgroups.create(cgroups.component_cgroup(self.name, node, component)),
             netns_name=netns,
             pod=False,
-            log=self.logs / f"{component}-{node}.log",
+            log=self.logs / (f"{component}-{node}.log" if node else f"{component}.log"),
         )
 
     def kill_component(self, node: str, component: str) -> None:
