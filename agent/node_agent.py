@@ -20,6 +20,7 @@ from agent.ztunnel_link import ZtunnelError, ZtunnelLink
 from bpf.loader import BpfError, MeshBpf, PodAttachment, ProxyAttachment
 from mesh.api import mesh_pb2, node_pb2
 from mesh.cgroups import cgroup_of
+from mesh.netns import Netns
 from mesh.nodeproto import message
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ RETRY_SECONDS = 1.0
 @dataclass
 class Enrolled:
     workload: mesh_pb2.Workload
-    netns_fd: int
+    netns: Netns
     cgroup: str
     attachment: PodAttachment | None = None
     listeners: list[str] = field(default_factory=list)
@@ -140,12 +141,12 @@ class NodeAgent:
             sandbox = find_pod(workload.uid)
             if sandbox is None:
                 raise ZtunnelError("no running process of the pod found under /proc")
-            fd = os.open(sandbox.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            entry = Enrolled(workload, fd, str(sandbox.cgroup_path))
+            netns = Netns.open(str(sandbox.netns_path))
+            entry = Enrolled(workload, netns, str(sandbox.cgroup_path))
             self.enrolled[workload.uid] = entry
         await self._add_to_ztunnel(entry)
         entry.attachment = self.bpf.attach_pod(
-            entry.cgroup, entry.netns_fd, list(workload.addresses), pin_key=workload.uid
+            entry.cgroup, entry.netns.fileno(), list(workload.addresses), pin_key=workload.uid
         )
         log.info(
             "enrolled pod %s/%s (%s)",
@@ -164,7 +165,7 @@ class NodeAgent:
             addresses=list(w.addresses),
         )
         fds = await self.link.send(
-            message(add_workload=node_pb2.AddWorkload(pod=pod)), (entry.netns_fd,)
+            message(add_workload=node_pb2.AddWorkload(pod=pod)), (entry.netns.fileno(),)
         )
         try:
             if len(fds) != 1:
@@ -182,19 +183,22 @@ class NodeAgent:
         w = entry.workload
         if entry.attachment is not None:
             self.bpf.detach_pod(entry.attachment)
+        # A pod re-created with the same IP may already own the address's listener entry.
+        taken = {a for u, other in self.enrolled.items() if u != uid for a in other.listeners}
         for address in entry.listeners:
-            self.bpf.remove_inbound_listener(address)
+            if address not in taken:
+                self.bpf.remove_inbound_listener(address)
         del self.enrolled[uid]
         try:
             await self.link.send(message(del_workload=node_pb2.DelWorkload(uid=uid)))
         except ZtunnelError as exc:
             log.warning("ztunnel did not confirm release of %s/%s: %s", w.namespace, w.name, exc)
-        os.close(entry.netns_fd)
+        entry.netns.close()
         log.info("released pod %s/%s", w.namespace, w.name)
 
     def close(self) -> None:
         """Let go of the pods' fds but not of their capture: the BPF attachments are pinned
         and stay in force (fail closed) until the next agent adopts them."""
         for entry in self.enrolled.values():
-            os.close(entry.netns_fd)
+            entry.netns.close()
         self.enrolled.clear()

@@ -3,6 +3,10 @@
 setns(2) applies to the calling thread only, so the thread enters the namespace just long
 enough to create (and optionally bind) a socket, then returns to where it was. The socket
 keeps its namespace for life; the event loop never runs inside a foreign namespace.
+
+Namespaces are held as `Netns` handles, never as bare fd numbers: once a handle is closed
+its number is forgotten, so a later `setns` cannot land in whatever namespace (or file)
+the kernel gave that number to next.
 """
 
 from __future__ import annotations
@@ -12,29 +16,88 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 from pyroute2 import netns as _netns
 
 _lock = threading.Lock()
+_home = threading.local()
+
+
+class NetnsClosed(OSError):
+    """The namespace handle was closed: its owner (a released pod) is gone."""
+
+
+class Netns:
+    """An owned fd on a network namespace; closing it makes every later use fail loudly."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self.name = name
+        self.inode = os.fstat(fd).st_ino
+
+    @classmethod
+    def open(cls, path: str) -> Netns:
+        """A handle on the namespace at ``path`` (/var/run/netns/NAME or /proc/PID/ns/net)."""
+        return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+
+    @classmethod
+    def dup(cls, fd: int, name: str) -> Netns:
+        """A handle of our own on a borrowed fd (e.g. one received over SCM_RIGHTS)."""
+        return cls(os.dup(fd), name)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The fd, for a call that needs it right now; never keep the number."""
+        if self._fd < 0:
+            raise NetnsClosed(f"network namespace {self.name} was released")
+        return self._fd
+
+    def close(self) -> None:
+        # Under the lock: no thread is between fileno() and setns() while the fd goes.
+        with _lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Netns {self.name} inode={self.inode}{' closed' if self.closed else ''}>"
+
+
+def _home_fd() -> int:
+    """This thread's own namespace, opened once per thread (threads never move for good)."""
+    fd: int | None = getattr(_home, "fd", None)
+    if fd is None:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        _home.fd = fd
+    return fd
 
 
 @contextmanager
-def entered(netns_fd: int) -> Iterator[None]:
-    """Run the body with this thread inside the namespace behind ``netns_fd``."""
+def entered(ns: Netns) -> Iterator[None]:
+    """Run the body with this thread inside ``ns``; raises `NetnsClosed` if it was released."""
     with _lock:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = _home_fd()
+        _netns.setns(ns.fileno())
         try:
-            _netns.setns(netns_fd)
-            try:
-                yield
-            finally:
-                _netns.setns(home)
+            yield
         finally:
-            os.close(home)
+            _netns.setns(home)
 
 
 def socket_in(
-    netns_fd: int,
+    ns: Netns,
     family: socket.AddressFamily = socket.AF_INET,
     kind: socket.SocketKind = socket.SOCK_STREAM,
     bind: tuple[str, int] | None = None,
@@ -42,7 +105,7 @@ def socket_in(
     reuse: bool = True,
 ) -> socket.socket:
     """Create a socket in the namespace; bind and listen there when asked (ports are per netns)."""
-    with entered(netns_fd):
+    with entered(ns):
         sock = socket.socket(family, kind)
         try:
             if reuse:
@@ -56,8 +119,3 @@ def socket_in(
             raise
     sock.setblocking(False)
     return sock
-
-
-def open_netns(path: str) -> int:
-    """An fd for the namespace at ``path`` (/var/run/netns/NAME or /proc/PID/ns/net)."""
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

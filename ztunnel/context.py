@@ -1,12 +1,12 @@
-"""What every listener of every pod shares: current mesh state, certificates, the HBONE
-pool and metrics. One object, built once by the proxy."""
+"""What every listener of every pod shares (current mesh state, certificates, metrics),
+and what belongs to one pod only (its netns, its HBONE pool)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2, node_pb2
+from mesh.netns import Netns
 from mesh.pool import HboneConnectionPool
 from mesh.spiffe import SpiffeId
 from ztunnel.connections import ConnectionTable
@@ -14,31 +14,37 @@ from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels
 from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
 
-# (source identity, destination identity, destination address): one mTLS connection each
-PoolKey = tuple[SpiffeId, SpiffeId, str]
+# (destination identity, destination address): one mTLS connection each, per source pod
+PoolKey = tuple[SpiffeId, str]
 
 
 @dataclass
 class ProxyContext:
     certs: CertManager
     connections: ConnectionTable
-    pool: HboneConnectionPool[PoolKey] = field(default_factory=HboneConnectionPool)
     state: MeshState = field(default_factory=MeshState)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
 
 
 @dataclass(frozen=True)
 class LocalPod:
-    """A pod of this node as the agent described it; owns a dup of its netns fd."""
+    """A pod of this node as the agent described it.
+
+    Owns a handle on its netns and the HBONE connections dialed from it: the pool is the
+    pod's, not the node's, because those connections carry the pod's source address and
+    must end with the pod (Istio's ztunnel keys its pool by source workload too).
+    """
 
     info: node_pb2.PodInfo
-    netns_fd: int
+    netns: Netns
     identity: SpiffeId
+    pool: HboneConnectionPool[PoolKey] = field(default_factory=HboneConnectionPool)
 
     @classmethod
     def adopt(cls, info: node_pb2.PodInfo, netns_fd: int, trust_domain: str) -> LocalPod:
+        """Take a dup of the agent's (borrowed) netns fd."""
         sid = SpiffeId(trust_domain, info.namespace, info.service_account or "default")
-        return cls(info, os.dup(netns_fd), sid)
+        return cls(info, Netns.dup(netns_fd, f"pod {info.namespace}/{info.name}"), sid)
 
     @property
     def ref(self) -> str:

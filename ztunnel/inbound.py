@@ -37,7 +37,7 @@ async def handle(
     service = state.service_for(workload, request.authority_port)
     labels = workload_labels("destination", source, peer, workload, pod.identity, service, True)
     try:
-        app = await open_upstream(pod.netns_fd, target, INBOUND_SOURCE)
+        app = await open_upstream(pod.netns, target, INBOUND_SOURCE)
     except OSError as exc:
         log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
         stream.refuse(Status.UPSTREAM_UNREACHABLE)

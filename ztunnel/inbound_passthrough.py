@@ -49,7 +49,7 @@ async def handle(
     service = state.service_for(workload, dst_port)
     labels = workload_labels("destination", source, None, workload, None, service, False)
     try:
-        app = await open_upstream(pod.netns_fd, (dst_ip, dst_port), INBOUND_SOURCE)
+        app = await open_upstream(pod.netns, (dst_ip, dst_port), INBOUND_SOURCE)
     except OSError as exc:
         log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
         client.close()

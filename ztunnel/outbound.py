@@ -56,20 +56,20 @@ async def handle(
     try:
         if mtls:
             assert decision.expected_identity is not None
-            key = (pod.identity, decision.expected_identity, decision.address[0])
+            key = (decision.expected_identity, decision.address[0])
 
             async def dial() -> HboneClientConnection:
                 context = await ctx.certs.client_context(pod.identity)
                 return await HboneClientConnection.connect(
-                    upstream_socket(pod.netns_fd),
+                    upstream_socket(pod.netns),
                     context,
                     decision.expected_identity,
                     address=decision.address,
                 )
 
-            upstream = await ctx.pool.open_stream(key, dial, decision.authority)
+            upstream = await pod.pool.open_stream(key, dial, decision.authority)
         else:
-            upstream = await open_upstream(pod.netns_fd, decision.address)
+            upstream = await open_upstream(pod.netns, decision.address)
     except (HboneError, TlsError, OSError) as exc:
         log.warning(
             "outbound %s -> %s:%d (%s) failed: %s",

@@ -1,24 +1,33 @@
-"""The three listeners ztunnel holds inside one pod's netns.
+"""The three listeners ztunnel holds inside one pod's netns, and everything they spawned.
 
 All three are bound at once when the agent hands the pod over (so a port clash fails the
-add loudly); the HBONE one starts serving once the pod's certificate is there.
+add loudly); the HBONE one starts serving once the pod's certificate is there. Every
+connection accepted on them, every HBONE connection dialed from the pod and the netns
+handle end when the pod is released: nothing keeps serving with a released pod's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-from functools import partial
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from mesh.hbone.connection import serve
+from mesh.hbone.connection import HboneServerProtocol, HboneStream, server_factory
+from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.netns import socket_in
+from mesh.spiffe import SpiffeId
 from ztunnel import inbound, inbound_passthrough, outbound
 from ztunnel.context import LocalPod, ProxyContext
 from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
 
 log = logging.getLogger(__name__)
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+StreamHandler = Callable[[ProxyContext, LocalPod, Reader, Writer], Awaitable[None]]
 
 BACKLOG = 1024
 CERT_ATTEMPTS = 60
@@ -33,7 +42,7 @@ class PodProxy:
         try:
             for address in (("127.0.0.1", OUTBOUND_PORT), ("0.0.0.0", INBOUND_PORT),
                             ("0.0.0.0", HBONE_PORT)):  # fmt: skip
-                bound.append(socket_in(pod.netns_fd, bind=address, listen=BACKLOG))
+                bound.append(socket_in(pod.netns, bind=address, listen=BACKLOG))
         except OSError:
             for sock in bound:
                 sock.close()
@@ -41,23 +50,53 @@ class PodProxy:
         self.outbound_sock, self.inbound_sock, self.hbone_sock = bound
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._tunnels: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self.serving = False
+        self.closed = False
 
     @property
     def inbound_fd(self) -> int:
         return self.inbound_sock.fileno()
 
     async def start(self) -> None:
-        ctx, pod = self.ctx, self.pod
-        self._servers.append(
-            await asyncio.start_server(partial(outbound.handle, ctx, pod), sock=self.outbound_sock)
-        )
-        self._servers.append(
-            await asyncio.start_server(
-                partial(inbound_passthrough.handle, ctx, pod), sock=self.inbound_sock
-            )
-        )
+        for handler, sock in (
+            (outbound.handle, self.outbound_sock),
+            (inbound_passthrough.handle, self.inbound_sock),
+        ):
+            # start_server listen()s again: pass our backlog, or it falls back to 100.
+            server = await asyncio.start_server(self._tracked(handler), sock=sock, backlog=BACKLOG)
+            self._servers.append(server)
         self._hbone_task = asyncio.create_task(self._serve_hbone())
+
+    def _tracked(self, handler: StreamHandler) -> Callable[[Reader, Writer], Awaitable[None]]:
+        """The handler, run as a task this pod can cancel when it is released."""
+
+        async def run(reader: Reader, writer: Writer) -> None:
+            if self.closed:
+                writer.transport.abort()
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self._handlers.add(task)
+            try:
+                await handler(self.ctx, self.pod, reader, writer)
+            finally:
+                self._handlers.discard(task)
+
+        return run
+
+    def _hbone_protocol(self) -> HboneServerProtocol:
+        protocol = server_factory(self._inbound)()
+        self._tunnels.add(protocol)
+        return protocol
+
+    async def _inbound(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        # A handshake that was under way when the pod was released ends here.
+        if self.closed:
+            stream.refuse(Status.UPSTREAM_UNREACHABLE)
+            return
+        await inbound.handle(self.ctx, self.pod, stream, request, peer)
 
     async def _serve_hbone(self) -> None:
         for attempt in range(1, CERT_ATTEMPTS + 1):
@@ -78,16 +117,28 @@ class PodProxy:
             log.error("pod %s: giving up on a certificate; inbound mTLS stays closed", self.pod.ref)
             return
         self._servers.append(
-            await serve(self.hbone_sock, context, partial(inbound.handle, self.ctx, self.pod))
+            await asyncio.get_running_loop().create_server(
+                self._hbone_protocol, sock=self.hbone_sock, ssl=context, backlog=BACKLOG
+            )
         )
         self.serving = True
         log.info("pod %s: HBONE on :%d as %s", self.pod.ref, HBONE_PORT, self.pod.identity)
 
     async def close(self) -> None:
+        """Stop listening, end every connection of the pod (both directions), drop its netns."""
+        self.closed = True
+        self.serving = False
         if self._hbone_task is not None:
             self._hbone_task.cancel()
         for server in self._servers:
             server.close()
         for sock in (self.outbound_sock, self.inbound_sock, self.hbone_sock):
             sock.close()
-        os.close(self.pod.netns_fd)
+        for protocol in list(self._tunnels):
+            protocol.close()
+        self.pod.pool.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        self.pod.netns.close()

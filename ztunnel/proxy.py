@@ -36,12 +36,15 @@ class Ztunnel:
     async def add_pod(self, info: node_pb2.PodInfo, netns_fd: int) -> int:
         existing = self.pods.get(info.uid)
         if existing is not None:
-            return existing.inbound_fd
+            if existing.pod.netns.inode == os.fstat(netns_fd).st_ino:
+                return existing.inbound_fd
+            log.warning("pod %s has a new network namespace: replacing it", existing.pod.ref)
+            await self.del_pod(info.uid)
         pod = LocalPod.adopt(info, netns_fd, self.ctx.trust_domain)
         try:
             proxy = PodProxy(self.ctx, pod)
         except OSError:
-            os.close(pod.netns_fd)
+            pod.netns.close()
             raise
         try:
             await proxy.start()
@@ -72,5 +75,4 @@ class Ztunnel:
     async def close(self) -> None:
         for uid in list(self.pods):
             await self.del_pod(uid)
-        self.ctx.pool.close()
         self.ctx.certs.close()

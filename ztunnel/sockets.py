@@ -8,7 +8,7 @@ import struct
 
 from mesh.hbone.connection import connect_socket
 from mesh.hbone.relay import StreamDuplex
-from mesh.netns import socket_in
+from mesh.netns import Netns, socket_in
 
 SO_ORIGINAL_DST = 80
 OUTBOUND_PORT = 15001
@@ -26,18 +26,18 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(addr), port
 
 
-def upstream_socket(netns_fd: int, source: str | None = None) -> socket.socket:
+def upstream_socket(netns: Netns, source: str | None = None) -> socket.socket:
     """An unconnected TCP socket inside the pod's netns, optionally bound to ``source``."""
-    sock = socket_in(netns_fd, reuse=False, bind=(source, 0) if source else None)
+    sock = socket_in(netns, reuse=False, bind=(source, 0) if source else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
 async def open_upstream(
-    netns_fd: int, address: tuple[str, int], source: str | None = None
+    netns: Netns, address: tuple[str, int], source: str | None = None
 ) -> StreamDuplex:
     """A plain TCP connection from inside the pod's netns; the socket is closed on failure."""
-    sock = upstream_socket(netns_fd, source)
+    sock = upstream_socket(netns, source)
     try:
         await connect_socket(sock, address)
         reader, writer = await asyncio.open_connection(sock=sock)

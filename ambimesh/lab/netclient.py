@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 
-from mesh.netns import open_netns, socket_in
+from mesh.netns import Netns, socket_in
 
 
 def connect_in(netns_name: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
-    fd = open_netns(f"/var/run/netns/{netns_name}")
-    try:
-        sock = socket_in(fd, reuse=False)
-    finally:
-        os.close(fd)
+    with Netns.open(f"/var/run/netns/{netns_name}") as ns:
+        sock = socket_in(ns, reuse=False)
     sock.setblocking(True)
     sock.settimeout(timeout)
     try:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
 from ambimesh.lab.topology import FABRIC_NET, LabPlan, NodePlan, PodPlan
-from mesh.netns import entered, open_netns
+from mesh.netns import Netns, entered
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,8 @@ def _up(ns: NetNS, name: str) -> None:
 
 def _sysctl(netns_name: str, key: str, value: str) -> None:
     """Write a per-namespace sysctl: /proc/sys/net reflects the opening thread's netns."""
-    fd = open_netns(f"/var/run/netns/{netns_name}")
-    try:
-        with entered(fd):
-            Path("/proc/sys", key.replace(".", "/")).write_text(value)
-    finally:
-        os.close(fd)
+    with Netns.open(f"/var/run/netns/{netns_name}") as ns, entered(ns):
+        Path("/proc/sys", key.replace(".", "/")).write_text(value)
 
 
 def _create_netns(name: str) -> None:

@@ -415,7 +415,7 @@ class _HboneConnection(asyncio.Protocol):
 
     def _reset_stream(self, stream: HboneStream, error_code: ErrorCodes) -> None:
         if self._lost is None:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed stream or GOAWAY sent
                 self._h2.reset_stream(stream.stream_id, error_code)
             self._flush()
         self._forget(stream)

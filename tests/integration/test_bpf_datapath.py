@@ -25,7 +25,7 @@ import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
 from bpf.loader import BpfError, MeshBpf, PodAttachment, cgroup2_mount
-from mesh.netns import open_netns, socket_in
+from mesh.netns import Netns, socket_in
 from tests.integration.privileged import require_privileged
 
 pytestmark = pytest.mark.privileged
@@ -45,7 +45,7 @@ class Lab:
     """What a test gets: names, fds and cgroup paths; everything is torn down afterwards."""
 
     tag: str
-    netns_fds: dict[str, int] = field(default_factory=dict)
+    namespaces: dict[str, Netns] = field(default_factory=dict)
     cgroups: dict[str, str] = field(default_factory=dict)
     sockets: list[socket.socket] = field(default_factory=list)
 
@@ -65,8 +65,8 @@ class Lab:
     def listener(
         self, ns: str, address: tuple[str, int], cgroup: str | None = None
     ) -> socket.socket:
-        fd = self.netns_fds[ns]
-        (sock,) = self.make_in_cgroup(cgroup, lambda: [socket_in(fd, bind=address, listen=16)])
+        handle = self.namespaces[ns]
+        (sock,) = self.make_in_cgroup(cgroup, lambda: [socket_in(handle, bind=address, listen=16)])
         return sock
 
     def client(
@@ -76,8 +76,8 @@ class Lab:
         kind: socket.SocketKind = socket.SOCK_STREAM,
         bind: tuple[str, int] | None = None,
     ) -> socket.socket:
-        fd = self.netns_fds[ns]
-        (sock,) = self.make_in_cgroup(cgroup, lambda: [socket_in(fd, kind=kind, bind=bind)])
+        handle = self.namespaces[ns]
+        (sock,) = self.make_in_cgroup(cgroup, lambda: [socket_in(handle, kind=kind, bind=bind)])
         return sock
 
 
@@ -136,7 +136,7 @@ def build_lab() -> Iterator[Lab]:
     try:
         for role, name in names.items():
             netns.create(name)
-            lab.netns_fds[role] = open_netns(f"/var/run/netns/{name}")
+            lab.namespaces[role] = Netns.open(f"/var/run/netns/{name}")
         with IPRoute() as ipr:
             ipr.link("add", ifname=f"{tag}a", kind="veth", peer=f"{tag}p")
             ipr.link("set", index=ipr.link_lookup(ifname=f"{tag}a")[0], net_ns_fd=names["a"])
@@ -157,8 +157,8 @@ def build_lab() -> Iterator[Lab]:
     finally:
         for sock in lab.sockets:
             sock.close()
-        for fd in lab.netns_fds.values():
-            os.close(fd)
+        for handle in lab.namespaces.values():
+            handle.close()
         for path in lab.cgroups.values():
             _remove_cgroup(path, mount)
         for name in names.values():
@@ -200,7 +200,7 @@ def enroll(lab: Lab, mesh: MeshBpf, role: str, address: str) -> Pod:
     outbound = lab.listener(role, ("127.0.0.1", 15001), cgroup="proxy")
     inbound = lab.listener(role, ("0.0.0.0", 15006), cgroup="proxy")
     mesh.set_inbound_listener(address, inbound.fileno())
-    attachment = mesh.attach_pod(lab.cgroups[role], lab.netns_fds[role], [address])
+    attachment = mesh.attach_pod(lab.cgroups[role], lab.namespaces[role].fileno(), [address])
     return Pod(attachment, outbound, inbound)
 
 
@@ -360,7 +360,7 @@ def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     pod = enroll(lab, mesh, "a", POD_A)
     assert mesh.attached_programs() == 5  # getsockopt + connect4, sockops, getpeername4, link
     with pytest.raises(BpfError, match="already attached"):
-        mesh.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A])
+        mesh.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A])
     mesh.detach_pod(pod.attachment)
     mesh.detach_pod(pod.attachment)  # idempotent
     mesh.detach_proxy(proxy)
@@ -384,7 +384,7 @@ def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     assert nothing_pending(pod.inbound)
 
     # Attaching again after a detach works.
-    again = mesh.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A])
+    again = mesh.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A])
     mesh.detach_pod(again)
 
 
@@ -408,7 +408,7 @@ def test_restarted_agent_takes_over_programs_left_attached(lab: Lab) -> None:
     require_privileged()
     with MeshBpf() as crashed:
         crashed.attach_proxy(lab.cgroups["proxy"])
-        crashed.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A])
+        crashed.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A])
         with MeshBpf() as restarted:
             restarted.attach_proxy(lab.cgroups["proxy"])
             pod = enroll(lab, restarted, "a", POD_A)

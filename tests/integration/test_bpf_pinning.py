@@ -30,7 +30,7 @@ from bpf.loader import (
     ensure_bpffs,
     purge_pins,
 )
-from mesh.netns import open_netns
+from mesh.netns import Netns
 from tests.integration.privileged import require_privileged
 from tests.integration.test_bpf_datapath import (
     PEER,
@@ -158,7 +158,9 @@ def enroll(lab: Lab, mesh: MeshBpf, pin_key: str = POD_KEY) -> Pod:
     outbound = lab.listener("a", ("127.0.0.1", 15001), cgroup="proxy")
     inbound = lab.listener("a", ("0.0.0.0", 15006), cgroup="proxy")
     mesh.set_inbound_listener(POD_A, inbound.fileno())
-    attachment = mesh.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=pin_key)
+    attachment = mesh.attach_pod(
+        lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=pin_key
+    )
     return Pod(attachment, outbound, inbound)
 
 
@@ -174,10 +176,10 @@ def assert_steered(lab: Lab, inbound: socket.socket, client_ns: str = "peer") ->
 def recreate_netns(lab: Lab, role: str) -> None:
     """Delete the pod's netns and make a new one with the same name and pod IP."""
     name = f"{lab.tag}-{role}"
-    os.close(lab.netns_fds.pop(role))
+    lab.namespaces.pop(role).close()
     netns.remove(name)
     netns.create(name)
-    lab.netns_fds[role] = open_netns(f"/var/run/netns/{name}")
+    lab.namespaces[role] = Netns.open(f"/var/run/netns/{name}")
     with NetNS(name) as ns:
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
         ns.link("add", ifname="pod0", kind="veth", peer="pod1")  # no dummy driver here
@@ -211,7 +213,7 @@ def test_next_agent_adopts_the_pinned_link_and_shares_the_maps(lab: Lab, pin_dir
     with MeshBpf(pin_dir=pin_dir) as old:
         pod = enroll(lab, old)
         assert_steered(lab, pod.inbound)
-        (old_link,) = sk_lookup_links(lab.netns_fds["a"])
+        (old_link,) = sk_lookup_links(lab.namespaces["a"].fileno())
         old.release()
     pod.inbound.close()  # ztunnel restarts as well, with a new listener
 
@@ -220,35 +222,35 @@ def test_next_agent_adopts_the_pinned_link_and_shares_the_maps(lab: Lab, pin_dir
         assert new.counters()["inbound_steered"] == 1
         inbound = lab.listener("a", ("0.0.0.0", 15006), cgroup="proxy")
         new.set_inbound_listener(POD_A, inbound.fileno())
-        new.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=POD_KEY)
-        (link,) = sk_lookup_links(lab.netns_fds["a"])
+        new.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=POD_KEY)
+        (link,) = sk_lookup_links(lab.namespaces["a"].fileno())
         assert link.id == old_link.id, "adopted, not a second link"
         assert link.prog_id != old_link.prog_id, "switched to the new agent's program"
         assert pinned_link(f"{pin_dir}/links/{POD_KEY}").id == link.id
         assert_steered(lab, inbound)
         assert new.counters()["inbound_steered"] == 2
     # close() stops capture: the adopted link is detached and unpinned.
-    assert eventually(lambda: sk_lookup_links(lab.netns_fds["a"]) == [])
+    assert eventually(lambda: sk_lookup_links(lab.namespaces["a"].fileno()) == [])
     assert os.listdir(f"{pin_dir}/links") == []
 
 
 def test_stale_pin_of_a_replaced_netns_is_replaced(lab: Lab, pin_dir: str) -> None:
     with MeshBpf(pin_dir=pin_dir) as old:
         pod = enroll(lab, old)
-        (old_link,) = sk_lookup_links(lab.netns_fds["a"])
+        (old_link,) = sk_lookup_links(lab.namespaces["a"].fileno())
         old.release()
     pod.inbound.close()
     pod.outbound.close()
-    old_ino = os.fstat(lab.netns_fds["a"]).st_ino
+    old_ino = os.fstat(lab.namespaces["a"].fileno()).st_ino
     recreate_netns(lab, "a")
-    assert os.fstat(lab.netns_fds["a"]).st_ino != old_ino
+    assert os.fstat(lab.namespaces["a"].fileno()).st_ino != old_ino
 
     with MeshBpf(pin_dir=pin_dir) as new:
         assert new.pinned_pods() == {POD_KEY}
         inbound = lab.listener("a", ("0.0.0.0", 15006), cgroup="proxy")
         new.set_inbound_listener(POD_A, inbound.fileno())
-        new.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=POD_KEY)
-        (link,) = sk_lookup_links(lab.netns_fds["a"])
+        new.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=POD_KEY)
+        (link,) = sk_lookup_links(lab.namespaces["a"].fileno())
         assert link.id != old_link.id
         assert pinned_link(f"{pin_dir}/links/{POD_KEY}").id == link.id
         assert eventually(lambda: old_link.id not in {other.id for other in all_links()})
@@ -310,8 +312,8 @@ def test_detach_unpin_and_purge_remove_the_pins(lab: Lab, pin_dir: str) -> None:
         pod = enroll(lab, old)
         old.detach_pod(pod.attachment)
         assert old.pinned_pods() == set()
-        assert eventually(lambda: sk_lookup_links(lab.netns_fds["a"]) == [])
-        old.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=POD_KEY)
+        assert eventually(lambda: sk_lookup_links(lab.namespaces["a"].fileno()) == [])
+        old.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=POD_KEY)
         old.release()
 
     with MeshBpf(pin_dir=pin_dir) as new:
@@ -321,7 +323,7 @@ def test_detach_unpin_and_purge_remove_the_pins(lab: Lab, pin_dir: str) -> None:
         new.unpin_pod(POD_KEY)  # idempotent
         assert new.pinned_pods() == set()
         assert len(new.table("enrolled_pods")) == 0
-    assert eventually(lambda: sk_lookup_links(lab.netns_fds["a"]) == [])
+    assert eventually(lambda: sk_lookup_links(lab.namespaces["a"].fileno()) == [])
     assert cgroup_programs(lab.cgroups["a"], _ATTACH_CGROUP_INET4_CONNECT) == []
 
     # Neither direction is captured any more.
@@ -345,16 +347,20 @@ def test_detach_unpin_and_purge_remove_the_pins(lab: Lab, pin_dir: str) -> None:
 def test_pinning_misuse_is_refused(lab: Lab, pin_dir: str, tmp_path: os.PathLike[str]) -> None:
     with MeshBpf() as unpinned:
         with pytest.raises(BpfError, match="pin_dir"):
-            unpinned.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=POD_KEY)
+            unpinned.attach_pod(
+                lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=POD_KEY
+            )
         with pytest.raises(BpfError, match="pin_dir"):
             unpinned.pinned_pods()
     with MeshBpf(pin_dir=pin_dir) as pinned:
         for bad in ("", "a.b", "..", "a/b"):
             with pytest.raises(BpfError, match="pin key"):
-                pinned.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=bad)
-        pinned.attach_pod(lab.cgroups["a"], lab.netns_fds["a"], [POD_A], pin_key=POD_KEY)
+                pinned.attach_pod(
+                    lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=bad
+                )
+        pinned.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A], pin_key=POD_KEY)
         with pytest.raises(BpfError, match="already used"):
-            pinned.attach_pod(lab.cgroups["b"], lab.netns_fds["b"], [], pin_key=POD_KEY)
+            pinned.attach_pod(lab.cgroups["b"], lab.namespaces["b"].fileno(), [], pin_key=POD_KEY)
     with pytest.raises(BpfError, match="not on a bpf filesystem"):
         MeshBpf(pin_dir=os.fspath(tmp_path))
     with pytest.raises(BpfError, match="not a directory inside a bpf filesystem"):
