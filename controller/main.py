@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from controller.auth import TokenAuthenticator, TokensFileError
+from controller.auth import NodeAuthenticator, TokenAuthenticator, TokensFileError
 from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
 from controller.ca_service import CertificateService
 from controller.push_service import DiscoveryService
@@ -20,19 +20,13 @@ from controller.sources.files import DirectoryWatcher
 from controller.store import Store
 from controller.translate import ConfigError, Settings, SourcedObject, translate
 from mesh.api import mesh_pb2_grpc
+from mesh.keepalive import KEEPALIVE, Keepalive
 
 log = logging.getLogger("controller")
 
 DEFAULT_LISTEN = "0.0.0.0:15012"
 DEFAULT_STATE_DIR = "/var/lib/ambimesh/controller"
 _WILDCARDS = ("", "0.0.0.0", "::")
-_SERVER_OPTIONS = [
-    # A second controller on the same port must fail, not silently share it.
-    ("grpc.so_reuseport", 0),
-    # Nodes keep their push stream alive with pings every 30 s.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 class StartupError(Exception):
@@ -76,6 +70,22 @@ def serving_hosts(listen_host: str, explicit: list[str] | None) -> list[str]:
     return [listen_host]
 
 
+def grpc_server(
+    store: Store,
+    authenticator: NodeAuthenticator,
+    ca: CertificateAuthority,
+    keepalive: Keepalive = KEEPALIVE,
+) -> grpc.aio.Server:
+    """The push and CA services on one server, accepting the nodes' keepalive pings."""
+    # A second controller on the same port must fail, not silently share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *keepalive.server_options()])
+    mesh_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryService(store, authenticator), server)
+    mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
+        CertificateService(ca, store, authenticator), server
+    )
+    return server
+
+
 async def serve(args: argparse.Namespace) -> None:
     if not args.config_dir.is_dir():
         raise StartupError(
@@ -104,11 +114,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise StartupError(f"initial configuration rejected: {e}") from None
 
     serving = ca.serving_cert(serving_hosts(host, args.serving_hosts))
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
-    mesh_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryService(store, authenticator), server)
-    mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        CertificateService(ca, store, authenticator), server
-    )
+    server = grpc_server(store, authenticator, ca)
     credentials = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
     try:
         bound = server.add_secure_port(args.listen, credentials)

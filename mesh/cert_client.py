@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from mesh.api import mesh_pb2, mesh_pb2_grpc
+from mesh.keepalive import KEEPALIVE
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -37,7 +38,7 @@ def request_certificate(
     """(chain PEMs leaf first, root PEM) for the identity ``csr_pem`` asks for."""
     credentials = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
     request = mesh_pb2.CreateCertificateRequest(csr_pem=csr_pem.decode(), ttl_seconds=ttl_seconds)
-    with grpc.secure_channel(target, credentials) as channel:
+    with grpc.secure_channel(target, credentials, KEEPALIVE.client_options()) as channel:
         stub = mesh_pb2_grpc.CertificateAuthorityStub(channel)
         try:
             response = stub.CreateCertificate(

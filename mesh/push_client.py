@@ -19,15 +19,11 @@ from typing import Any
 import grpc
 
 from mesh.api import mesh_pb2, mesh_pb2_grpc
+from mesh.keepalive import KEEPALIVE, Keepalive
 
 log = logging.getLogger(__name__)
 
 OnUpdate = Callable[[str, Mapping[str, mesh_pb2.Resource]], None]
-
-_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
 
 
 class ConfigRejected(Exception):
@@ -51,6 +47,7 @@ class PushClient:
         *,
         initial_backoff: float = 0.5,
         max_backoff: float = 15.0,
+        keepalive: Keepalive = KEEPALIVE,
     ) -> None:
         self._target = target
         self._credentials = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
@@ -59,6 +56,7 @@ class PushClient:
         self._on_update = on_update
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
+        self._channel_options = keepalive.client_options()
         self._state: dict[str, mesh_pb2.Resource] = {}
         self._version = ""
         self._synced = threading.Event()
@@ -128,7 +126,7 @@ class PushClient:
             while (item := outbox.get()) is not None:
                 yield item
 
-        with grpc.secure_channel(self._target, self._credentials, _CHANNEL_OPTIONS) as channel:
+        with grpc.secure_channel(self._target, self._credentials, self._channel_options) as channel:
             stub = mesh_pb2_grpc.DiscoveryStub(channel)
             call = stub.Stream(requests(), metadata=self._metadata)
             with self._lock:
