@@ -24,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
     lab_sub.add_parser("status", help="nodes, pods, services and readiness")
     lab_sub.add_parser("demo", help="call server from client across nodes; show wire + metrics")
+    rc = lab_sub.add_parser("recreate", help="delete a pod and create it again (same IP, new uid)")
+    rc.add_argument("pod", help="namespace/name, or a name unique across namespaces")
     ex = lab_sub.add_parser("exec", help="run a command as a pod's process (like kubectl exec)")
     ex.add_argument("pod", help="namespace/name, or a name unique across namespaces")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command ...")
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
             print(lab.status())
         elif args.action == "demo":
             sys.exit(demo.run(lab))
+        elif args.action == "recreate":
+            pod = lab.recreate_pod(args.pod)
+            print(f"pod {pod.ref} re-created at {pod.address} with uid {pod.uid}")
         elif args.action == "exec":
             command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
             if not command:

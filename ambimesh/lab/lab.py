@@ -8,6 +8,7 @@ namespace and one agent + ztunnel per node, and waits until every node is ready.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -198,6 +198,47 @@ class Lab:
             argv, cgroup=cgroup, netns_name=pod.netns, pod=True, stdin=stdin, capture=capture
         )
 
+    def recreate_pod(self, pod_ref: str, timeout: float = 30.0) -> PodPlan:
+        """Delete a pod and create it again with the same IP and a new uid, as a Deployment
+        rollout or a node's pod eviction would: sandbox gone, API object replaced, new
+        sandbox. Returns the new pod."""
+        lab_plan = self.load_plan()
+        try:
+            old = lab_plan.pod(pod_ref)
+        except KeyError as exc:
+            raise LabError(str(exc.args[0])) from None
+        new = dataclasses.replace(old, uid=str(uuid.uuid4()))
+        say(f"re-creating pod {old.ref} at {old.address}: uid {old.uid} -> {new.uid}")
+        cgroups.remove_tree(cgroups.pod_cgroup(self.name, old.node, old.uid))
+        network.remove_pod(lab_plan, old)
+        self._set_pod_uid(old, new.uid)
+        network.build_pod(lab_plan, new)
+        self._start_pod(new)
+        pods = tuple(new if p.ref == old.ref else p for p in lab_plan.pods)
+        self._save_plan(dataclasses.replace(lab_plan, pods=pods))
+        for port in new.ports:
+            self._wait_for(
+                partial(_listening, new, port),
+                timeout,
+                f"pod {new.ref} to listen on {port}",
+                f"pod-{new.namespace}-{new.name}",
+            )
+        return new
+
+    def _set_pod_uid(self, pod: PodPlan, uid: str) -> None:
+        """Rewrite the pod's uid in the runtime config the controller watches."""
+        for path in sorted(self.config_dir.glob("*.y*ml")):
+            docs = list(yaml.safe_load_all(path.read_text()))
+            for doc in docs:
+                if not isinstance(doc, dict) or doc.get("kind") != "Pod":
+                    continue
+                meta = doc.get("metadata") or {}
+                if meta.get("uid") == pod.uid:
+                    meta["uid"] = uid
+                    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+                    return
+        raise LabError(f"pod {pod.ref} (uid {pod.uid}) is not in {self.config_dir}")
+
     def status(self) -> str:
         lab_plan = self.load_plan()
         lines = [f"lab {self.name!r}: config {self.config_dir}, logs {self.logs}"]
@@ -221,14 +262,17 @@ class Lab:
         self.config_dir.mkdir(exist_ok=True)
         for fname, docs in lab_plan.runtime_documents.items():
             (self.config_dir / fname).write_text(yaml.safe_dump_all(docs, sort_keys=False))
-        state = asdict(lab_plan)
-        state.pop("runtime_documents")
-        (self.state / "plan.json").write_text(json.dumps(state, indent=1))
+        self._save_plan(lab_plan)
         tokens = {node.name: secrets.token_urlsafe(32) for node in lab_plan.nodes}
         _write_private(self.state / "tokens.yaml", yaml.safe_dump(tokens))
         for node, token in tokens.items():
             self.node_dir(node).mkdir(parents=True, exist_ok=True)
             _write_private(self.node_dir(node) / "token", token)
+
+    def _save_plan(self, lab_plan: LabPlan) -> None:
+        state = dataclasses.asdict(lab_plan)
+        state.pop("runtime_documents")
+        (self.state / "plan.json").write_text(json.dumps(state, indent=1))
 
     def _start_pod(self, pod: PodPlan) -> None:
         cgroup = cgroups.create(cgroups.pod_cgroup(self.name, pod.node, pod.uid))

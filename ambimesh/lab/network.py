@@ -112,6 +112,21 @@ def build_pod(plan: LabPlan, pod: PodPlan) -> None:
     (etc / "hosts").write_text(plan.hosts_file(pod))
 
 
+def remove_pod(plan: LabPlan, pod: PodPlan) -> None:
+    """What a CNI DEL does: delete the pod's veth, then its namespace.
+
+    The veth goes explicitly: a namespace lives on while anyone (ztunnel, the agent) still
+    holds an fd on it, and with it the veth and its name on the node's bridge.
+    """
+    with NetNS(plan.node(pod.node).netns) as ns:
+        found = ns.link_lookup(ifname=pod.host_veth)
+        if found:
+            ns.link("del", index=found[0])
+    if pod.netns in netns.listnetns():
+        netns.remove(pod.netns)
+    shutil.rmtree(NETNS_ETC / pod.netns, ignore_errors=True)
+
+
 def remove_namespaces(prefix: str) -> list[str]:
     """Delete every netns (and its /etc/netns dir) whose name starts with ``prefix``-.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -366,3 +367,90 @@ def test_established_connection_survives_agent_restarts(lab: Lab) -> None:
     finally:
         client.kill()
         client.wait()
+
+
+def mtls_calls_from_client(lab: Lab) -> float:
+    return metric(
+        istio_metrics(lab, "node-2"),
+        "istio_tcp_connections_opened_total",
+        reporter="destination",
+        source_principal=CLIENT_SA,
+        destination_workload="server",
+        connection_security_policy="mutual_tls",
+    )
+
+
+def assert_first_calls_work_over_mtls(lab: Lab, tag: str, calls: int = 5) -> None:
+    """No warm-up allowed: a stale tunnel would fail exactly these first calls."""
+    before = mtls_calls_from_client(lab)
+    for i in range(calls):
+        result = fetch_in_pod(lab, "demo/client", f"http://server/{tag}-{i}")
+        assert result.returncode == 0, f"call {i} after {tag} failed: rc {result.returncode}"
+    wait_until(
+        lambda: mtls_calls_from_client(lab) >= before + calls,
+        f"the {calls} calls to show up as mTLS on the server side",
+    )
+
+
+class Traffic:
+    """Calls server's pod IP from client in a loop (bounded) while a test changes things."""
+
+    def __init__(self, lab: Lab, url: str, limit_seconds: float = 120.0) -> None:
+        self.lab, self.url, self.limit = lab, url, limit_seconds
+        self.results: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.results.append(fetch_in_pod(self.lab, "demo/client", self.url).returncode)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=40)
+
+
+def enrolled(lab: Lab, count: int) -> Callable[[], bool]:
+    return lambda: all(
+        agent_gauge(lab, node, "ambimesh_enrolled_pods") == count for node in ("node-1", "node-2")
+    )
+
+
+def test_relabeling_none_and_back_while_traffic_runs(lab: Lab) -> None:
+    """ambient -> none -> ambient, three times under load; the first call after works."""
+    server_ip = lab.load_plan().pod("demo/server").address
+    assert_first_calls_work_over_mtls(lab, "warm-pool")  # the client's pool holds a tunnel
+    try:
+        with Traffic(lab, f"http://{server_ip}:8080/during") as traffic:
+            for _ in range(3):
+                set_namespace_label(lab, "demo", "none")
+                wait_until(enrolled(lab, 0), "demo's pods to be released")
+                set_namespace_label(lab, "demo", "ambient")
+                wait_until(enrolled(lab, 1), "demo's pods to be enrolled again")
+                lab.wait_ready()
+        assert traffic.results, "the background traffic never ran"
+    finally:
+        set_namespace_label(lab, "demo", "ambient")
+    assert_first_calls_work_over_mtls(lab, "relabeled")
+
+
+def test_server_pod_recreated_with_the_same_ip(lab: Lab) -> None:
+    old = lab.load_plan().pod("demo/server")
+    assert_first_calls_work_over_mtls(lab, "before-recreate")
+    released = log_text(lab, "agent-node-2").count("released pod demo/server")
+    new = lab.recreate_pod("demo/server")
+    assert (new.address, new.node) == (old.address, old.node) and new.uid != old.uid
+    wait_until(
+        lambda: log_text(lab, "agent-node-2").count("released pod demo/server") > released,
+        "the old pod to be released",
+    )
+    wait_until(enrolled(lab, 1), "the new pod to be enrolled")
+    lab.wait_ready()
+    assert_first_calls_work_over_mtls(lab, "recreated")
+    plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{new.address}:8080/plain")
+    assert plaintext.returncode != 0, "the re-created STRICT pod took plaintext"
