@@ -96,6 +96,16 @@ class PodProxy:
         if self.closed:
             stream.refuse(Status.UPSTREAM_UNREACHABLE)
             return
+        # Our root may sign for other trust domains (federation); they are not our mesh.
+        if peer.trust_domain != self.ctx.trust_domain:
+            log.warning(
+                "inbound HBONE to %s refused: peer %s is not in trust domain %s",
+                self.pod.ref,
+                peer,
+                self.ctx.trust_domain,
+            )
+            stream.refuse(Status.UNAUTHENTICATED)
+            return
         await inbound.handle(self.ctx, self.pod, stream, request, peer)
 
     async def _serve_hbone(self) -> None:

@@ -21,7 +21,7 @@ from pyroute2 import IPRoute, NetNS, netns
 from mesh import tls
 from mesh.api import node_pb2
 from mesh.hbone.connection import HboneClientConnection, HboneStream, serve
-from mesh.hbone.protocol import ConnectRequest, HboneError
+from mesh.hbone.protocol import ConnectRequest, HboneError, HboneStreamRefused, Status
 from mesh.netns import Netns, NetnsClosed, socket_in
 from mesh.spiffe import SpiffeId
 from tests.integration.privileged import require_privileged
@@ -267,3 +267,20 @@ def test_a_closed_handle_never_reaches_a_reused_fd_number() -> None:
     finally:
         os.close(number)
         os.close(devnull)
+
+
+async def test_a_peer_of_another_trust_domain_is_refused(rig: Rig, pair: Pair) -> None:
+    """Signed by our root, but for another trust domain: not a member of this mesh."""
+    await add_server_pod(rig, pair)
+    foreign = SpiffeId("other.example", "demo", "client")
+    conn = await HboneClientConnection.connect(
+        socket_in(pair.peer, reuse=False),
+        tls.client_context(make_leaf(rig.ca, foreign)),
+        SERVER,
+        address=(POD_IP, 15008),
+    )
+    with pytest.raises(HboneStreamRefused) as refused:
+        await conn.open_stream(f"{POD_IP}:{APP_PORT}")
+    assert refused.value.status == Status.UNAUTHENTICATED
+    assert rig.app.open == 0
+    conn.close()
