@@ -3,7 +3,8 @@
 `asyncio.Protocol` based (not streams) so it runs the same on uvloop and so that flow
 control is explicit: received bytes are acknowledged to the peer only as the reader consumes
 them (a slow reader slows its sender), and a writer's `drain()` waits for both HTTP/2 send
-windows and the transport's write buffer.
+windows and the transport's write buffer. Every bound a peer can push against is an
+`HboneLimits` field, checked as bytes arrive (`mesh.hbone.guard` for frame sizes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from mesh.hbone.guard import FrameGuard, FrameViolation
+from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from mesh.hbone.protocol import (
     ConnectRequest,
     HboneError,
@@ -42,14 +45,13 @@ from mesh.tls import ALPN_H2, PeerIdentityError, TlsError, peer_identity
 
 log = logging.getLogger(__name__)
 
-STREAM_WINDOW = 4 * 1024 * 1024
-CONNECTION_WINDOW = 16 * 1024 * 1024
-MAX_FRAME_SIZE = 256 * 1024
-MAX_CONCURRENT_STREAMS = 1000
 CONNECT_TIMEOUT = 10.0
 OPEN_STREAM_TIMEOUT = 10.0
-# A writer may queue this much on a stream before drain() makes it wait.
-SEND_HIGH_WATER = 256 * 1024
+# Received chunks below this size are merged, so tiny DATA frames cost no per-chunk overhead.
+_COALESCE = 1024
+# h2 would end the whole connection for one stream over our advertised limit; we refuse
+# that stream alone (RFC 9113 §5.1.2), so h2's own check is set out of reach.
+_H2_STREAM_LIMIT = 2**31 - 1
 # Leave room below 2**31 - 1 so a connection nearly out of stream ids is retired, not used.
 _LAST_USABLE_STREAM_ID = 2**31 - 1 - 1000
 
@@ -142,7 +144,8 @@ class HboneStream:
         After `write_eof()`, wait until everything, END_STREAM included, was handed over.
         """
         while self._error is None and (
-            self._send_size > SEND_HIGH_WATER or (self._send_eof_pending and not self._send_closed)
+            self._send_size > self._conn._limits.stream_send_buffer
+            or (self._send_eof_pending and not self._send_closed)
         ):
             self._drain_waiter = asyncio.get_running_loop().create_future()
             await self._drain_waiter
@@ -214,22 +217,36 @@ class HboneStream:
 
 
 class _HboneConnection(asyncio.Protocol):
-    """What client and server share: the h2 state machine, flow control, stream table."""
+    """What client and server share: the h2 state machine, flow control, stream table,
+    limits and deadlines."""
 
-    def __init__(
-        self, *, client_side: bool, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
-    ) -> None:
-        self._max_concurrent_streams = max_concurrent_streams
+    def __init__(self, *, client_side: bool, limits: HboneLimits, idle_timeout: float) -> None:
+        self._limits = limits
+        self._idle_timeout = idle_timeout
         self._h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        )
+        self._guard = FrameGuard(
+            server=not client_side,
+            max_frame_size=limits.max_frame_size,
+            max_header_block=limits.max_header_list_size,
         )
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, HboneStream] = {}
         self._write_paused = False
+        self._read_paused = False
         self._lost: BaseException | None = None
+        # Set once we stop serving (GOAWAY sent, connection lost): no more frames in or out.
+        self._closing = False
         self._closed = asyncio.get_running_loop().create_future()
         self._goaway = False
+        self._preface_done = False
         self._state_waiters: list[asyncio.Future[None]] = []
+        # Deadlines: preface (server) or idle, an unfinished header block, a closing flush.
+        self._deadline: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._headers_deadline: asyncio.TimerHandle | None = None
+        self._abort_deadline: asyncio.TimerHandle | None = None
         self.peer: SpiffeId | None = None
 
     @property
@@ -243,10 +260,7 @@ class _HboneConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """GOAWAY and close the connection; open streams fail."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._h2.close_connection()
-            self._flush()
-            self._transport.close()
+        self._shut(ErrorCodes.NO_ERROR, f"HBONE connection to {self.peer} closed locally")
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -254,30 +268,44 @@ class _HboneConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=self._limits.write_high_water)
+        client_side = self._h2.config.client_side
         settings = {
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._limits.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: self._limits.max_frame_size,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._limits.max_header_list_size,
         }
-        if self._h2.config.client_side:
+        if client_side:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
-        self._h2.local_settings = h2.settings.Settings(
-            client=self._h2.config.client_side, initial_values=settings
-        )
+        self._h2.local_settings = h2.settings.Settings(client_side, settings)
         self._h2.initiate_connection()
-        # h2 raises its frame size limit only on the receive_data call after our SETTINGS
-        # are acked, so a peer sending the ACK and a large frame in one read would trip it.
-        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
-        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = _H2_STREAM_LIMIT
+        self._h2.local_settings = h2.settings.Settings(client_side, settings)
+        # h2 applies our frame and header list limits only once the peer acks our SETTINGS;
+        # until then it would accept its defaults (a 64 KiB header list).
+        self._h2.max_inbound_frame_size = self._limits.max_frame_size
+        self._h2.decoder.max_header_list_size = self._limits.max_header_list_size
+        self._h2.increment_flow_control_window(self._limits.connection_window - 65535)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._guard.feed(data)
+        except FrameViolation as exc:
+            log.warning("HBONE peer %s: %s; closing the connection", self.peer, exc)
+            self._shut(exc.error_code, f"HBONE peer {self.peer} broke a limit: {exc}")
+            return
+        if self._guard.in_header_block != (self._headers_deadline is not None):
+            self._time_header_block()
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.warning("HBONE peer %s broke HTTP/2, closing the connection: %s", self.peer, exc)
-            self._flush()
-            self._abort()
+            # h2 has queued its GOAWAY already.
+            self._shut(None, f"HBONE peer {self.peer} broke HTTP/2: {exc}")
             return
         for event in events:
             self._dispatch(event)
@@ -287,12 +315,12 @@ class _HboneConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        for handle in (self._deadline, self._headers_deadline, self._abort_deadline):
+            if handle is not None:
+                handle.cancel()
         self._lost = exc or HboneConnectionClosed(f"HBONE connection to {self.peer} closed")
-        error = HboneConnectionClosed(f"HBONE connection to {self.peer} lost: {self._lost}")
-        for stream in list(self._streams.values()):
-            stream._fail(error)
-        self._streams.clear()
-        self._notify_state()
+        self._fail_all(HboneConnectionClosed(f"HBONE connection to {self.peer} lost: {self._lost}"))
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -301,9 +329,37 @@ class _HboneConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._read_paused and self._transport is not None and not self._closing:
+            self._read_paused = False
+            self._transport.resume_reading()
         for stream in list(self._streams.values()):
             self._pump(stream, flush=False)
         self._flush()
+
+    def _shut(self, error_code: ErrorCodes | None, reason: str) -> None:
+        """Fail every stream, send GOAWAY `error_code` (None: h2 queued one) and close;
+        abort if the peer does not take the last bytes within `close_timeout`."""
+        if self._closing or self._transport is None:
+            return
+        if error_code is not None:
+            self._h2.close_connection(error_code)
+        self._flush()
+        self._closing = True
+        self._fail_all(HboneConnectionClosed(reason))
+        self._transport.close()
+        self._abort_deadline = asyncio.get_running_loop().call_later(
+            self._limits.close_timeout, self._abort
+        )
+
+    def _fail_all(self, error: HboneError) -> None:
+        for stream in list(self._streams.values()):
+            self._peer_failed(stream, error)
+        self._notify_state()
+
+    def _peer_failed(self, stream: HboneStream, error: HboneError) -> None:
+        """The peer or the connection ended `stream` (not our own code)."""
+        stream._fail(error)
+        self._forget(stream)
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -315,15 +371,15 @@ class _HboneConnection(asyncio.Protocol):
                 stream._wake_reader()
                 self._forget_if_done(stream)
         elif isinstance(event, h2.events.StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
+            stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._fail(
+                self._peer_failed(
+                    stream,
                     HboneStreamReset(
                         f"peer {self.peer} reset stream {event.stream_id} "
                         f"({ErrorCodes(event.error_code).name})"
-                    )
+                    ),
                 )
-                self._notify_state()
         elif isinstance(event, h2.events.WindowUpdated):
             targets = (
                 list(self._streams.values())
@@ -352,18 +408,28 @@ class _HboneConnection(asyncio.Protocol):
         if padding:
             self._h2.acknowledge_received_data(padding, event.stream_id)
         if data:
-            stream._recv.append(data)
+            recv = stream._recv
+            if recv and len(data) < _COALESCE and len(recv[-1]) < _COALESCE:
+                recv[-1] += data
+            else:
+                recv.append(data)
             stream._wake_reader()
 
     def _on_settings(self) -> None:
+        if not self._preface_done:
+            self._preface_done = True
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            if not self._streams:
+                self._went_idle()
         self._notify_state()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         last = event.last_stream_id or 0
         for stream_id, stream in list(self._streams.items()):
             if stream_id > last:
-                stream._fail(HboneConnectionClosed(f"peer {self.peer} sent GOAWAY"))
-                self._streams.pop(stream_id)
+                self._peer_failed(stream, HboneConnectionClosed(f"peer {self.peer} sent GOAWAY"))
         self._notify_state()
         if not self._streams and self._transport is not None:
             self._transport.close()
@@ -375,17 +441,18 @@ class _HboneConnection(asyncio.Protocol):
         self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _consumed(self, stream: HboneStream, size: int) -> None:
-        if size and self._lost is None:
+        if size and not self._closing:
             self._h2.acknowledge_received_data(size, stream.stream_id)
             self._flush()
 
     def _pump(self, stream: HboneStream, *, flush: bool = True) -> None:
         """Move queued bytes into HTTP/2 DATA frames as far as windows and the transport allow."""
-        if self._write_paused or self._lost is not None or stream._error is not None:
+        if self._closing or stream._error is not None:
             return
         sid = stream.stream_id
-        while stream._send:
-            window = min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size)
+        frame_size = min(self._h2.max_outbound_frame_size, self._limits.max_frame_size)
+        while stream._send and not self._write_paused:
+            window = min(self._h2.local_flow_control_window(sid), frame_size)
             if window <= 0:
                 break
             chunk = stream._send[0]
@@ -396,11 +463,13 @@ class _HboneConnection(asyncio.Protocol):
                 stream._send.popleft()
             self._h2.send_data(sid, chunk)
             stream._send_size -= len(chunk)
+            # Written frame by frame so pause_writing stops us at the high-water mark.
+            self._flush()
         if not stream._send and stream._send_eof_pending and not stream._send_closed:
             self._h2.end_stream(sid)
             stream._send_closed = True
             self._forget_if_done(stream)
-        if stream._send_size <= SEND_HIGH_WATER:
+        if stream._send_size <= self._limits.stream_send_buffer:
             stream._wake_writer()
         if flush:
             self._flush()
@@ -408,17 +477,21 @@ class _HboneConnection(asyncio.Protocol):
     def _send_headers(
         self, stream: HboneStream, headers: list[Header], *, end_stream: bool
     ) -> None:
-        if self._lost is not None:
+        if self._closing:
             raise HboneConnectionClosed(f"HBONE connection to {self.peer} is closed")
         self._h2.send_headers(stream.stream_id, headers, end_stream=end_stream)
         self._flush()
 
     def _reset_stream(self, stream: HboneStream, error_code: ErrorCodes) -> None:
-        if self._lost is None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed stream or GOAWAY sent
+        if not self._closing:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self._h2.reset_stream(stream.stream_id, error_code)
             self._flush()
         self._forget(stream)
+
+    def _add_stream(self, stream: HboneStream) -> None:
+        self._streams[stream.stream_id] = stream
+        self._idle_since = None
 
     def _forget_if_done(self, stream: HboneStream) -> None:
         if stream._recv_eof and stream._send_closed:
@@ -427,7 +500,45 @@ class _HboneConnection(asyncio.Protocol):
     def _forget(self, stream: HboneStream) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            if not self._streams:
+                self._went_idle()
             self._notify_state()
+
+    def _went_idle(self) -> None:
+        """Start the idle clock; one timer serves many idle periods (cheap per stream)."""
+        if self._closing or not self._preface_done:
+            return
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        if self._deadline is None:
+            self._deadline = loop.call_later(self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._deadline = None
+        if self._idle_since is None or self._closing:
+            return
+        left = self._idle_since + self._idle_timeout - asyncio.get_running_loop().time()
+        if left > 0:
+            self._deadline = asyncio.get_running_loop().call_later(left, self._idle_check)
+            return
+        log.debug("HBONE connection to %s idle for %.0fs, closing", self.peer, self._idle_timeout)
+        self.close()
+
+    def _time_header_block(self) -> None:
+        if self._headers_deadline is not None:
+            self._headers_deadline.cancel()
+            self._headers_deadline = None
+        else:
+            self._headers_deadline = asyncio.get_running_loop().call_later(
+                self._limits.headers_timeout,
+                self._expire,
+                ErrorCodes.PROTOCOL_ERROR,
+                f"header block unfinished after {self._limits.headers_timeout}s",
+            )
+
+    def _expire(self, error_code: ErrorCodes, what: str) -> None:
+        log.warning("HBONE peer %s: %s; closing the connection", self.peer, what)
+        self._shut(error_code, f"HBONE peer {self.peer}: {what}")
 
     def _notify_state(self) -> None:
         waiters, self._state_waiters = self._state_waiters, []
@@ -442,8 +553,17 @@ class _HboneConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        if not data or transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if (
+            not self._read_paused
+            and transport.get_write_buffer_size() > self._limits.write_buffer_limit
+        ):
+            # The peer makes us answer (PING, SETTINGS, RST_STREAM) but does not read.
+            self._read_paused = True
+            transport.pause_reading()
 
     def _abort(self) -> None:
         if self._transport is not None:
@@ -472,8 +592,8 @@ async def connect_socket(
 class HboneClientConnection(_HboneConnection):
     """The client end: opens CONNECT tunnels to one verified peer."""
 
-    def __init__(self) -> None:
-        super().__init__(client_side=True)
+    def __init__(self, limits: HboneLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(client_side=True, limits=limits, idle_timeout=limits.client_idle_timeout)
         self._preface: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -486,6 +606,7 @@ class HboneClientConnection(_HboneConnection):
         *,
         address: tuple[str, int] | None = None,
         timeout: float = CONNECT_TIMEOUT,
+        limits: HboneLimits = DEFAULT_LIMITS,
     ) -> Self:
         """mTLS + HTTP/2 over `sock` (connected first to `address` if given), peer checked.
 
@@ -501,7 +622,10 @@ class HboneClientConnection(_HboneConnection):
                 if address is not None:
                     await connect_socket(sock, address, timeout=timeout)
                 _, conn = await loop.create_connection(
-                    cls, sock=sock, ssl=ssl_context, server_hostname=server_hostname or ""
+                    lambda: cls(limits),
+                    sock=sock,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname or "",
                 )
                 conn._check_peer(expected_peer, where)
                 await asyncio.shield(conn._preface)
@@ -551,7 +675,7 @@ class HboneClientConnection(_HboneConnection):
     def is_usable(self) -> bool:
         """Whether new streams may still be opened on this connection."""
         return (
-            self._lost is None
+            not self._closing
             and not self._goaway
             and self._transport is not None
             and not self._transport.is_closing()
@@ -588,7 +712,7 @@ class HboneClientConnection(_HboneConnection):
                 stream = HboneStream(
                     self, self._h2.get_next_available_stream_id(), request, self.peer
                 )
-                self._streams[stream.stream_id] = stream
+                self._add_stream(stream)
                 self._send_headers(stream, headers, end_stream=False)
                 status = await asyncio.shield(stream._response)
         except TimeoutError:
@@ -649,15 +773,14 @@ class HboneServerProtocol(_HboneConnection):
     Use with `loop.create_server(lambda: HboneServerProtocol(handler), sock=..., ssl=...)`.
     Each valid CONNECT runs `handler(stream, request, peer)` in its own task; the handler
     must `await stream.accept()` or `stream.refuse(status)`, then relay. Malformed requests
-    get 400 without reaching the handler.
+    get 400 without reaching the handler. A stream the peer resets (or sends DATA on)
+    before it was answered cancels its handler, so no upstream is opened for nobody.
     """
 
-    def __init__(
-        self, handler: Handler, *, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
-    ) -> None:
-        super().__init__(client_side=False, max_concurrent_streams=max_concurrent_streams)
+    def __init__(self, handler: Handler, *, limits: HboneLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(client_side=False, limits=limits, idle_timeout=limits.idle_timeout)
         self._handler = handler
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[HboneStream, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -672,14 +795,26 @@ class HboneServerProtocol(_HboneConnection):
             self._transport.abort()
             return
         super().connection_made(transport)
+        timeout = self._limits.preface_timeout
+        self._deadline = asyncio.get_running_loop().call_later(
+            timeout,
+            self._expire,
+            ErrorCodes.SETTINGS_TIMEOUT,
+            f"no HTTP/2 preface within {timeout}s of the TLS handshake",
+        )
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        for task in self._tasks:
+    def _peer_failed(self, stream: HboneStream, error: HboneError) -> None:
+        super()._peer_failed(stream, error)
+        task = self._tasks.get(stream)
+        # An answered stream's handler is relaying: it sees the error and reports its counts.
+        if task is not None and not stream._responded:
             task.cancel()
-        super().connection_lost(exc)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and self.peer is not None
+        if len(self._streams) >= self._limits.max_concurrent_streams:
+            self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         try:
             request = parse_connect_request(event.headers or [])
         except HboneProtocolError as exc:
@@ -689,30 +824,46 @@ class HboneServerProtocol(_HboneConnection):
             )
             return
         stream = HboneStream(self, event.stream_id, request, self.peer)
-        self._streams[stream.stream_id] = stream
+        self._add_stream(stream)
         task = asyncio.get_running_loop().create_task(self._serve(stream))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[stream] = task
+        task.add_done_callback(lambda _: self._tasks.pop(stream, None))
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None and not stream._responded and stream._error is None:
+            # RFC 9113 §8.5: no DATA before the 2xx; those bytes must never reach the app.
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._peer_failed(
+                stream,
+                HboneStreamReset(f"peer {self.peer} sent data on stream {event.stream_id} early"),
+            )
+            return
+        super()._on_data(event)
 
     async def _serve(self, stream: HboneStream) -> None:
         try:
             await self._handler(stream, stream.request, stream.peer)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception(
-                "HBONE handler failed for %s from %s", stream.request.authority, stream.peer
-            )
+        except Exception as exc:
+            if exc is stream._error:  # the handler stopped because the stream failed
+                log.debug("HBONE stream %s from %s ended: %s", stream.request, stream.peer, exc)
+            else:
+                log.exception(
+                    "HBONE handler failed for %s from %s", stream.request.authority, stream.peer
+                )
         finally:
-            if not stream._responded and stream._error is None and self._lost is None:
+            if not stream._responded and stream._error is None and not self._closing:
                 stream.refuse(Status.UPSTREAM_UNREACHABLE)
             stream.close()
 
 
 def server_factory(
-    handler: Handler, *, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+    handler: Handler, *, limits: HboneLimits = DEFAULT_LIMITS
 ) -> Callable[[], HboneServerProtocol]:
-    return lambda: HboneServerProtocol(handler, max_concurrent_streams=max_concurrent_streams)
+    return lambda: HboneServerProtocol(handler, limits=limits)
 
 
 async def serve(
@@ -720,16 +871,15 @@ async def serve(
     ssl_context: ssl.SSLContext,
     handler: Handler,
     *,
-    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+    limits: HboneLimits = DEFAULT_LIMITS,
     **kwargs: Any,
 ) -> asyncio.Server:
     """Serve HBONE on a caller-made listening socket (e.g. bound inside a pod's netns).
 
-    Extra keyword arguments go to `loop.create_server` (e.g. `ssl_handshake_timeout`).
+    Extra keyword arguments go to `loop.create_server`; the TLS handshake is bounded by
+    `limits.handshake_timeout`.
     """
+    kwargs.setdefault("ssl_handshake_timeout", limits.handshake_timeout)
     return await asyncio.get_running_loop().create_server(
-        server_factory(handler, max_concurrent_streams=max_concurrent_streams),
-        sock=sock,
-        ssl=ssl_context,
-        **kwargs,
+        server_factory(handler, limits=limits), sock=sock, ssl=ssl_context, **kwargs
     )

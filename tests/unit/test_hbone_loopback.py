@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
 import h2.config
 import h2.connection
@@ -16,113 +14,51 @@ import pytest
 import uvloop
 
 from mesh.hbone.connection import (
-    HboneClientConnection,
     HboneConnectError,
     HboneStream,
     HboneStreamReset,
     HboneTimeout,
-    serve,
 )
+from mesh.hbone.limits import HboneLimits
 from mesh.hbone.protocol import ConnectRequest, HboneStreamRefused, Status
 from mesh.hbone.relay import StreamDuplex, relay
 from mesh.spiffe import SpiffeId
-from mesh.tls import PeerIdentityError, TlsIdentity, client_context, server_context
-from tests.unit.certs import CertAuthority, make_ca, make_leaf
+from mesh.tls import PeerIdentityError, TlsIdentity, client_context
+from tests.unit.certs import make_ca, make_leaf
+from tests.unit.hbone_rig import (
+    CLIENT_ID,
+    SERVER_ID,
+    TIMEOUT,
+    Pki,
+    Server,
+    dial,
+    echo,
+    make_pki,
+    read_all,
+    running_server,
+)
 
-CLIENT_ID = SpiffeId("cluster.local", "default", "sleep")
-SERVER_ID = SpiffeId("cluster.local", "default", "httpbin")
-TIMEOUT = 10.0
 DENIED_PORT = 403
-SLOW_PORT = 999
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: CertAuthority
-    client: TlsIdentity
-    server: TlsIdentity
 
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
-    ca = make_ca()
-    return Pki(ca, make_leaf(ca, CLIENT_ID), make_leaf(ca, SERVER_ID))
+    return make_pki()
 
 
 async def echo_handler(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
-    """Echo every byte back; a few ports refuse or stall so tests can reach those paths."""
+    """Echo every byte back; one port refuses so tests can reach that path."""
     assert peer == CLIENT_ID
     if request.authority_port == DENIED_PORT:
         stream.refuse(Status.POLICY_DENIED)
         return
-    await stream.accept()
-    if request.authority_port == SLOW_PORT:
-        await asyncio.sleep(0.5)
-    while data := await stream.read(65536):
-        stream.write(data)
-        await stream.drain()
-    stream.write_eof()
-    await stream.drain()
-
-
-class Server:
-    def __init__(self, server: asyncio.Server) -> None:
-        self.server = server
-        self.address: tuple[str, int] = server.sockets[0].getsockname()[:2]
+    await echo(stream, request, peer)
 
 
 @pytest.fixture
 async def server(pki: Pki) -> AsyncIterator[Server]:
     async with running_server(pki.server, echo_handler) as srv:
         yield srv
-
-
-class running_server:
-    def __init__(
-        self,
-        identity: TlsIdentity,
-        handler: Callable[[HboneStream, ConnectRequest, SpiffeId], Awaitable[None]],
-        max_concurrent_streams: int = 1000,
-    ) -> None:
-        self.identity = identity
-        self.handler = handler
-        self.max_concurrent_streams = max_concurrent_streams
-
-    async def __aenter__(self) -> Server:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.srv = Server(
-            await serve(
-                sock,
-                server_context(self.identity),
-                self.handler,
-                max_concurrent_streams=self.max_concurrent_streams,
-            )
-        )
-        return self.srv
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.srv.server.close()
-        await asyncio.wait_for(self.srv.server.wait_closed(), TIMEOUT)
-
-
-async def dial(
-    server: Server, identity: TlsIdentity, expected: SpiffeId | set[SpiffeId] | None = SERVER_ID
-) -> HboneClientConnection:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    return await HboneClientConnection.connect(
-        sock, client_context(identity), expected, address=server.address, timeout=TIMEOUT
-    )
-
-
-async def read_all(stream: HboneStream) -> bytes:
-    chunks = []
-    while data := await asyncio.wait_for(stream.read(1 << 20), TIMEOUT):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 async def test_echo_with_half_close(server: Server, pki: Pki) -> None:
@@ -237,7 +173,9 @@ async def test_concurrent_streams_share_one_connection(server: Server, pki: Pki)
 
 async def test_waits_for_peer_stream_limit(pki: Pki) -> None:
     """The server allows one stream at a time: a second open waits for the first to end."""
-    async with running_server(pki.server, echo_handler, max_concurrent_streams=1) as srv:
+    async with running_server(
+        pki.server, echo_handler, HboneLimits(max_concurrent_streams=1)
+    ) as srv:
         conn = await dial(srv, pki.client)
         first = await conn.open_stream("10.0.0.1:80")
         with pytest.raises(HboneTimeout):
