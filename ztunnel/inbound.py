@@ -1,5 +1,6 @@
-"""Inbound HBONE (15008 in the pod's netns): verify the tunnel targets this pod, then
-deliver it to the app from 127.0.0.6 so the BPF capture lets the delivery through."""
+"""Inbound HBONE (15008 in the pod's netns): verify the tunnel targets this pod and that
+L4 authorization allows it, then deliver it to the app from 127.0.0.6 so the BPF capture
+lets the delivery through."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.spiffe import SpiffeId
+from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
@@ -36,13 +38,6 @@ async def handle(
     workload = pod.workload(state)
     service = state.service_for(workload, request.authority_port)
     labels = workload_labels("destination", source, peer, workload, pod.identity, service, True)
-    try:
-        app = await open_upstream(pod.netns, target, INBOUND_SOURCE)
-    except OSError as exc:
-        log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
-        stream.refuse(Status.UPSTREAM_UNREACHABLE)
-        return
-    await stream.accept()
     info = ConnectionInfo(
         direction="inbound",
         source=stream.peer_address or "unknown",
@@ -51,4 +46,18 @@ async def handle(
         via="hbone",
         hbone=request.authority,
     )
-    await ctx.connections.relay(info, stream, app)
+    conn = authz.Connection(stream.peer_address or "", peer, *target)
+    decision = authz.authorize(state, workload, conn)
+    if not decision.allowed:
+        ctx.connections.deny(info, decision)
+        stream.refuse(Status.UNAUTHENTICATED)  # Istio's ztunnel answers a denial with 401
+        return
+    try:
+        app = await open_upstream(pod.netns, target, INBOUND_SOURCE)
+    except OSError as exc:
+        log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
+        stream.refuse(Status.UPSTREAM_UNREACHABLE)
+        return
+    await stream.accept()
+    authorized = authz.Authorized(workload.uid, conn, decision.audit)
+    await ctx.connections.relay(info, stream, app, authorized)

@@ -1,5 +1,6 @@
 """Inbound plaintext (15006 in the pod's netns): connections the sk_lookup program
-steered here. STRICT pods refuse them; PERMISSIVE pods get them delivered unchanged."""
+steered here. STRICT pods refuse them; PERMISSIVE pods get them delivered unchanged
+unless L4 authorization denies them (evaluated without a peer identity)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 
 from mesh.api import mesh_pb2
 from mesh.hbone.relay import StreamDuplex
+from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
@@ -48,12 +50,6 @@ async def handle(
     source = state.by_address.get(src_ip)
     service = state.service_for(workload, dst_port)
     labels = workload_labels("destination", source, None, workload, None, service, False)
-    try:
-        app = await open_upstream(pod.netns, (dst_ip, dst_port), INBOUND_SOURCE)
-    except OSError as exc:
-        log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
-        client.close()
-        return
     info = ConnectionInfo(
         direction="inbound_plaintext",
         source=f"{src_ip}:{src_port}",
@@ -61,4 +57,18 @@ async def handle(
         labels=labels,
         via="tcp",
     )
-    await ctx.connections.relay(info, client, app)
+    # No mTLS, no identity: principal and namespace rules cannot match it.
+    conn = authz.Connection(src_ip, None, dst_ip, dst_port)
+    decision = authz.authorize(state, workload, conn)
+    if not decision.allowed:
+        ctx.connections.deny(info, decision)
+        client.close()
+        return
+    try:
+        app = await open_upstream(pod.netns, (dst_ip, dst_port), INBOUND_SOURCE)
+    except OSError as exc:
+        log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
+        client.close()
+        return
+    authorized = authz.Authorized(workload.uid, conn, decision.audit)
+    await ctx.connections.relay(info, client, app, authorized)

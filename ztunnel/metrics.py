@@ -1,4 +1,8 @@
-"""Istio's TCP metrics, same names and labels, so existing dashboards work unchanged."""
+"""Istio's TCP metrics, same names and labels, so existing dashboards work unchanged.
+
+``response_flags`` is Istio ztunnel's: ``-`` normally, ``DENY`` on the close of a
+connection authorization refused (its open is counted with ``-``, as in Istio).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ LABELS = (
     "destination_principal",
     "destination_service",
     "connection_security_policy",
+    "response_flags",
 )
 UNKNOWN = "unknown"
+NO_FLAGS = "-"
+DENY = "DENY"
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class ConnectionLabels:
     destination_principal: str = UNKNOWN
     destination_service: str = UNKNOWN
     connection_security_policy: str = "none"
+    response_flags: str = NO_FLAGS
 
 
 class TcpMetrics:

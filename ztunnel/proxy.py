@@ -7,8 +7,10 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from functools import partial
 
 from mesh.api import mesh_pb2, node_pb2
+from ztunnel import authz
 from ztunnel.context import LocalPod, ProxyContext
 from ztunnel.pod_proxy import PodProxy
 from ztunnel.state import MeshState
@@ -23,9 +25,13 @@ class Ztunnel:
         self.config_synced = asyncio.Event()
 
     def update_state(self, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
-        """Swap in a new view of the mesh; connections in flight keep the one they started with."""
+        """Swap in a new view of the mesh; connections in flight keep the one they started
+        with, except that those the new authorization policies deny are closed (as Istio)."""
         self.ctx.state = MeshState.build(version, resources)
         self.config_synced.set()
+        closed = self.ctx.connections.recheck(partial(authz.recheck, self.ctx.state))
+        if closed:
+            log.info("closed %d connections the new authorization policies deny", closed)
         log.info(
             "config version %s: %d workloads, %d services",
             version,

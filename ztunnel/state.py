@@ -27,6 +27,10 @@ class MeshState:
     by_address: Mapping[str, mesh_pb2.Workload] = field(default_factory=dict)
     services_by_vip: Mapping[str, mesh_pb2.Service] = field(default_factory=dict)
     peer_authentications: tuple[mesh_pb2.PeerAuthentication, ...] = ()
+    # By namespace; mesh-wide ones (root namespace) under "".
+    authorization_policies: Mapping[str, tuple[mesh_pb2.AuthorizationPolicy, ...]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> MeshState:
@@ -34,6 +38,7 @@ class MeshState:
         by_address: dict[str, mesh_pb2.Workload] = {}
         services: dict[str, mesh_pb2.Service] = {}
         policies = []
+        authorizations: dict[str, list[mesh_pb2.AuthorizationPolicy]] = {}
         for res in resources.values():
             kind = res.WhichOneof("kind")
             if kind == "workload":
@@ -45,7 +50,23 @@ class MeshState:
                     services[vip] = res.service
             elif kind == "peer_authentication":
                 policies.append(res.peer_authentication)
-        return cls(version, workloads, by_address, services, tuple(policies))
+            elif kind == "authorization_policy":
+                ap = res.authorization_policy
+                ns = "" if ap.scope == mesh_pb2.MESH else ap.namespace
+                authorizations.setdefault(ns, []).append(ap)
+        by_namespace = {
+            ns: tuple(sorted(aps, key=lambda ap: (ap.namespace, ap.name)))
+            for ns, aps in authorizations.items()
+        }
+        return cls(version, workloads, by_address, services, tuple(policies), by_namespace)
+
+    def authorization_policies_for(
+        self, workload: mesh_pb2.Workload
+    ) -> tuple[mesh_pb2.AuthorizationPolicy, ...]:
+        """The workload's namespace's and the mesh-wide policies (selectors not yet applied)."""
+        return self.authorization_policies.get(workload.namespace, ()) + (
+            self.authorization_policies.get("", ())
+        )
 
     def service_for(self, workload: mesh_pb2.Workload, target_port: int) -> mesh_pb2.Service | None:
         """A service that routes ``target_port`` to this workload (for destination_service)."""

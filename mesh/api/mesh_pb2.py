@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/api/mesh.proto\x12\x0b\x61mbimesh.v1\"\xa4\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0f\n\x07\x61mbient\x18\x07 \x01(\x08\x12\x10\n\x08waypoint\x18\x08 \x01(\t\x12\x31\n\x06labels\x18\t \x03(\x0b\x32!.ambimesh.v1.Workload.LabelsEntry\x12\x14\n\x0ctrust_domain\x18\n \x01(\t\x12\x15\n\rworkload_name\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xa1\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\'\n\x05ports\x18\x05 \x03(\x0b\x32\x18.ambimesh.v1.ServicePort\x12\x15\n\rendpoint_uids\x18\x06 \x03(\t\x12\x10\n\x08waypoint\x18\x07 \x01(\t\"\x82\x03\n\x12PeerAuthentication\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\'\n\x05scope\x18\x03 \x01(\x0e\x32\x18.ambimesh.v1.PolicyScope\x12?\n\x08selector\x18\x04 \x03(\x0b\x32-.ambimesh.v1.PeerAuthentication.SelectorEntry\x12#\n\x04mode\x18\x05 \x01(\x0e\x32\x15.ambimesh.v1.MtlsMode\x12\x42\n\nport_modes\x18\x06 \x03(\x0b\x32..ambimesh.v1.PeerAuthentication.PortModesEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aG\n\x0ePortModesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12$\n\x05value\x18\x02 \x01(\x0e\x32\x15.ambimesh.v1.MtlsMode:\x02\x38\x01\"\xb3\x01\n\x08Resource\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08workload\x18\x02 \x01(\x0b\x32\x15.ambimesh.v1.WorkloadH\x00\x12\'\n\x07service\x18\x03 \x01(\x0b\x32\x14.ambimesh.v1.ServiceH\x00\x12>\n\x13peer_authentication\x18\x04 \x01(\x0b\x32\x1f.ambimesh.v1.PeerAuthenticationH\x00\x42\x06\n\x04kind\"G\n\x10\x44iscoveryRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t\"m\n\x11\x44iscoveryResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12(\n\tresources\x18\x03 \x03(\x0b\x32\x15.ambimesh.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\"@\n\x18\x43reateCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"E\n\x19\x43reateCertificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\t\x12\x10\n\x08root_pem\x18\x02 \x01(\t*H\n\x08MtlsMode\x12\x13\n\x0fMTLS_MODE_UNSET\x10\x00\x12\x0e\n\nPERMISSIVE\x10\x01\x12\n\n\x06STRICT\x10\x02\x12\x0b\n\x07\x44ISABLE\x10\x03*L\n\x0bPolicyScope\x12\x16\n\x12POLICY_SCOPE_UNSET\x10\x00\x12\x08\n\x04MESH\x10\x01\x12\r\n\tNAMESPACE\x10\x02\x12\x0c\n\x08WORKLOAD\x10\x03\x32X\n\tDiscovery\x12K\n\x06Stream\x12\x1d.ambimesh.v1.DiscoveryRequest\x1a\x1e.ambimesh.v1.DiscoveryResponse(\x01\x30\x01\x32z\n\x14\x43\x65rtificateAuthority\x12\x62\n\x11\x43reateCertificate\x12%.ambimesh.v1.CreateCertificateRequest\x1a&.ambimesh.v1.CreateCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/api/mesh.proto\x12\x0b\x61mbimesh.v1\"\xa4\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0f\n\x07\x61mbient\x18\x07 \x01(\x08\x12\x10\n\x08waypoint\x18\x08 \x01(\t\x12\x31\n\x06labels\x18\t \x03(\x0b\x32!.ambimesh.v1.Workload.LabelsEntry\x12\x14\n\x0ctrust_domain\x18\n \x01(\t\x12\x15\n\rworkload_name\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xa1\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\'\n\x05ports\x18\x05 \x03(\x0b\x32\x18.ambimesh.v1.ServicePort\x12\x15\n\rendpoint_uids\x18\x06 \x03(\t\x12\x10\n\x08waypoint\x18\x07 \x01(\t\"\x82\x03\n\x12PeerAuthentication\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\'\n\x05scope\x18\x03 \x01(\x0e\x32\x18.ambimesh.v1.PolicyScope\x12?\n\x08selector\x18\x04 \x03(\x0b\x32-.ambimesh.v1.PeerAuthentication.SelectorEntry\x12#\n\x04mode\x18\x05 \x01(\x0e\x32\x15.ambimesh.v1.MtlsMode\x12\x42\n\nport_modes\x18\x06 \x03(\x0b\x32..ambimesh.v1.PeerAuthentication.PortModesEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aG\n\x0ePortModesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12$\n\x05value\x18\x02 \x01(\x0e\x32\x15.ambimesh.v1.MtlsMode:\x02\x38\x01\"^\n\x0bStringMatch\x12\x0f\n\x05\x65xact\x18\x01 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x02 \x01(\tH\x00\x12\x10\n\x06suffix\x18\x03 \x01(\tH\x00\x12\x12\n\x08presence\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xf8\x02\n\x12\x41uthorizationMatch\x12,\n\nprincipals\x18\x01 \x03(\x0b\x32\x18.ambimesh.v1.StringMatch\x12\x30\n\x0enot_principals\x18\x02 \x03(\x0b\x32\x18.ambimesh.v1.StringMatch\x12,\n\nnamespaces\x18\x03 \x03(\x0b\x32\x18.ambimesh.v1.StringMatch\x12\x30\n\x0enot_namespaces\x18\x04 \x03(\x0b\x32\x18.ambimesh.v1.StringMatch\x12\x14\n\x0csource_cidrs\x18\x05 \x03(\t\x12\x18\n\x10not_source_cidrs\x18\x06 \x03(\t\x12\x19\n\x11\x64\x65stination_cidrs\x18\x07 \x03(\t\x12\x1d\n\x15not_destination_cidrs\x18\x08 \x03(\t\x12\x19\n\x11\x64\x65stination_ports\x18\t \x03(\r\x12\x1d\n\x15not_destination_ports\x18\n \x03(\r\"G\n\x13\x41uthorizationClause\x12\x30\n\x07matches\x18\x01 \x03(\x0b\x32\x1f.ambimesh.v1.AuthorizationMatch\"F\n\x11\x41uthorizationRule\x12\x31\n\x07\x63lauses\x18\x01 \x03(\x0b\x32 .ambimesh.v1.AuthorizationClause\"\x8d\x03\n\x13\x41uthorizationPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\'\n\x05scope\x18\x03 \x01(\x0e\x32\x18.ambimesh.v1.PolicyScope\x12@\n\x08selector\x18\x04 \x03(\x0b\x32..ambimesh.v1.AuthorizationPolicy.SelectorEntry\x12\x37\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\'.ambimesh.v1.AuthorizationPolicy.Action\x12-\n\x05rules\x18\x06 \x03(\x0b\x32\x1e.ambimesh.v1.AuthorizationRule\x12\x15\n\rl7_attributes\x18\x07 \x03(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x06\x41\x63tion\x12\x10\n\x0c\x41\x43TION_UNSET\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x12\t\n\x05\x41UDIT\x10\x03\"\xf5\x01\n\x08Resource\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08workload\x18\x02 \x01(\x0b\x32\x15.ambimesh.v1.WorkloadH\x00\x12\'\n\x07service\x18\x03 \x01(\x0b\x32\x14.ambimesh.v1.ServiceH\x00\x12>\n\x13peer_authentication\x18\x04 \x01(\x0b\x32\x1f.ambimesh.v1.PeerAuthenticationH\x00\x12@\n\x14\x61uthorization_policy\x18\x05 \x01(\x0b\x32 .ambimesh.v1.AuthorizationPolicyH\x00\x42\x06\n\x04kind\"G\n\x10\x44iscoveryRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x03 \x01(\t\"m\n\x11\x44iscoveryResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12(\n\tresources\x18\x03 \x03(\x0b\x32\x15.ambimesh.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\"@\n\x18\x43reateCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"E\n\x19\x43reateCertificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\t\x12\x10\n\x08root_pem\x18\x02 \x01(\t*H\n\x08MtlsMode\x12\x13\n\x0fMTLS_MODE_UNSET\x10\x00\x12\x0e\n\nPERMISSIVE\x10\x01\x12\n\n\x06STRICT\x10\x02\x12\x0b\n\x07\x44ISABLE\x10\x03*L\n\x0bPolicyScope\x12\x16\n\x12POLICY_SCOPE_UNSET\x10\x00\x12\x08\n\x04MESH\x10\x01\x12\r\n\tNAMESPACE\x10\x02\x12\x0c\n\x08WORKLOAD\x10\x03\x32X\n\tDiscovery\x12K\n\x06Stream\x12\x1d.ambimesh.v1.DiscoveryRequest\x1a\x1e.ambimesh.v1.DiscoveryResponse(\x01\x30\x01\x32z\n\x14\x43\x65rtificateAuthority\x12\x62\n\x11\x43reateCertificate\x12%.ambimesh.v1.CreateCertificateRequest\x1a&.ambimesh.v1.CreateCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERAUTHENTICATION_SELECTORENTRY']._serialized_options = b'8\001'
   _globals['_PEERAUTHENTICATION_PORTMODESENTRY']._loaded_options = None
   _globals['_PEERAUTHENTICATION_PORTMODESENTRY']._serialized_options = b'8\001'
-  _globals['_MTLSMODE']._serialized_start=1451
-  _globals['_MTLSMODE']._serialized_end=1523
-  _globals['_POLICYSCOPE']._serialized_start=1525
-  _globals['_POLICYSCOPE']._serialized_end=1601
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._loaded_options = None
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_MTLSMODE']._serialized_start=2537
+  _globals['_MTLSMODE']._serialized_end=2609
+  _globals['_POLICYSCOPE']._serialized_start=2611
+  _globals['_POLICYSCOPE']._serialized_end=2687
   _globals['_WORKLOAD']._serialized_start=37
   _globals['_WORKLOAD']._serialized_end=329
   _globals['_WORKLOAD_LABELSENTRY']._serialized_start=284
@@ -55,18 +57,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERAUTHENTICATION_SELECTORENTRY']._serialized_end=873
   _globals['_PEERAUTHENTICATION_PORTMODESENTRY']._serialized_start=875
   _globals['_PEERAUTHENTICATION_PORTMODESENTRY']._serialized_end=946
-  _globals['_RESOURCE']._serialized_start=949
-  _globals['_RESOURCE']._serialized_end=1128
-  _globals['_DISCOVERYREQUEST']._serialized_start=1130
-  _globals['_DISCOVERYREQUEST']._serialized_end=1201
-  _globals['_DISCOVERYRESPONSE']._serialized_start=1203
-  _globals['_DISCOVERYRESPONSE']._serialized_end=1312
-  _globals['_CREATECERTIFICATEREQUEST']._serialized_start=1314
-  _globals['_CREATECERTIFICATEREQUEST']._serialized_end=1378
-  _globals['_CREATECERTIFICATERESPONSE']._serialized_start=1380
-  _globals['_CREATECERTIFICATERESPONSE']._serialized_end=1449
-  _globals['_DISCOVERY']._serialized_start=1603
-  _globals['_DISCOVERY']._serialized_end=1691
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1693
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1815
+  _globals['_STRINGMATCH']._serialized_start=948
+  _globals['_STRINGMATCH']._serialized_end=1042
+  _globals['_AUTHORIZATIONMATCH']._serialized_start=1045
+  _globals['_AUTHORIZATIONMATCH']._serialized_end=1421
+  _globals['_AUTHORIZATIONCLAUSE']._serialized_start=1423
+  _globals['_AUTHORIZATIONCLAUSE']._serialized_end=1494
+  _globals['_AUTHORIZATIONRULE']._serialized_start=1496
+  _globals['_AUTHORIZATIONRULE']._serialized_end=1566
+  _globals['_AUTHORIZATIONPOLICY']._serialized_start=1569
+  _globals['_AUTHORIZATIONPOLICY']._serialized_end=1966
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_start=826
+  _globals['_AUTHORIZATIONPOLICY_SELECTORENTRY']._serialized_end=873
+  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_start=1908
+  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_end=1966
+  _globals['_RESOURCE']._serialized_start=1969
+  _globals['_RESOURCE']._serialized_end=2214
+  _globals['_DISCOVERYREQUEST']._serialized_start=2216
+  _globals['_DISCOVERYREQUEST']._serialized_end=2287
+  _globals['_DISCOVERYRESPONSE']._serialized_start=2289
+  _globals['_DISCOVERYRESPONSE']._serialized_end=2398
+  _globals['_CREATECERTIFICATEREQUEST']._serialized_start=2400
+  _globals['_CREATECERTIFICATEREQUEST']._serialized_end=2464
+  _globals['_CREATECERTIFICATERESPONSE']._serialized_start=2466
+  _globals['_CREATECERTIFICATERESPONSE']._serialized_end=2535
+  _globals['_DISCOVERY']._serialized_start=2689
+  _globals['_DISCOVERY']._serialized_end=2777
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=2779
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=2901
 # @@protoc_insertion_point(module_scope)

@@ -286,6 +286,236 @@ class PeerAuthentication(_message.Message):
 Global___PeerAuthentication: _TypeAlias = PeerAuthentication  # noqa: Y015
 
 @_typing.final
+class StringMatch(_message.Message):
+    """Istio's matcher for principals and namespaces: "*" (present), "x*", "*x" or exact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXACT_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    SUFFIX_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
+    exact: _builtins.str
+    prefix: _builtins.str
+    suffix: _builtins.str
+    presence: _builtins.bool
+    """Any non-empty value."""
+    def __init__(
+        self,
+        *,
+        exact: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        suffix: _builtins.str = ...,
+        presence: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "kind", b"kind", "prefix", b"prefix", "presence", b"presence", "suffix", b"suffix"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "kind", b"kind", "prefix", b"prefix", "presence", b"presence", "suffix", b"suffix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exact", "prefix", "suffix", "presence"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StringMatch: _TypeAlias = StringMatch  # noqa: Y015
+
+@_typing.final
+class AuthorizationMatch(_message.Message):
+    """Conditions on one connection: every field that is set must hold (AND), and a field
+    holds when any of its values matches (OR); a not_* field holds when none does.
+    A match with no field set matches every connection.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPALS_FIELD_NUMBER: _builtins.int
+    NOT_PRINCIPALS_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    NOT_NAMESPACES_FIELD_NUMBER: _builtins.int
+    SOURCE_CIDRS_FIELD_NUMBER: _builtins.int
+    NOT_SOURCE_CIDRS_FIELD_NUMBER: _builtins.int
+    DESTINATION_CIDRS_FIELD_NUMBER: _builtins.int
+    NOT_DESTINATION_CIDRS_FIELD_NUMBER: _builtins.int
+    DESTINATION_PORTS_FIELD_NUMBER: _builtins.int
+    NOT_DESTINATION_PORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def principals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]:
+        """Source SPIFFE ID without "spiffe://", e.g. "cluster.local/ns/demo/sa/client"."""
+
+    @_builtins.property
+    def not_principals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def not_namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def source_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CIDRs (a bare address is a /32 or /128)."""
+
+    @_builtins.property
+    def not_source_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def destination_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def not_destination_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def destination_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def not_destination_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        principals: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_principals: _abc.Iterable[Global___StringMatch] | None = ...,
+        namespaces: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_namespaces: _abc.Iterable[Global___StringMatch] | None = ...,
+        source_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        not_source_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        destination_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        not_destination_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        destination_ports: _abc.Iterable[_builtins.int] | None = ...,
+        not_destination_ports: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_cidrs", b"destination_cidrs", "destination_ports", b"destination_ports", "namespaces", b"namespaces", "not_destination_cidrs", b"not_destination_cidrs", "not_destination_ports", b"not_destination_ports", "not_namespaces", b"not_namespaces", "not_principals", b"not_principals", "not_source_cidrs", b"not_source_cidrs", "principals", b"principals", "source_cidrs", b"source_cidrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationMatch: _TypeAlias = AuthorizationMatch  # noqa: Y015
+
+@_typing.final
+class AuthorizationClause(_message.Message):
+    """One of a rule's from / to / when parts: it holds when any of its matches does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorizationMatch]: ...
+    def __init__(
+        self,
+        *,
+        matches: _abc.Iterable[Global___AuthorizationMatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matches", b"matches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationClause: _TypeAlias = AuthorizationClause  # noqa: Y015
+
+@_typing.final
+class AuthorizationRule(_message.Message):
+    """A rule matches when all its clauses hold; a rule with no clauses matches everything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAUSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def clauses(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorizationClause]: ...
+    def __init__(
+        self,
+        *,
+        clauses: _abc.Iterable[Global___AuthorizationClause] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clauses", b"clauses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationRule: _TypeAlias = AuthorizationRule  # noqa: Y015
+
+@_typing.final
+class AuthorizationPolicy(_message.Message):
+    """An Istio AuthorizationPolicy as ztunnel enforces it (L4 only; see controller/authz.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[AuthorizationPolicy._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSET: AuthorizationPolicy._Action.ValueType  # 0
+        ALLOW: AuthorizationPolicy._Action.ValueType  # 1
+        DENY: AuthorizationPolicy._Action.ValueType  # 2
+        AUDIT: AuthorizationPolicy._Action.ValueType  # 3
+        """Matches are logged; the decision is never changed."""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    ACTION_UNSET: AuthorizationPolicy.Action.ValueType  # 0
+    ALLOW: AuthorizationPolicy.Action.ValueType  # 1
+    DENY: AuthorizationPolicy.Action.ValueType  # 2
+    AUDIT: AuthorizationPolicy.Action.ValueType  # 3
+    """Matches are logged; the decision is never changed."""
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    L7_ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    namespace: _builtins.str
+    scope: Global___PolicyScope.ValueType
+    """MESH: in the root namespace, so it applies in every namespace (still narrowed by the
+    selector when it has one); NAMESPACE / WORKLOAD: workloads of its own namespace.
+    """
+    action: Global___AuthorizationPolicy.Action.ValueType
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorizationRule]:
+        """The policy matches when any rule does; a policy without rules matches nothing."""
+
+    @_builtins.property
+    def l7_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """HTTP attributes ztunnel cannot see, as written (e.g. "methods"), for logs and dumps."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        scope: Global___PolicyScope.ValueType = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        action: Global___AuthorizationPolicy.Action.ValueType = ...,
+        rules: _abc.Iterable[Global___AuthorizationRule] | None = ...,
+        l7_attributes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "l7_attributes", b"l7_attributes", "name", b"name", "namespace", b"namespace", "rules", b"rules", "scope", b"scope", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizationPolicy: _TypeAlias = AuthorizationPolicy  # noqa: Y015
+
+@_typing.final
 class Resource(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -293,6 +523,7 @@ class Resource(_message.Message):
     WORKLOAD_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     PEER_AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    AUTHORIZATION_POLICY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """"<kind>/<namespace>/<name>", unique within a snapshot."""
     @_builtins.property
@@ -301,6 +532,8 @@ class Resource(_message.Message):
     def service(self) -> Global___Service: ...
     @_builtins.property
     def peer_authentication(self) -> Global___PeerAuthentication: ...
+    @_builtins.property
+    def authorization_policy(self) -> Global___AuthorizationPolicy: ...
     def __init__(
         self,
         *,
@@ -308,12 +541,13 @@ class Resource(_message.Message):
         workload: Global___Workload | None = ...,
         service: Global___Service | None = ...,
         peer_authentication: Global___PeerAuthentication | None = ...,
+        authorization_policy: Global___AuthorizationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication", "authorization_policy"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -14,7 +14,8 @@ from mesh.spiffe import SpiffeId
 from ztunnel.context import workload_labels
 from ztunnel.metrics import LABELS, ConnectionLabels, TcpMetrics
 
-# DESIGN.md, "Metrics": the label names Istio dashboards query, in this order.
+# DESIGN.md, "Metrics": the label names Istio dashboards query, in this order, plus
+# Istio ztunnel's response_flags.
 ISTIO_LABELS = (
     "reporter",
     "source_workload",
@@ -25,6 +26,7 @@ ISTIO_LABELS = (
     "destination_principal",
     "destination_service",
     "connection_security_policy",
+    "response_flags",  # Istio ztunnel's: "-", or "DENY" when authorization refused
 )
 COUNTERS = (
     "istio_tcp_connections_opened_total",
@@ -65,6 +67,7 @@ def test_workload_labels_everything_known() -> None:
         "destination_principal": "spiffe://cluster.local/ns/prod/sa/srv",
         "destination_service": "server.prod.svc.cluster.local",
         "connection_security_policy": "mutual_tls",
+        "response_flags": "-",
     }
 
 
@@ -81,6 +84,7 @@ def test_workload_labels_everything_unknown() -> None:
         "destination_principal": "unknown",
         "destination_service": "unknown",
         "connection_security_policy": "none",
+        "response_flags": "-",
     }
 
 
