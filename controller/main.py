@@ -105,7 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
     settings = Settings(args.trust_domain, args.root_namespace, args.cluster_domain)
 
     def apply(objects: list[SourcedObject]) -> None:
-        store.replace(translate(objects, settings))
+        store.replace(translate(objects, settings, store.current.resources))
 
     watcher = DirectoryWatcher(args.config_dir, apply)
     try:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.addresses import Claim, conflict
+from controller.quoting import clip, quote
 from mesh.api import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,14 @@ class _Obj:
     namespace: str
     name: str
 
+    def ref(self) -> str:
+        """``Kind namespace/name``, the name cut short (it is user input of any length)."""
+        name = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {clip(name)}"
+
     def describe(self) -> str:
         """``source: Kind namespace/name``, the prefix of every message about this object."""
-        ref = f"{self.namespace}/{self.name}" if self.namespace else self.name
-        return f"{self.source}: {self.kind} {ref}"
+        return f"{self.source}: {self.ref()}"
 
     def error(self, path: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.describe()}: {path}: {problem}")
@@ -123,9 +129,15 @@ class _Pod:
 
 
 def translate(
-    objects: Iterable[SourcedObject], settings: Settings | None = None
+    objects: Iterable[SourcedObject],
+    settings: Settings | None = None,
+    in_force: Mapping[str, mesh_pb2.Resource] | None = None,
 ) -> dict[str, mesh_pb2.Resource]:
-    """Every object the mesh understands, as resources keyed by ``<kind>/<ns>/<name>``."""
+    """Every object the mesh understands, as resources keyed by ``<kind>/<ns>/<name>``.
+
+    ``in_force``, the configuration now served, decides which of two objects claiming one
+    address is the newcomer the error names (see :mod:`controller.addresses`).
+    """
     settings = settings or Settings()
     namespaces: dict[str, dict[str, str]] = {}
     pods: list[_Pod] = []
@@ -151,21 +163,33 @@ def translate(
             policies.append(obj)
 
     out: dict[str, mesh_pb2.Resource] = {}
+    claims: list[Claim] = []
     for pod in pods:
         ns_labels = namespaces.get(pod.obj.namespace, {})
         _finish_workload(pod, ns_labels, settings)
         if pod.workload is not None:
             key = resource_key(KIND_WORKLOAD, pod.obj.namespace, pod.obj.name)
             out[key] = mesh_pb2.Resource(key=key, workload=pod.workload)
+            host_network = pod.obj.get("spec.hostNetwork", bool, False)
+            claims += _claims(pod.obj, key, pod.workload.addresses, "status.podIP", host_network)
     for svc in services:
         service = _service(svc, pods, namespaces.get(svc.namespace, {}), settings)
         key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
         out[key] = mesh_pb2.Resource(key=key, service=service)
+        claims += _claims(svc, key, service.addresses, "spec.clusterIP")
+    if (problem := conflict(claims, in_force or {})) is not None:
+        raise ConfigError(problem)
     for pa in policies:
         policy = _peer_authentication(pa, settings)
         key = resource_key(KIND_PEER_AUTHENTICATION, pa.namespace, pa.name)
         out[key] = mesh_pb2.Resource(key=key, peer_authentication=policy)
     return out
+
+
+def _claims(
+    obj: _Obj, key: str, addresses: Iterable[str], path: str, host_network: bool = False
+) -> list[Claim]:
+    return [Claim(ip, key, obj.ref(), obj.source, path, host_network) for ip in addresses]
 
 
 def _identify(sourced: SourcedObject) -> _Obj | None:
@@ -178,7 +202,10 @@ def _identify(sourced: SourcedObject) -> _Obj | None:
     )
     if not known:
         log.debug(
-            "%s: ignoring %s %s (not a kind ambimesh uses)", sourced.source, api_version, kind
+            "%s: ignoring %s %s (not a kind ambimesh uses)",
+            sourced.source,
+            quote(api_version),
+            quote(kind),
         )
         return None
     obj = _Obj(raw, sourced.source, str(kind), "", "?")
@@ -201,8 +228,10 @@ def _read_pod(obj: _Obj) -> _Pod:
             if not isinstance(port, Mapping):
                 raise obj.error(where, "must be a mapping")
             name = port.get("name")
+            if name is not None and not isinstance(name, str):
+                raise obj.error(f"{where}.name", f"must be a string, got {_tname(name)}")
             if name is not None:
-                pod.container_ports[str(name)] = _port_number(
+                pod.container_ports[name] = _port_number(
                     obj, f"{where}.containerPort", port.get("containerPort")
                 )
     return pod
@@ -213,12 +242,7 @@ def _finish_workload(pod: _Pod, ns_labels: Mapping[str, str], settings: Settings
     node = obj.get("spec.nodeName", str, "")
     addresses = _pod_addresses(obj)
     if not node or not addresses:
-        log.debug(
-            "%s: pod %s/%s has no node or IP yet; not a workload",
-            obj.source,
-            obj.namespace,
-            obj.name,
-        )
+        log.debug("%s: has no node or IP yet; not a workload", obj.describe())
         return
     pod.workload = mesh_pb2.Workload(
         uid=pod.uid,
@@ -248,10 +272,12 @@ def _unique_ips(obj: _Obj, candidates: list[tuple[str, Any]]) -> list[str]:
     for path, value in candidates:
         if not value:
             continue
+        if not isinstance(value, str):
+            raise obj.error(path, f"must be a string, got {_tname(value)}")
         try:
-            ip = str(ipaddress.ip_address(str(value)))
+            ip = str(ipaddress.ip_address(value))
         except ValueError:
-            raise obj.error(path, f"{value!r} is not an IP address") from None
+            raise obj.error(path, f"{quote(value)} is not an IP address") from None
         if ip not in out:
             out.append(ip)
     return out
@@ -275,7 +301,7 @@ def _ambient(obj: _Obj, labels: Mapping[str, str], ns_labels: Mapping[str, str])
     name, value = found
     if value not in ("ambient", "none"):
         where = "metadata.labels" if name in labels else f"namespace {obj.namespace} labels"
-        raise obj.error(f"{where}[{name}]", f"{value!r} is not one of: ambient, none")
+        raise obj.error(f"{where}[{name}]", f"{quote(value)} is not one of: ambient, none")
     return value == "ambient"
 
 
@@ -344,18 +370,18 @@ def _service_port(
         numbers = {p.container_ports[target] for p in selected if target in p.container_ports}
         if not numbers:
             log.warning(
-                "%s: %s.targetPort: no pod selected by the service declares a port named %r; "
+                "%s: %s.targetPort: no pod selected by the service declares a port named %s; "
                 "the service has no endpoints on port %d until one does",
                 obj.describe(),
                 where,
-                target,
+                quote(target),
                 port,
             )
             return None
         if len(numbers) != 1:
             raise obj.error(
                 f"{where}.targetPort",
-                f"named port {target!r}: selected pods disagree on its number "
+                f"named port {quote(target)}: selected pods disagree on its number "
                 f"({sorted(numbers)}); ambimesh needs one number per service port: use a number",
             )
         target = numbers.pop()
@@ -385,10 +411,8 @@ def _peer_authentication(obj: _Obj, settings: Settings) -> mesh_pb2.PeerAuthenti
             "spec.portLevelMtls", "requires spec.selector (as in Istio): add a workload selector"
         )
     for port, setting in port_level.items():
-        where = f"spec.portLevelMtls[{port}]"
-        number = _port_number(
-            obj, where, int(port) if isinstance(port, str) and port.isdigit() else port
-        )
+        where = f"spec.portLevelMtls[{clip(str(port))}]"
+        number = _port_number(obj, where, port)
         if not isinstance(setting, Mapping):
             raise obj.error(where, "must be a mapping with a mode")
         port_modes[number] = _mtls_mode(obj, f"{where}.mode", setting.get("mode"))
@@ -406,15 +430,15 @@ def _mtls_mode(obj: _Obj, path: str, value: Any) -> mesh_pb2.MtlsMode.ValueType:
     if value is None:
         return mesh_pb2.MTLS_MODE_UNSET
     if not isinstance(value, str) or value.upper() not in _MTLS_MODES:
-        raise obj.error(path, f"{value!r} is not one of: {', '.join(_MTLS_MODES)}")
+        raise obj.error(path, f"{quote(value)} is not one of: {', '.join(_MTLS_MODES)}")
     return _MTLS_MODES[value.upper()]
 
 
 def _port_number(obj: _Obj, path: str, value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise obj.error(path, f"{value!r} is not a port number (1-65535)")
+        raise obj.error(path, f"{quote(value)} is not a port number (1-65535)")
     return value
 
 
@@ -423,7 +447,7 @@ def _string_map(obj: _Obj, path: str, value: Mapping[Any, Any]) -> dict[str, str
     for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise obj.error(
-                f"{path}[{key}]", f"values must be strings, got {_tname(item)}: quote it"
+                f"{path}[{clip(str(key))}]", f"values must be strings, got {_tname(item)}: quote it"
             )
     return dict(value)
 

@@ -4,6 +4,11 @@ Polling (stat of every file, every half second) is cheap for a config directory 
 the same on a ConfigMap volume, a git checkout and a bind mount. Names starting with a
 dot are skipped: that keeps ``.git`` out and reads a ConfigMap volume's files once,
 through their top-level symlinks, not again through ``..data``.
+
+A file is untrusted input: it may be at most :data:`MAX_FILE_BYTES` long, and may expand
+(YAML aliases repeat a subtree without copying it in the text) to at most
+:data:`MAX_EXPANDED_SIZE` nodes plus scalar characters, counted on the composed node graph
+before any object is built, so an alias bomb costs a walk over what the file spells out.
 """
 
 from __future__ import annotations
@@ -11,17 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
 
+from controller.quoting import quote
 from controller.translate import ConfigError, SourcedObject
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
 POLL_INTERVAL = 0.5
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_EXPANDED_SIZE = 16 * 1024 * 1024
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -67,13 +76,10 @@ def load_directory(root: Path) -> list[SourcedObject]:
 
 
 def load_file(path: Path) -> list[SourcedObject]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: cannot read: {e}") from None
+    text = _read(path)
     objects: list[SourcedObject] = []
     try:
-        for index, doc in enumerate(yaml.load_all(text, Loader=_Loader), start=1):
+        for index, doc in enumerate(_documents(path, text), start=1):
             if doc is None:
                 continue
             source = f"{path}#{index}"
@@ -90,11 +96,92 @@ def load_file(path: Path) -> list[SourcedObject]:
     return objects
 
 
+def _read(path: Path) -> str:
+    """The file's text; reads no more than the size limit, whatever the file claims."""
+    try:
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SourceError(f"{path}: not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise SourceError(
+                f"{path}: larger than {MAX_FILE_BYTES} bytes, the limit for a configuration "
+                "file: split it into several files"
+            )
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read: {e}") from None
+
+
+def _documents(path: Path, text: str) -> Iterator[object]:
+    """Each document of ``text``, built only after its expanded size has been checked."""
+    loader = _Loader(text)
+    budget = MAX_EXPANDED_SIZE
+    try:
+        index = 0
+        while loader.check_node() and (node := loader.get_node()) is not None:
+            index += 1
+            budget -= _expanded_size(path, node, budget)
+            try:
+                yield loader.construct_document(node)
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise SourceError(f"{path}#{index}: cannot load: {quote(str(e))}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(path: Path, root: yaml.Node, budget: int) -> int:
+    """Nodes plus scalar characters of ``root`` with every alias written out.
+
+    Iterative, and each distinct node is visited once: shared subtrees are added up, not
+    walked again. Raises :class:`SourceError` when over ``budget`` or for a recursive alias.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not children_done and id(node) in sizes:
+            continue
+        children = _children(node)
+        if not children_done and children:
+            if id(node) in open_nodes:
+                raise SourceError(f"{path}:{_line(node)}: a YAML alias refers to itself")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+            continue
+        open_nodes.discard(id(node))
+        size = 1 + sum(sizes[id(child)] for child in children)
+        if isinstance(node, yaml.ScalarNode):
+            size += len(node.value)
+        if size > budget:
+            raise SourceError(
+                f"{path}:{_line(node)}: the file expands to more than {MAX_EXPANDED_SIZE} "
+                "nodes and characters here (the limit for a file, YAML aliases written out)"
+            )
+        sizes[id(node)] = size
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]
+    return []
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1 if node.start_mark is not None else 0
+
+
 class DirectoryWatcher:
     """Feeds the directory's objects to ``apply`` at start and after every change.
 
     ``apply`` raising :class:`ConfigError` rejects that update: the error is logged once
-    and the caller's last good configuration stays until the files change again.
+    and the caller's last good configuration stays until the files change again. Any other
+    exception is a bug, logged with its traceback; it must not end the watching either.
     """
 
     def __init__(
@@ -126,3 +213,5 @@ class DirectoryWatcher:
                 self._apply(objects)
             except ConfigError as e:
                 log.error("configuration rejected, keeping the last good one: %s", e)
+            except Exception:
+                log.exception("configuration update failed (a bug), keeping the last good one")

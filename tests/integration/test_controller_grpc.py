@@ -273,6 +273,37 @@ def test_bad_yaml_edit_keeps_serving_the_last_good_config(
     wait_until(lambda: "workload/demo/web-3" in client.resources, 10, "the fixed configuration")
 
 
+def service_yaml(name: str, vip: str) -> str:
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{port: 80}}]}}
+"""
+
+
+def test_a_second_service_on_a_vip_is_rejected_and_the_first_keeps_it(
+    controller: Controller, clients: list[PushClient]
+) -> None:
+    (controller.config_dir / "svc-a.yaml").write_text(service_yaml("a", "10.96.0.10"))
+    client = connect(controller, clients, Recorder())
+    wait_until(lambda: "service/demo/a" in client.resources, 10, "service a")
+    version = client.version
+
+    (controller.config_dir / "svc-b.yaml").write_text(service_yaml("b", "10.96.0.10"))
+    wait_until(lambda: "already belongs" in controller.log(), 10, "the rejection")
+    rejection = next(line for line in controller.log().splitlines() if "already belongs" in line)
+    assert f"{controller.config_dir / 'svc-b.yaml'}#1: Service demo/b: spec.clusterIP" in rejection
+    assert f"Service demo/a ({controller.config_dir / 'svc-a.yaml'}#1)" in rejection
+    time.sleep(1.0)
+    assert client.version == version
+    assert "service/demo/b" not in client.resources
+    assert list(client.resources["service/demo/a"].service.addresses) == ["10.96.0.10"]
+
+    (controller.config_dir / "svc-b.yaml").write_text(service_yaml("b", "10.96.0.11"))
+    wait_until(lambda: "service/demo/b" in client.resources, 10, "service b elsewhere")
+
+
 def test_node_gets_certificates_only_for_its_own_pods(controller: Controller) -> None:
     web = SpiffeId("cluster.local", "demo", "web")
     _, csr = make_key_and_csr(web)

@@ -167,11 +167,11 @@ def test_pod_without_ip_or_node_is_not_a_workload(missing: dict[str, Any]) -> No
 
 def test_service_selects_pods_in_its_namespace() -> None:
     out = run(
-        pod("web-1", labels={"app": "web"}, metadata={"uid": "u1"}),
-        pod("web-2", labels={"app": "web", "v": "2"}, metadata={"uid": "u2"}),
+        pod("web-1", labels={"app": "web"}, ip="10.0.0.1", metadata={"uid": "u1"}),
+        pod("web-2", labels={"app": "web", "v": "2"}, ip="10.0.0.2", metadata={"uid": "u2"}),
         pod("web-pending", labels={"app": "web"}, ip=None, metadata={"uid": "u3"}),
-        pod("other", labels={"app": "other"}, metadata={"uid": "u4"}),
-        pod("web-elsewhere", namespace="prod", labels={"app": "web"}, metadata={"uid": "u5"}),
+        pod("other", labels={"app": "other"}, ip="10.0.0.4", metadata={"uid": "u4"}),
+        pod("web-elsewhere", "prod", {"app": "web"}, ip="10.0.0.5", metadata={"uid": "u5"}),
         service("web", {"app": "web"}, [{"port": 80, "targetPort": 8080, "name": "http"}]),
     )
     svc = out["service/demo/web"].service
@@ -397,3 +397,138 @@ def test_named_target_port_with_two_numbers_is_an_error() -> None:
             web("web-2", "10.0.0.6", 9090),
             service("web", {"app": "web"}, [{"port": 80, "targetPort": "http"}]),
         )
+
+
+# --- hostile values: errors quote a bounded part, odd types are errors, not crashes -------
+
+
+def alias_bomb(levels: int) -> list[Any]:
+    """What YAML aliases build: 10**levels items in print, a few dozen objects in memory."""
+    value: list[Any] = ["lol"] * 10
+    for _ in range(levels - 1):
+        value = [value] * 10
+    return value
+
+
+def selected_pa(spec: dict[str, Any]) -> dict[str, Any]:
+    return peer_auth("demo", {"selector": {"matchLabels": {"app": "web"}}, **spec})
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda v: pod("web", status={"podIPs": [{"ip": v}]}), "status.podIPs[0].ip"),
+        (lambda v: pod("web", ip=None, status={"podIPs": [{"ip": str(v)}]}), "not an IP"),
+        (lambda v: service("web", {}, [{"port": v}]), "spec.ports[0].port"),
+        (lambda v: selected_pa({"portLevelMtls": {80: {"mode": v}}}), "portLevelMtls[80].mode"),
+        (lambda v: selected_pa({"portLevelMtls": {str(v): {"mode": "STRICT"}}}), "portLevelMtls"),
+        (lambda v: pod("web", labels={"istio.io/dataplane-mode": str(v)}), "dataplane-mode"),
+        (lambda v: pod("web", labels={str(v): 1}), "must be strings"),
+        (lambda v: pod(str(v), labels={"istio.io/dataplane-mode": "x"}), "Pod demo/[["),
+    ],
+)
+def test_errors_quote_at_most_a_bounded_part_of_a_value(make: Any, fragment: str) -> None:
+    big = alias_bomb(6)  # a million items: megabytes as repr, longer as str
+    with pytest.raises(ConfigError) as info:
+        run(ns("demo"), make(big))
+    message = str(info.value)
+    assert fragment in message
+    assert len(message) < 700, message[:1000]
+
+
+def test_warning_quotes_at_most_a_bounded_part_of_a_named_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = str(alias_bomb(6))
+    out = run(service("web", {}, [{"port": 80, "targetPort": name}]))
+    assert list(out["service/demo/web"].service.ports) == []
+    assert f"…({len(name)} chars); the service has no endpoints" in caplog.text
+    assert len(caplog.text) < 700
+
+
+@pytest.mark.parametrize("port", ["²", "1" * 5000, "٨٠"])
+def test_odd_digit_strings_are_not_port_numbers(port: str) -> None:
+    with pytest.raises(ConfigError, match="is not a port number"):
+        run(service("web", {}, [{"port": port}]))
+    with pytest.raises(ConfigError, match="is not a port number"):
+        run(selected_pa({"portLevelMtls": {port: {"mode": "STRICT"}}}))
+
+
+def test_container_port_name_must_be_a_string() -> None:
+    bad = pod("web", spec={"containers": [{"ports": [{"name": ["x"], "containerPort": 80}]}]})
+    with pytest.raises(ConfigError, match=r"ports\[0\]\.name: must be a string, got a list"):
+        run(bad)
+
+
+# --- address conflicts: one owner per address, the one in force keeps it ----------------
+
+SVC_A = service("a", {}, [{"port": 80}], clusterIP="10.96.0.10")
+SVC_B = service("b", {}, [{"port": 80}], clusterIP="10.96.0.10")
+
+
+def sourced(*objects: tuple[str, dict[str, Any]]) -> list[SourcedObject]:
+    return [SourcedObject(obj, source) for source, obj in objects]
+
+
+@pytest.mark.parametrize("b_first", [False, True])
+def test_second_service_on_a_vip_in_force_is_the_error(b_first: bool) -> None:
+    in_force = translate(sourced(("a.yaml#1", SVC_A)))
+    update = [("a.yaml#1", SVC_A), ("b.yaml#1", SVC_B)]
+    with pytest.raises(ConfigError) as info:
+        translate(sourced(*(reversed(update) if b_first else update)), in_force=in_force)
+    assert str(info.value) == (
+        "b.yaml#1: Service demo/b: spec.clusterIP: 10.96.0.10 already belongs to Service "
+        "demo/a (a.yaml#1) in the configuration in force, which keeps it; give Service demo/b "
+        "an address of its own"
+    )
+
+
+def test_new_claimants_of_one_address_are_both_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        translate(sourced(("a.yaml#1", SVC_A), ("b.yaml#1", SVC_B)))
+    assert str(info.value).startswith(
+        "b.yaml#1: Service demo/b: spec.clusterIP: 10.96.0.10 is also claimed by Service "
+        "demo/a (a.yaml#1)"
+    )
+
+
+def test_an_address_can_move_between_objects_in_one_update() -> None:
+    in_force = translate(sourced(("a.yaml#1", SVC_A)))
+    moved = service("a", {}, [{"port": 80}], clusterIP="10.96.0.11")
+    out = translate(sourced(("a.yaml#1", moved), ("b.yaml#1", SVC_B)), in_force=in_force)
+    assert list(out["service/demo/b"].service.addresses) == ["10.96.0.10"]
+
+
+@pytest.mark.parametrize(
+    ("newcomer", "fragment"),
+    [
+        (pod("web-2", ip="10.0.0.5", metadata={"uid": "u2"}), "Pod demo/web-2: status.podIP"),
+        (
+            pod(
+                "web-2", ip="10.0.0.9", status={"podIPs": [{"ip": "10.0.0.9"}, {"ip": "10.0.0.5"}]}
+            ),
+            "Pod demo/web-2: status.podIP: 10.0.0.5",
+        ),
+        (service("web", {}, [{"port": 80}], clusterIP="10.0.0.5"), "Service demo/web"),
+        (
+            pod("web-2", ip="10.0.0.5", spec={"hostNetwork": True}, metadata={"uid": "u2"}),
+            "Pod demo/web-2",
+        ),
+    ],
+)
+def test_pod_ip_conflicts(newcomer: dict[str, Any], fragment: str) -> None:
+    first = pod("web-1", ip="10.0.0.5", metadata={"uid": "u1"})
+    in_force = translate(sourced(("a.yaml#1", first)))
+    with pytest.raises(ConfigError) as info:
+        translate(sourced(("b.yaml#1", newcomer), ("a.yaml#1", first)), in_force=in_force)
+    assert str(info.value).startswith(f"b.yaml#1: {fragment}")
+    assert "already belongs to Pod demo/web-1 (a.yaml#1)" in str(info.value)
+
+
+def test_host_network_pods_share_their_node_ip() -> None:
+    host = {"hostNetwork": True}
+    out = run(
+        pod("agent-1", ip="192.168.1.10", metadata={"uid": "u1"}, spec=host),
+        pod("exporter-1", ip="192.168.1.10", metadata={"uid": "u2"}, spec=host),
+    )
+    assert list(workload(out, "agent-1").addresses) == list(workload(out, "exporter-1").addresses)
