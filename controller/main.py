@@ -16,6 +16,7 @@ from controller.auth import NodeAuthenticator, TokenAuthenticator, TokensFileErr
 from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
 from controller.ca_service import CertificateService
 from controller.push_service import DiscoveryService
+from controller.quoting import quote
 from controller.sources.files import DirectoryWatcher
 from controller.store import Store
 from controller.translate import ConfigError, Settings, SourcedObject, translate
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def split_host_port(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StartupError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:15012")
+        raise StartupError(f"--listen {quote(listen)}: expected HOST:PORT, e.g. 0.0.0.0:15012")
     return host.strip("[]"), int(port)
 
 
