@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller import authz
 from controller.addresses import Claim, conflict
 from controller.quoting import clip, quote
 from mesh.api import mesh_pb2
@@ -30,6 +31,7 @@ PEER_AUTHENTICATION_API_VERSIONS = ("security.istio.io/v1beta1", "security.istio
 KIND_WORKLOAD = "workload"
 KIND_SERVICE = "service"
 KIND_PEER_AUTHENTICATION = "peer_authentication"
+KIND_AUTHORIZATION_POLICY = "authorization_policy"
 
 _MTLS_MODES: Mapping[str, mesh_pb2.MtlsMode.ValueType] = {
     "UNSET": mesh_pb2.MTLS_MODE_UNSET,
@@ -143,6 +145,7 @@ def translate(
     pods: list[_Pod] = []
     services: list[_Obj] = []
     policies: list[_Obj] = []
+    authorization_policies: list[_Obj] = []
     seen: dict[tuple[str, str, str], str] = {}
 
     for sourced in objects:
@@ -159,6 +162,8 @@ def translate(
             pods.append(_read_pod(obj))
         elif obj.kind == "Service":
             services.append(obj)
+        elif obj.kind == authz.KIND:
+            authorization_policies.append(obj)
         else:
             policies.append(obj)
 
@@ -183,6 +188,11 @@ def translate(
         policy = _peer_authentication(pa, settings)
         key = resource_key(KIND_PEER_AUTHENTICATION, pa.namespace, pa.name)
         out[key] = mesh_pb2.Resource(key=key, peer_authentication=policy)
+    for ap in authorization_policies:
+        authorization = authz.authorization_policy(ap, settings.root_namespace)
+        if authorization is not None:
+            key = resource_key(KIND_AUTHORIZATION_POLICY, ap.namespace, ap.name)
+            out[key] = mesh_pb2.Resource(key=key, authorization_policy=authorization)
     return out
 
 
@@ -197,8 +207,10 @@ def _identify(sourced: SourcedObject) -> _Obj | None:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{sourced.source}: expected a Kubernetes object (a mapping)")
     api_version, kind = raw.get("apiVersion"), raw.get("kind")
-    known = (api_version == "v1" and kind in ("Namespace", "Pod", "Service")) or (
-        kind == "PeerAuthentication" and api_version in PEER_AUTHENTICATION_API_VERSIONS
+    known = (
+        (api_version == "v1" and kind in ("Namespace", "Pod", "Service"))
+        or (kind == "PeerAuthentication" and api_version in PEER_AUTHENTICATION_API_VERSIONS)
+        or (kind == authz.KIND and api_version in authz.API_VERSIONS)
     )
     if not known:
         log.debug(
