@@ -74,18 +74,19 @@ class running_server:
         handler: Handler,
         limits: HboneLimits = DEFAULT_LIMITS,
         *,
-        sndbuf: int | None = None,
+        sockbuf: int | None = None,
     ) -> None:
         self.identity = identity
         self.handler = handler
         self.limits = limits
-        self.sndbuf = sndbuf
+        self.sockbuf = sockbuf
 
     async def __aenter__(self) -> Server:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.sndbuf is not None:  # accepted sockets inherit it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        if self.sockbuf is not None:  # small kernel buffers, inherited by accepted sockets
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sockbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.sockbuf)
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         sock.setblocking(False)
@@ -150,11 +151,12 @@ class RawPeer:
 
     @classmethod
     async def open(
-        cls, server: Server, identity: TlsIdentity, *, rcvbuf: int | None = None
+        cls, server: Server, identity: TlsIdentity, *, sockbuf: int | None = None
     ) -> RawPeer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sockbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sockbuf)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, server.address)
         reader, writer = await asyncio.wait_for(
