@@ -16,6 +16,8 @@ from typing import Protocol
 
 import yaml
 
+from controller.quoting import quote
+
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ class TokenAuthenticator:
 def _parse_tokens(path: Path, text: str) -> dict[str, bytes]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an int of 5000 digits
         raise TokensFileError(f"{path}: not valid YAML: {e}") from None
     if data is None:
         data = {}
@@ -93,7 +95,7 @@ def _parse_tokens(path: Path, text: str) -> dict[str, bytes]:
     for node, token in data.items():
         if not isinstance(node, str) or not isinstance(token, str) or not token:
             raise TokensFileError(
-                f"{path}: entry {node!r}: node names and tokens must be non-empty strings"
+                f"{path}: entry {quote(node)}: node names and tokens must be non-empty strings"
             )
         tokens[node] = token.encode()
     return tokens
