@@ -8,7 +8,9 @@ from typing import cast
 import pytest
 
 from mesh.hbone.connection import HboneClientConnection, HboneConnectionClosed, HboneStream
+from mesh.hbone.limits import HboneLimits
 from mesh.pool import HboneConnectionPool
+from tests.unit.hbone_rig import dial, echo, make_pki, read_all, running_server
 
 TIMEOUT = 5.0
 
@@ -136,3 +138,24 @@ async def test_open_stream_gives_up_after_one_retry() -> None:
     with pytest.raises(HboneConnectionClosed):
         await pool.open_stream("a", always_goaway, "10.0.0.1:80")
     assert len(dial.made) == 2
+
+
+async def test_idle_pooled_connection_is_closed_and_replaced() -> None:
+    """Real mTLS: the client closes a pooled connection idle for `client_idle_timeout`
+    (before the server's longer idle_timeout would), and the pool dials afresh."""
+    pki = make_pki()
+    limits = HboneLimits(client_idle_timeout=0.2)
+    pool: HboneConnectionPool[str] = HboneConnectionPool()
+    async with running_server(pki.server, echo) as srv:
+
+        async def connect() -> HboneClientConnection:
+            return await dial(srv, pki.client, limits=limits)
+
+        stream = await pool.open_stream("a", connect, "10.0.0.7:80")
+        first = await pool.get("a", connect)
+        stream.write_eof()
+        assert await read_all(stream) == b""
+        await asyncio.wait_for(first.wait_closed(), TIMEOUT)
+        second = await pool.get("a", connect)
+        assert second is not first and second.is_usable
+        pool.close()
