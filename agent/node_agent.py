@@ -19,7 +19,7 @@ from agent.discovery import find_pod
 from agent.ztunnel_link import ZtunnelError, ZtunnelLink
 from bpf.loader import BpfError, MeshBpf, PodAttachment, ProxyAttachment
 from mesh.api import mesh_pb2, node_pb2
-from mesh.cgroups import cgroup_of
+from mesh.cgroups import cgroup_of, cgroup_populated
 from mesh.netns import Netns
 from mesh.nodeproto import message
 
@@ -58,7 +58,9 @@ class NodeAgent:
         self.enrolled: dict[str, Enrolled] = {}
         self.errors = 0
         self.synced = False
-        self._proxy: ProxyAttachment | None = None
+        # One per cgroup a live ztunnel runs in: during a handover both generations, which
+        # may sit in different cgroups (DaemonSet surge), need their original destinations.
+        self._proxies: dict[str, ProxyAttachment] = {}
         self._wake = asyncio.Event()
         self._first_pass = asyncio.Event()
 
@@ -125,9 +127,12 @@ class NodeAgent:
         """
         await self._first_pass.wait()
         cgroup = str(cgroup_of(pid))
-        if self._proxy is not None:
-            self.bpf.detach_proxy(self._proxy)
-        self._proxy = self.bpf.attach_proxy(cgroup)
+        for path, attachment in list(self._proxies.items()):
+            if path != cgroup and not cgroup_populated(path):
+                self.bpf.detach_proxy(attachment)
+                del self._proxies[path]
+        if cgroup not in self._proxies:
+            self._proxies[cgroup] = self.bpf.attach_proxy(cgroup)
         log.info("ztunnel cgroup %s may read original destinations", cgroup)
         for uid in list(self.enrolled):
             entry = self.enrolled.get(uid)  # reconcile may release pods while we await

@@ -24,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
     lab_sub.add_parser("status", help="nodes, pods, services and readiness")
     lab_sub.add_parser("demo", help="call server from client across nodes; show wire + metrics")
+    rs = lab_sub.add_parser("restart", help="rolling restart of a node's agent or ztunnel")
+    rs.add_argument("node")
+    rs.add_argument("component", choices=["agent", "ztunnel"])
     rc = lab_sub.add_parser("recreate", help="delete a pod and create it again (same IP, new uid)")
     rc.add_argument("pod", help="namespace/name, or a name unique across namespaces")
     ex = lab_sub.add_parser("exec", help="run a command as a pod's process (like kubectl exec)")
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
             print(lab.status())
         elif args.action == "demo":
             sys.exit(demo.run(lab))
+        elif args.action == "restart":
+            lab.restart_component(args.node, args.component)
         elif args.action == "recreate":
             pod = lab.recreate_pod(args.pod)
             print(f"pod {pod.ref} re-created at {pod.address} with uid {pod.uid}")

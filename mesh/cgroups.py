@@ -32,3 +32,11 @@ def cgroup_of(pid: int | str) -> Path:
     if path is None:
         raise CgroupError(f"process {pid} is in no cgroup v2 (no 0:: line in /proc/{pid}/cgroup)")
     return cgroup2_mount() / path.lstrip("/")
+
+
+def cgroup_populated(path: str | Path) -> bool:
+    """Whether any process lives in the cgroup or below it (False once it is gone)."""
+    try:
+        return "populated 1" in (Path(path) / "cgroup.events").read_text()
+    except OSError:
+        return False

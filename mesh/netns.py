@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import TracebackType
 
 from pyroute2 import netns as _netns
@@ -103,13 +104,19 @@ def socket_in(
     bind: tuple[str, int] | None = None,
     listen: int | None = None,
     reuse: bool = True,
+    reuse_port: bool = False,
 ) -> socket.socket:
-    """Create a socket in the namespace; bind and listen there when asked (ports are per netns)."""
+    """Create a socket in the namespace; bind and listen there when asked (ports are per netns).
+
+    ``reuse_port`` lets two generations of a proxy listen on the same port at once.
+    """
     with entered(ns):
         sock = socket.socket(family, kind)
         try:
             if reuse:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if bind is not None:
                 sock.bind(bind)
             if listen is not None:
@@ -119,3 +126,9 @@ def socket_in(
             raise
     sock.setblocking(False)
     return sock
+
+
+def write_sysctl(ns: Netns, key: str, value: str) -> None:
+    """Set a per-namespace sysctl: /proc/sys/net shows the netns of the thread that opens it."""
+    with entered(ns):
+        Path("/proc/sys", key.replace(".", "/")).write_text(value)

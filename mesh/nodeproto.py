@@ -125,6 +125,10 @@ def message(**payload: object) -> node_pb2.NodeMessage:
     return node_pb2.NodeMessage(**payload)  # type: ignore[arg-type]
 
 
+# The agent's answer to the hello of a ztunnel older than the one it serves (a handover).
+SUPERSEDED = "superseded by a newer ztunnel"
+
+
 def hello() -> node_pb2.NodeMessage:
     return message(hello=node_pb2.Hello(version=PROTOCOL_VERSION))
 

@@ -13,7 +13,12 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
-from mesh.hbone.connection import HboneClientConnection, HboneConnectionClosed, HboneStream
+from mesh.hbone.connection import (
+    HboneClientConnection,
+    HboneConnectionClosed,
+    HboneStream,
+    HboneStreamReset,
+)
 from mesh.hbone.protocol import Header
 
 log = logging.getLogger(__name__)
@@ -56,11 +61,14 @@ class HboneConnectionPool(Generic[K]):
         extra_headers: Iterable[Header] = (),
     ) -> HboneStream:
         """Open a tunnel on the pooled connection, retrying once on a fresh connection if
-        the pooled one turned out to be closing (GOAWAY, peer restart)."""
+        the pooled one turned out to be closing (GOAWAY, peer restart) or refused the stream
+        unprocessed (a draining or full peer)."""
         conn = await self.get(key, connect_fn)
         try:
             return await conn.open_stream(authority, extra_headers)
-        except HboneConnectionClosed:
+        except (HboneConnectionClosed, HboneStreamReset) as exc:
+            if isinstance(exc, HboneStreamReset) and not exc.refused:
+                raise
             if self._connections.get(key) is conn:
                 self._retire(key, conn)
             conn = await self.get(key, connect_fn)

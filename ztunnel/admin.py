@@ -8,16 +8,25 @@ the event loop that carries traffic.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from google.protobuf.json_format import MessageToDict
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ztunnel.proxy import Ztunnel
 
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[], Response]
+
+
+class _SharedPortServer(ThreadingHTTPServer):
+    """SO_REUSEPORT: the next ztunnel binds its node ports while this one still serves."""
+
+    allow_reuse_port = True
+    daemon_threads = True
 
 
 def serve_in_thread(address: tuple[str, int], routes: Mapping[str, Route]) -> ThreadingHTTPServer:
@@ -37,18 +46,37 @@ def serve_in_thread(address: tuple[str, int], routes: Mapping[str, Route]) -> Th
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
+    server = _SharedPortServer(address, Handler)
     threading.Thread(target=server.serve_forever, name=f"http-{address[1]}", daemon=True).start()
     return server
 
 
+def stop_serving(server: ThreadingHTTPServer) -> None:
+    """Close the port (the next generation's server takes it alone); blocks up to 0.5 s."""
+    server.shutdown()
+    server.server_close()
+
+
 def readiness_routes(ready: Callable[[], bool]) -> dict[str, Route]:
+    """The body names the process: during a handover both generations answer here."""
+    pid = os.getpid()
+
     def healthz() -> Response:
         ok = ready()
-        return (200, "text/plain", b"ready\n") if ok else (503, "text/plain", b"not ready\n")
+        return (
+            (200 if ok else 503),
+            "text/plain",
+            f"{'' if ok else 'not '}ready pid={pid}\n".encode(),
+        )
 
     return {"/healthz/ready": healthz}
+
+
+def metrics_routes(registry: CollectorRegistry) -> dict[str, Route]:
+    def metrics() -> Response:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+    return {"/metrics": metrics}
 
 
 def admin_routes(ztunnel: Ztunnel) -> dict[str, Route]:

@@ -16,11 +16,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mesh.api import node_pb2
-from mesh.nodeproto import Channel, ChannelClosed, ProtocolError, ack, hello
+from mesh.nodeproto import SUPERSEDED, Channel, ChannelClosed, ProtocolError, ack, hello
 
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 0.5
+# A newer ztunnel serves the node: ask again now and then, in case it went away.
+SUPERSEDED_RETRY_SECONDS = 5.0
+
+
+class Superseded(ProtocolError):
+    """The agent serves a newer ztunnel; this one keeps its listeners until told to drain."""
+
 
 # add(pod, netns_fd) -> inbound listener fd (borrowed; ztunnel keeps owning it)
 AddPod = Callable[[node_pb2.PodInfo, int], Awaitable[int]]
@@ -40,11 +47,15 @@ class InpodClient:
     async def run(self) -> None:
         """Connect, sync, serve; on any disconnect, reconnect (bounded pace, forever)."""
         while True:
+            pause = RECONNECT_SECONDS
             try:
                 await self._session()
+            except Superseded as exc:
+                log.info("agent: %s", exc)
+                pause = SUPERSEDED_RETRY_SECONDS
             except (OSError, ChannelClosed, ProtocolError) as exc:
                 log.info("agent connection: %s; reconnecting", exc)
-            await asyncio.sleep(RECONNECT_SECONDS)
+            await asyncio.sleep(pause)
 
     async def _session(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -85,6 +96,8 @@ class InpodClient:
             elif kind == "del_workload":
                 await self._delete(msg.del_workload.uid)
                 await channel.send(ack())
+            elif kind == "ack" and msg.ack.error.startswith(SUPERSEDED):
+                raise Superseded(msg.ack.error)
             elif kind == "snapshot_done":
                 for uid in self._known() - seen:
                     await self._delete(uid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import uvloop
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from mesh import tls
 from mesh.api import mesh_pb2
@@ -20,7 +21,13 @@ from mesh.cert_client import request_certificate
 from mesh.csr import make_key_and_csr
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.spiffe import SpiffeId
-from ztunnel.admin import admin_routes, readiness_routes, serve_in_thread
+from ztunnel.admin import (
+    admin_routes,
+    metrics_routes,
+    readiness_routes,
+    serve_in_thread,
+    stop_serving,
+)
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
 from ztunnel.identity import CertManager
@@ -31,6 +38,9 @@ from ztunnel.proxy import Ztunnel
 log = logging.getLogger("ztunnel")
 
 CERT_TTL_SECONDS = 24 * 3600
+# Long on purpose: connections are cut only when they outlive this (match the DaemonSet's
+# terminationGracePeriodSeconds).
+DRAIN_SECONDS = 3600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--readiness-port", type=int, default=15021)
     p.add_argument("--admin-port", type=int, default=15000, help="admin view, localhost only")
     p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DRAIN_SECONDS,
+        help="on SIGTERM, serve established connections this long at most (SIGINT "
+        "during the drain cuts them at once)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -65,30 +82,43 @@ async def run(args: argparse.Namespace) -> None:
     )
     ztunnel = Ztunnel(ctx)
     inpod = InpodClient(args.agent_socket, ztunnel.add_pod, ztunnel.del_pod, ztunnel.known_pods)
-    start_http_server(args.metrics_port, registry=registry)
-    serve_in_thread(
-        ("0.0.0.0", args.readiness_port),
-        readiness_routes(lambda: inpod.synced.is_set() and ztunnel.ready),
-    )
-    serve_in_thread(("127.0.0.1", args.admin_port), admin_routes(ztunnel))
+    # Two generations share these ports (SO_REUSEPORT) while one hands over to the next.
+    http_servers = [
+        serve_in_thread(("0.0.0.0", args.metrics_port), metrics_routes(registry)),
+        serve_in_thread(
+            ("0.0.0.0", args.readiness_port),
+            readiness_routes(lambda: inpod.synced.is_set() and ztunnel.ready),
+        ),
+        serve_in_thread(("127.0.0.1", args.admin_port), admin_routes(ztunnel)),
+    ]
 
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))
 
     push = access.push_client(on_update)
     push.start()
-    stop = asyncio.Event()
+    stop, cut = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # SIGTERM (kubelet, a rolling update) drains, however often it comes; an
+        # operator's SIGINT during the drain cuts the remaining connections.
+        (cut if stop.is_set() and sig == signal.SIGINT else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     inpod_task = asyncio.create_task(inpod.run())
     log.info(
-        "ztunnel for %s up: metrics :%d, readiness :%d",
+        "ztunnel for %s up (pid %d): metrics :%d, readiness :%d",
         args.node,
+        os.getpid(),
         args.metrics_port,
         args.readiness_port,
     )
     try:
         await stop.wait()
+        inpod_task.cancel()
+        await asyncio.gather(*(asyncio.to_thread(stop_serving, s) for s in http_servers))
+        await ztunnel.drain(args.drain_seconds, cut)
     finally:
         inpod_task.cancel()
         push.stop(2.0)

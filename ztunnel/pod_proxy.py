@@ -15,9 +15,11 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from h2.errors import ErrorCodes
+
 from mesh.hbone.connection import HboneServerProtocol, HboneStream, server_factory
 from mesh.hbone.protocol import ConnectRequest, Status
-from mesh.netns import socket_in
+from mesh.netns import socket_in, write_sysctl
 from mesh.spiffe import SpiffeId
 from ztunnel import inbound, inbound_passthrough, outbound
 from ztunnel.context import LocalPod, ProxyContext
@@ -42,7 +44,9 @@ class PodProxy:
         try:
             for address in (("127.0.0.1", OUTBOUND_PORT), ("0.0.0.0", INBOUND_PORT),
                             ("0.0.0.0", HBONE_PORT)):  # fmt: skip
-                bound.append(socket_in(pod.netns, bind=address, listen=BACKLOG))
+                # No listen() yet: a reuseport listener takes its share of new connections
+                # at once, so each starts listening only when it can serve.
+                bound.append(socket_in(pod.netns, bind=address, reuse_port=True))
         except OSError:
             for sock in bound:
                 sock.close()
@@ -53,6 +57,7 @@ class PodProxy:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._tunnels: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self.serving = False
+        self.draining = False
         self.closed = False
 
     @property
@@ -60,6 +65,9 @@ class PodProxy:
         return self.inbound_sock.fileno()
 
     async def start(self) -> None:
+        # When an older ztunnel closes its listeners, the kernel hands connections still in
+        # their accept queues to ours instead of resetting them.
+        write_sysctl(self.pod.netns, "net.ipv4.tcp_migrate_req", "1")
         for handler, sock in (
             (outbound.handle, self.outbound_sock),
             (inbound_passthrough.handle, self.inbound_sock),
@@ -95,6 +103,11 @@ class PodProxy:
         # A handshake that was under way when the pod was released ends here.
         if self.closed:
             stream.refuse(Status.UPSTREAM_UNREACHABLE)
+            return
+        # Draining: "not processed, retry elsewhere" (RFC 9113 8.7); the peer's pool dials
+        # again and reaches the ztunnel that now holds the listener.
+        if self.draining:
+            stream.reset(ErrorCodes.REFUSED_STREAM)
             return
         # Our root may sign for other trust domains (federation); they are not our mesh.
         if peer.trust_domain != self.ctx.trust_domain:
@@ -133,6 +146,28 @@ class PodProxy:
         )
         self.serving = True
         log.info("pod %s: HBONE on :%d as %s", self.pod.ref, HBONE_PORT, self.pod.identity)
+
+    @property
+    def live_connections(self) -> int:
+        """Proxied connections still open: accepted plain ones and tunnelled streams."""
+        return len(self._handlers) + sum(p.active_streams for p in list(self._tunnels))
+
+    def drain(self) -> None:
+        """Stop accepting (a newer ztunnel listens beside us); let established connections
+        finish. HBONE connections take no new streams and close once idle."""
+        self.draining = True
+        if self._hbone_task is not None:
+            self._hbone_task.cancel()
+        for server in self._servers:
+            server.close()
+        for sock in (self.outbound_sock, self.inbound_sock, self.hbone_sock):
+            sock.close()
+        self.close_idle_tunnels()
+
+    def close_idle_tunnels(self) -> None:
+        for protocol in list(self._tunnels):
+            if protocol.active_streams == 0:
+                protocol.close()
 
     async def close(self) -> None:
         """Stop listening, end every connection of the pod (both directions), drop its netns."""

@@ -4,6 +4,7 @@ agent handed over (added, re-acked on re-sync, removed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -16,6 +17,8 @@ from ztunnel.pod_proxy import PodProxy
 from ztunnel.state import MeshState
 
 log = logging.getLogger(__name__)
+
+DRAIN_POLL_SECONDS = 0.5
 
 
 class Ztunnel:
@@ -77,6 +80,29 @@ class Ztunnel:
 
     def known_pods(self) -> set[str]:
         return set(self.pods)
+
+    @property
+    def live_connections(self) -> int:
+        return sum(p.live_connections for p in self.pods.values())
+
+    async def drain(self, deadline_seconds: float, stop_early: asyncio.Event) -> None:
+        """Hand over to a newer ztunnel: stop accepting, serve what is established until it
+        ends, the deadline passes or ``stop_early`` is set; then close the rest."""
+        for proxy in self.pods.values():
+            proxy.drain()
+        log.info(
+            "draining %d connections (deadline %.0fs)", self.live_connections, deadline_seconds
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_seconds
+        while self.live_connections and not stop_early.is_set() and loop.time() < deadline:
+            for proxy in self.pods.values():
+                proxy.close_idle_tunnels()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_early.wait(), DRAIN_POLL_SECONDS)
+        if self.live_connections:
+            log.warning("drain ended with %d connections open; closing them", self.live_connections)
+        await self.close()
 
     async def close(self) -> None:
         for uid in list(self.pods):

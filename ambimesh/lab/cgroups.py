@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +27,20 @@ def component_cgroup(lab: str, node: str | None, component: str) -> Path:
 def create(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pids(cgroup: Path) -> list[int]:
+    """The processes directly in ``cgroup`` (none if it does not exist)."""
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def kill(cgroup: Path, timeout: float = 10.0) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -301,8 +302,8 @@ class Lab:
         for component in COMPONENTS:
             self.start_component(node.name, component, lab_plan)
 
-    def start_component(self, node: str, component: str, lab_plan: LabPlan | None = None) -> None:
-        """Start a node's agent or ztunnel (again, e.g. after `kill_component`)."""
+    def start_component(self, node: str, component: str, lab_plan: LabPlan | None = None) -> int:
+        """Start a node's agent or ztunnel (again, e.g. after `kill_component`); its pid."""
         lab_plan = lab_plan or self.load_plan()
         netns = lab_plan.node(node).netns
         argv = [
@@ -318,17 +319,53 @@ class Lab:
             argv += ["--agent-socket", sock]
         else:
             raise LabError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
-        self._spawn_daemon(component, node, netns, argv)
+        return self._spawn_daemon(component, node, netns, argv)
 
-    def _spawn_daemon(self, component: str, node: str | None, netns: str, args: list[str]) -> None:
+    def _spawn_daemon(self, component: str, node: str | None, netns: str, args: list[str]) -> int:
         """``python -m <component> args`` in its own cgroup and the netns, logging to a file."""
-        procs.spawn(
+        return procs.spawn(
             [sys.executable, "-m", component, *args],
             cgroup=cgroups.create(cgroups.component_cgroup(self.name, node, component)),
             netns_name=netns,
             pod=False,
             log=self.logs / (f"{component}-{node}.log" if node else f"{component}.log"),
+        ).pid
+
+    def restart_component(self, node: str, component: str, timeout: float = 60.0) -> int:
+        """What a DaemonSet rolling update does; returns the new process's pid.
+
+        ztunnel (surge): start the new one beside the old, wait until it is ready, then
+        SIGTERM the old one, which hands over its listeners and drains. The agent: SIGTERM,
+        wait for it to exit (capture stays pinned), start the new one, wait until ready.
+        """
+        cgroup = cgroups.component_cgroup(self.name, node, component)
+        old = cgroups.pids(cgroup)
+        if component == "ztunnel":
+            pid = self.start_component(node, component)
+            self._wait_for(
+                partial(self._ztunnel_ready, self.load_plan().node(node), pid),
+                timeout,
+                f"the new ztunnel (pid {pid}) on {node} to be ready",
+                f"ztunnel-{node}",
+            )
+            cgroups.signal_all(old, signal.SIGTERM)
+            say(f"ztunnel on {node}: pid {pid} serves, {old or 'nothing'} draining")
+            return pid
+        cgroups.signal_all(old, signal.SIGTERM)
+        self._wait_for(
+            lambda: not cgroups.pids(cgroup), timeout, f"the old {component} to exit", component
         )
+        pid = self.start_component(node, component)
+        self.wait_ready(timeout)
+        return pid
+
+    def _ztunnel_ready(self, node: NodePlan, pid: int) -> bool:
+        """That ztunnel process says it is ready (while two share the port, either answers)."""
+        try:
+            status, body = http_get(node.netns, node.address, READINESS_PORT, "/healthz/ready", 1.0)
+        except OSError:
+            return False
+        return status == 200 and body.strip().endswith(f"pid={pid}")
 
     def kill_component(self, node: str, component: str) -> None:
         """SIGKILL a node's agent or ztunnel, as a crash would."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 
 from ambimesh.lab.topology import FABRIC_NET, LabPlan, NodePlan, PodPlan
-from mesh.netns import Netns, entered
+from mesh.netns import Netns, write_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def _up(ns: NetNS, name: str) -> None:
 
 def _sysctl(netns_name: str, key: str, value: str) -> None:
     """Write a per-namespace sysctl: /proc/sys/net reflects the opening thread's netns."""
-    with Netns.open(f"/var/run/netns/{netns_name}") as ns, entered(ns):
-        Path("/proc/sys", key.replace(".", "/")).write_text(value)
+    with Netns.open(f"/var/run/netns/{netns_name}") as ns:
+        write_sysctl(ns, key, value)
 
 
 def _create_netns(name: str) -> None:

@@ -69,6 +69,16 @@ class HboneConnectionClosed(HboneError, ConnectionError):
 class HboneStreamReset(HboneError, ConnectionResetError):
     """The tunnel was reset (RST_STREAM) by the peer or locally."""
 
+    def __init__(self, message: str, error_code: ErrorCodes | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+    @property
+    def refused(self) -> bool:
+        """REFUSED_STREAM: the peer did not process the stream, so it may be retried
+        elsewhere (RFC 9113 8.7); a draining or full peer says so."""
+        return self.error_code == ErrorCodes.REFUSED_STREAM
+
 
 class HboneTimeout(HboneError, TimeoutError):
     """The peer did not answer in time."""
@@ -377,7 +387,8 @@ class _HboneConnection(asyncio.Protocol):
                     stream,
                     HboneStreamReset(
                         f"peer {self.peer} reset stream {event.stream_id} "
-                        f"({ErrorCodes(event.error_code).name})"
+                        f"({ErrorCodes(event.error_code).name})",
+                        ErrorCodes(event.error_code),
                     ),
                 )
         elif isinstance(event, h2.events.WindowUpdated):

@@ -200,6 +200,7 @@ async def test_release_ends_tunnels_in_and_out_and_readd_serves_at_once(
         inbound = await inbound_conn.open_stream(f"{POD_IP}:{APP_PORT}")
         assert await roundtrip(inbound, b"in-1") == b"in-1"
         assert rig.app.open == 1
+        assert proxy.live_connections == 1
 
         async def dial_peer() -> HboneClientConnection:
             return await HboneClientConnection.connect(

@@ -548,9 +548,8 @@ async def test_ztunnel_connect_waits_for_first_pass_then_resyncs(env: Env) -> No
     assert resent.listener.closed_by_agent()
     assert len(env.bpf.calls("attach_pod")) == 2  # capture is not redone
 
-    # a newer ztunnel: the older one's attachment goes
-    first = env.agent._proxy
-    assert first is not None
+    # a newer ztunnel: the older one's attachment goes once its cgroup is empty
+    first = env.agent._proxies["/sys/fs/cgroup/node-1/ztunnel-4242"]
     await asyncio.wait_for(env.agent.on_ztunnel_connect(4343), TIMEOUT)
     (detached,) = env.bpf.calls("detach_proxy")
     assert detached.args[0] is first
@@ -559,6 +558,23 @@ async def test_ztunnel_connect_waits_for_first_pass_then_resyncs(env: Env) -> No
         "/sys/fs/cgroup/node-1/ztunnel-4343",
     ]
     assert len(env.link.adds(UID_A)) == 3
+
+
+async def test_a_draining_ztunnel_keeps_its_original_destinations(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handover with surge: the old ztunnel (another cgroup, still running) still needs the
+    getsockopt program for the connections it accepted; the agent re-attaches nothing."""
+    monkeypatch.setattr(node_agent, "cgroup_populated", lambda path: True)
+    env.agent.set_desired(resources(workload(UID_A, "a", ["198.19.1.10"])))
+    await reconcile(env.agent)
+    for pid in (4242, 4343, 4343):
+        await asyncio.wait_for(env.agent.on_ztunnel_connect(pid), TIMEOUT)
+    assert env.bpf.calls("detach_proxy") == []
+    assert [c.args[0] for c in env.bpf.calls("attach_proxy")] == [
+        "/sys/fs/cgroup/node-1/ztunnel-4242",
+        "/sys/fs/cgroup/node-1/ztunnel-4343",
+    ]
 
 
 # -- (g) close ------------------------------------------------------------------------------
