@@ -6,10 +6,18 @@ import asyncio
 from typing import cast
 
 import pytest
+from h2.errors import ErrorCodes
 
-from mesh.hbone.connection import HboneClientConnection, HboneConnectionClosed, HboneStream
+from mesh.hbone.connection import (
+    HboneClientConnection,
+    HboneConnectionClosed,
+    HboneStream,
+    HboneStreamReset,
+)
 from mesh.hbone.limits import HboneLimits
+from mesh.hbone.protocol import ConnectRequest
 from mesh.pool import HboneConnectionPool
+from mesh.spiffe import SpiffeId
 from tests.unit.hbone_rig import dial, echo, make_pki, read_all, running_server
 
 TIMEOUT = 5.0
@@ -158,4 +166,37 @@ async def test_idle_pooled_connection_is_closed_and_replaced() -> None:
         await asyncio.wait_for(first.wait_closed(), TIMEOUT)
         second = await pool.get("a", connect)
         assert second is not first and second.is_usable
+        pool.close()
+
+
+async def test_refused_stream_is_retried_on_a_fresh_connection_other_resets_are_not() -> None:
+    """Real mTLS: a draining peer answers RST_STREAM(REFUSED_STREAM) (RFC 9113 8.7: not
+    processed, safe to retry); the pool dials again. Any other reset reaches the caller."""
+    pki = make_pki()
+    answers = [ErrorCodes.REFUSED_STREAM, None, ErrorCodes.CANCEL]
+
+    async def handler(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        code = answers.pop(0)
+        if code is None:
+            await echo(stream, request, peer)
+        else:
+            stream.reset(code)
+
+    pool: HboneConnectionPool[str] = HboneConnectionPool()
+    dialed: list[HboneClientConnection] = []
+    async with running_server(pki.server, handler) as srv:
+
+        async def connect() -> HboneClientConnection:
+            dialed.append(await dial(srv, pki.client))
+            return dialed[-1]
+
+        stream = await pool.open_stream("a", connect, "10.0.0.7:80")
+        assert len(dialed) == 2 and not dialed[0].is_usable
+        stream.write(b"after the retry")
+        stream.write_eof()
+        assert await read_all(stream) == b"after the retry"
+        with pytest.raises(HboneStreamReset) as reset:
+            await pool.open_stream("a", connect, "10.0.0.7:80")
+        assert not reset.value.refused
+        assert len(dialed) == 2
         pool.close()
