@@ -15,6 +15,8 @@ _DEFAULT_WINDOW = 65535
 
 @dataclass(frozen=True)
 class HboneLimits:
+    """Defaults fit a node's ztunnel; tests shorten the deadlines. Validated on creation."""
+
     # Receive windows: the most a peer may send us that nobody has read yet.
     stream_window: int = 4 * 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
