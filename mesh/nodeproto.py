@@ -16,6 +16,8 @@ from mesh.api import node_pb2
 
 MAX_PACKET = 64 * 1024
 MAX_FDS = 4
+# An Ack's error may quote a field the peer sent (up to a packet long): cut, it always fits.
+MAX_ERROR = 1024
 PROTOCOL_VERSION = 1
 
 
@@ -134,4 +136,6 @@ def hello() -> node_pb2.NodeMessage:
 
 
 def ack(error: str = "") -> node_pb2.NodeMessage:
+    if len(error) > MAX_ERROR:
+        error = f"{error[:MAX_ERROR]}…({len(error)} chars)"
     return message(ack=node_pb2.Ack(error=error))

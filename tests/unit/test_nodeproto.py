@@ -78,9 +78,18 @@ def test_protocol_error_is_a_value_error() -> None:
 
 
 def test_encode_rejects_oversized_messages() -> None:
-    big = nodeproto.ack("x" * (nodeproto.MAX_PACKET + 1))
+    big = nodeproto.message(del_workload=node_pb2.DelWorkload(uid="x" * nodeproto.MAX_PACKET))
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(big)
+
+
+def test_an_ack_error_always_fits_a_packet() -> None:
+    """The error may quote a field the peer sent, itself up to a packet long."""
+    error = nodeproto.ack("x" * nodeproto.MAX_PACKET).ack.error
+    assert error.startswith("x" * nodeproto.MAX_ERROR) and error.endswith(
+        f"({nodeproto.MAX_PACKET} chars)"
+    )
+    assert len(encode(nodeproto.ack("x" * nodeproto.MAX_PACKET))) < nodeproto.MAX_PACKET
 
 
 # --- Channel over a socketpair ---------------------------------------------------------
