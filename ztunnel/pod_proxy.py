@@ -18,6 +18,7 @@ from typing import Any
 from h2.errors import ErrorCodes
 
 from mesh.hbone.connection import HboneServerProtocol, HboneStream, server_factory
+from mesh.hbone.limits import DEFAULT_LIMITS
 from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.netns import socket_in, write_sysctl
 from mesh.spiffe import SpiffeId
@@ -141,7 +142,11 @@ class PodProxy:
             return
         self._servers.append(
             await asyncio.get_running_loop().create_server(
-                self._hbone_protocol, sock=self.hbone_sock, ssl=context, backlog=BACKLOG
+                self._hbone_protocol,
+                sock=self.hbone_sock,
+                ssl=context,
+                backlog=BACKLOG,
+                ssl_handshake_timeout=DEFAULT_LIMITS.handshake_timeout,
             )
         )
         self.serving = True
