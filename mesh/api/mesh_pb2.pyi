@@ -63,6 +63,23 @@ WORKLOAD: PolicyScope.ValueType  # 3
 """with a selector"""
 Global___PolicyScope: _TypeAlias = PolicyScope  # noqa: Y015
 
+class _LoadBalancer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LoadBalancerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LoadBalancer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEAST_REQUEST: _LoadBalancer.ValueType  # 0
+    ROUND_ROBIN: _LoadBalancer.ValueType  # 1
+    RANDOM: _LoadBalancer.ValueType  # 2
+
+class LoadBalancer(_LoadBalancer, metaclass=_LoadBalancerEnumTypeWrapper): ...
+
+LEAST_REQUEST: LoadBalancer.ValueType  # 0
+ROUND_ROBIN: LoadBalancer.ValueType  # 1
+RANDOM: LoadBalancer.ValueType  # 2
+Global___LoadBalancer: _TypeAlias = LoadBalancer  # noqa: Y015
+
 @_typing.final
 class Workload(_message.Message):
     """A pod, as the data plane needs to know it."""
@@ -516,6 +533,825 @@ class AuthorizationPolicy(_message.Message):
 Global___AuthorizationPolicy: _TypeAlias = AuthorizationPolicy  # noqa: Y015
 
 @_typing.final
+class Waypoint(_message.Message):
+    """---------------------------------------------------------------------------------------
+    L7: waypoints and the one route model both HTTPRoute (GAMMA) and VirtualService +
+    DestinationRule translate into (controller/routes.py). Waypoints read these; ztunnel
+    reads only Waypoint (where to send a Service's traffic).
+
+    A waypoint: a Gateway of class ambimesh-waypoint (istio-waypoint accepted), served by
+    the pods labelled gateway.networking.k8s.io/gateway-name=<name> in its namespace.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    HBONE_PORT_FIELD_NUMBER: _builtins.int
+    TRAFFIC_TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    namespace: _builtins.str
+    service_account: _builtins.str
+    """Its identity, which ztunnels expect and destination pods accept traffic from."""
+    trust_domain: _builtins.str
+    hbone_port: _builtins.int
+    traffic_type: _builtins.str
+    """istio.io/waypoint-for: "service" (default), "workload", "all" or "none"."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The waypoint pods' IPs; ztunnel sends HBONE to <address>:hbone_port."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        service_account: _builtins.str = ...,
+        trust_domain: _builtins.str = ...,
+        hbone_port: _builtins.int = ...,
+        traffic_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "hbone_port", b"hbone_port", "name", b"name", "namespace", b"namespace", "service_account", b"service_account", "traffic_type", b"traffic_type", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Waypoint: _TypeAlias = Waypoint  # noqa: Y015
+
+@_typing.final
+class HttpStringMatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXACT_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    exact: _builtins.str
+    prefix: _builtins.str
+    regex: _builtins.str
+    """RE2-compatible; Python `re` full match."""
+    def __init__(
+        self,
+        *,
+        exact: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        regex: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "kind", b"kind", "prefix", b"prefix", "regex", b"regex"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "kind", b"kind", "prefix", b"prefix", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exact", "prefix", "regex"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___HttpStringMatch: _TypeAlias = HttpStringMatch  # noqa: Y015
+
+@_typing.final
+class HttpHeaderMatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    INVERT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Lower case."""
+    invert: _builtins.bool
+    """Istio withoutHeaders: the match holds when this header does NOT match."""
+    @_builtins.property
+    def value(self) -> Global___HttpStringMatch: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: Global___HttpStringMatch | None = ...,
+        invert: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invert", b"invert", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpHeaderMatch: _TypeAlias = HttpHeaderMatch  # noqa: Y015
+
+@_typing.final
+class HttpQueryMatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def value(self) -> Global___HttpStringMatch: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: Global___HttpStringMatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpQueryMatch: _TypeAlias = HttpQueryMatch  # noqa: Y015
+
+@_typing.final
+class HttpRouteMatch(_message.Message):
+    """Every field that is set must hold (AND); a route's matches are ORed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SourceLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PATH_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    SOURCE_LABELS_FIELD_NUMBER: _builtins.int
+    SOURCE_NAMESPACE_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """Upper case; empty: any."""
+    port: _builtins.int
+    """Istio match.port; 0: any."""
+    source_namespace: _builtins.str
+    @_builtins.property
+    def path(self) -> Global___HttpStringMatch: ...
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeaderMatch]: ...
+    @_builtins.property
+    def query_params(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpQueryMatch]: ...
+    @_builtins.property
+    def source_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Istio sourceLabels / sourceNamespace; empty: any."""
+
+    def __init__(
+        self,
+        *,
+        path: Global___HttpStringMatch | None = ...,
+        headers: _abc.Iterable[Global___HttpHeaderMatch] | None = ...,
+        query_params: _abc.Iterable[Global___HttpQueryMatch] | None = ...,
+        method: _builtins.str = ...,
+        port: _builtins.int = ...,
+        source_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        source_namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "method", b"method", "path", b"path", "port", b"port", "query_params", b"query_params", "source_labels", b"source_labels", "source_namespace", b"source_namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRouteMatch: _TypeAlias = HttpRouteMatch  # noqa: Y015
+
+@_typing.final
+class HttpHeaderMutation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AddEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SET_FIELD_NUMBER: _builtins.int
+    ADD_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def set(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Replace (or add) these headers; names lower case."""
+
+    @_builtins.property
+    def add(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Append these values (keeping existing ones)."""
+
+    @_builtins.property
+    def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        set: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        add: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        remove: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "remove", b"remove", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpHeaderMutation: _TypeAlias = HttpHeaderMutation  # noqa: Y015
+
+@_typing.final
+class HttpBackend(_message.Message):
+    """A destination: a Service's port, optionally narrowed to a subset (pod labels)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SubsetLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    SUBSET_FIELD_NUMBER: _builtins.int
+    SUBSET_LABELS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADERS_FIELD_NUMBER: _builtins.int
+    RESPONSE_HEADERS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Fully qualified Service hostname, e.g. reviews.default.svc.cluster.local."""
+    port: _builtins.int
+    """0: the port the request came in on."""
+    subset: _builtins.str
+    weight: _builtins.int
+    @_builtins.property
+    def subset_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The subset's pod labels (resolved by the controller from the DestinationRule)."""
+
+    @_builtins.property
+    def request_headers(self) -> Global___HttpHeaderMutation: ...
+    @_builtins.property
+    def response_headers(self) -> Global___HttpHeaderMutation: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        port: _builtins.int = ...,
+        subset: _builtins.str = ...,
+        subset_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        weight: _builtins.int = ...,
+        request_headers: Global___HttpHeaderMutation | None = ...,
+        response_headers: Global___HttpHeaderMutation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_headers", b"request_headers", "response_headers", b"response_headers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "request_headers", b"request_headers", "response_headers", b"response_headers", "service", b"service", "subset", b"subset", "subset_labels", b"subset_labels", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpBackend: _TypeAlias = HttpBackend  # noqa: Y015
+
+@_typing.final
+class HttpRedirect(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    scheme: _builtins.str
+    hostname: _builtins.str
+    port: _builtins.int
+    path: _builtins.str
+    """Exactly one of path / prefix may be set: replace the whole path, or the matched prefix."""
+    prefix: _builtins.str
+    status_code: _builtins.int
+    """301 by default."""
+    def __init__(
+        self,
+        *,
+        scheme: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        port: _builtins.int = ...,
+        path: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        status_code: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "path", b"path", "port", b"port", "prefix", b"prefix", "scheme", b"scheme", "status_code", b"status_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRedirect: _TypeAlias = HttpRedirect  # noqa: Y015
+
+@_typing.final
+class HttpRewrite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    path: _builtins.str
+    prefix: _builtins.str
+    """Replaces the prefix the rule's path match matched."""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        path: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "path", b"path", "prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRewrite: _TypeAlias = HttpRewrite  # noqa: Y015
+
+@_typing.final
+class HttpRetry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PER_TRY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
+    RETRIABLE_STATUS_CODES_FIELD_NUMBER: _builtins.int
+    BACKOFF_BASE_SECONDS_FIELD_NUMBER: _builtins.int
+    BACKOFF_MAX_SECONDS_FIELD_NUMBER: _builtins.int
+    attempts: _builtins.int
+    """Retries after the first try (Istio attempts); 0: no retry."""
+    per_try_timeout_seconds: _builtins.float
+    backoff_base_seconds: _builtins.float
+    """Exponential backoff with full jitter (Envoy: base 25 ms, max 10x base)."""
+    backoff_max_seconds: _builtins.float
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Envoy retry_on conditions: 5xx, gateway-error, connect-failure, reset,
+        retriable-status-codes, refused-stream.
+        """
+
+    @_builtins.property
+    def retriable_status_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        attempts: _builtins.int = ...,
+        per_try_timeout_seconds: _builtins.float = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
+        retriable_status_codes: _abc.Iterable[_builtins.int] | None = ...,
+        backoff_base_seconds: _builtins.float = ...,
+        backoff_max_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backoff_base_seconds", b"backoff_base_seconds", "backoff_max_seconds", b"backoff_max_seconds", "per_try_timeout_seconds", b"per_try_timeout_seconds", "retriable_status_codes", b"retriable_status_codes", "retry_on", b"retry_on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRetry: _TypeAlias = HttpRetry  # noqa: Y015
+
+@_typing.final
+class HttpFault(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    DELAY_PERCENT_FIELD_NUMBER: _builtins.int
+    ABORT_STATUS_FIELD_NUMBER: _builtins.int
+    ABORT_PERCENT_FIELD_NUMBER: _builtins.int
+    delay_seconds: _builtins.float
+    delay_percent: _builtins.float
+    """0-100; with delay_seconds > 0 and percent unset, 100."""
+    abort_status: _builtins.int
+    abort_percent: _builtins.float
+    def __init__(
+        self,
+        *,
+        delay_seconds: _builtins.float = ...,
+        delay_percent: _builtins.float = ...,
+        abort_status: _builtins.int = ...,
+        abort_percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_percent", b"abort_percent", "abort_status", b"abort_status", "delay_percent", b"delay_percent", "delay_seconds", b"delay_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpFault: _TypeAlias = HttpFault  # noqa: Y015
+
+@_typing.final
+class HttpMirror(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    percent: _builtins.float
+    """0-100."""
+    @_builtins.property
+    def backend(self) -> Global___HttpBackend: ...
+    def __init__(
+        self,
+        *,
+        backend: Global___HttpBackend | None = ...,
+        percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpMirror: _TypeAlias = HttpMirror  # noqa: Y015
+
+@_typing.final
+class HttpRouteRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADERS_FIELD_NUMBER: _builtins.int
+    RESPONSE_HEADERS_FIELD_NUMBER: _builtins.int
+    REDIRECT_FIELD_NUMBER: _builtins.int
+    REWRITE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    FAULT_FIELD_NUMBER: _builtins.int
+    MIRRORS_FIELD_NUMBER: _builtins.int
+    DIRECT_STATUS_FIELD_NUMBER: _builtins.int
+    DIRECT_BODY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """For logs and metrics: "<source kind>/<ns>/<name>#<index>"."""
+    timeout_seconds: _builtins.float
+    """0: no timeout (Istio default for HTTP routes)."""
+    direct_status: _builtins.int
+    """A fixed answer (Istio directResponse / a route whose backends are all invalid)."""
+    direct_body: _builtins.str
+    @_builtins.property
+    def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpRouteMatch]:
+        """ORed; none: matches every request."""
+
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpBackend]:
+        """Weighted; none with no redirect: 500 (Gateway API) / 503."""
+
+    @_builtins.property
+    def request_headers(self) -> Global___HttpHeaderMutation: ...
+    @_builtins.property
+    def response_headers(self) -> Global___HttpHeaderMutation: ...
+    @_builtins.property
+    def redirect(self) -> Global___HttpRedirect: ...
+    @_builtins.property
+    def rewrite(self) -> Global___HttpRewrite: ...
+    @_builtins.property
+    def retry(self) -> Global___HttpRetry: ...
+    @_builtins.property
+    def fault(self) -> Global___HttpFault: ...
+    @_builtins.property
+    def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpMirror]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        matches: _abc.Iterable[Global___HttpRouteMatch] | None = ...,
+        backends: _abc.Iterable[Global___HttpBackend] | None = ...,
+        request_headers: Global___HttpHeaderMutation | None = ...,
+        response_headers: Global___HttpHeaderMutation | None = ...,
+        redirect: Global___HttpRedirect | None = ...,
+        rewrite: Global___HttpRewrite | None = ...,
+        timeout_seconds: _builtins.float = ...,
+        retry: Global___HttpRetry | None = ...,
+        fault: Global___HttpFault | None = ...,
+        mirrors: _abc.Iterable[Global___HttpMirror] | None = ...,
+        direct_status: _builtins.int = ...,
+        direct_body: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "direct_body", b"direct_body", "direct_status", b"direct_status", "fault", b"fault", "matches", b"matches", "mirrors", b"mirrors", "name", b"name", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRouteRule: _TypeAlias = HttpRouteRule  # noqa: Y015
+
+@_typing.final
+class HttpRouteTable(_message.Message):
+    """The routes of one Service port, from every HTTPRoute / VirtualService attached to it,
+    already merged and sorted in precedence order: the first rule that matches wins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    SERVICE_NAMESPACE_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Fully qualified Service hostname the routes are attached to."""
+    service_namespace: _builtins.str
+    port: _builtins.int
+    """0: every port of the Service."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpRouteRule]: ...
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where it came from, e.g. "HTTPRoute demo/canary", for status and logs."""
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        service_namespace: _builtins.str = ...,
+        port: _builtins.int = ...,
+        rules: _abc.Iterable[Global___HttpRouteRule] | None = ...,
+        sources: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "rules", b"rules", "service", b"service", "service_namespace", b"service_namespace", "sources", b"sources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRouteTable: _TypeAlias = HttpRouteTable  # noqa: Y015
+
+@_typing.final
+class ConnectionPool(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    CONNECT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_REQUESTS_PER_CONNECTION_FIELD_NUMBER: _builtins.int
+    max_connections: _builtins.int
+    """0: unlimited (Envoy's defaults are 2^32-1)."""
+    max_pending_requests: _builtins.int
+    max_requests: _builtins.int
+    max_retries: _builtins.int
+    connect_timeout_seconds: _builtins.float
+    max_requests_per_connection: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_connections: _builtins.int = ...,
+        max_pending_requests: _builtins.int = ...,
+        max_requests: _builtins.int = ...,
+        max_retries: _builtins.int = ...,
+        connect_timeout_seconds: _builtins.float = ...,
+        max_requests_per_connection: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_timeout_seconds", b"connect_timeout_seconds", "max_connections", b"max_connections", "max_pending_requests", b"max_pending_requests", "max_requests", b"max_requests", "max_requests_per_connection", b"max_requests_per_connection", "max_retries", b"max_retries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionPool: _TypeAlias = ConnectionPool  # noqa: Y015
+
+@_typing.final
+class OutlierDetection(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSECUTIVE_5XX_ERRORS_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_GATEWAY_ERRORS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    BASE_EJECTION_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_EJECTION_PERCENT_FIELD_NUMBER: _builtins.int
+    consecutive_5xx_errors: _builtins.int
+    consecutive_gateway_errors: _builtins.int
+    interval_seconds: _builtins.float
+    base_ejection_seconds: _builtins.float
+    max_ejection_percent: _builtins.int
+    def __init__(
+        self,
+        *,
+        consecutive_5xx_errors: _builtins.int = ...,
+        consecutive_gateway_errors: _builtins.int = ...,
+        interval_seconds: _builtins.float = ...,
+        base_ejection_seconds: _builtins.float = ...,
+        max_ejection_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_ejection_seconds", b"base_ejection_seconds", "consecutive_5xx_errors", b"consecutive_5xx_errors", "consecutive_gateway_errors", b"consecutive_gateway_errors", "interval_seconds", b"interval_seconds", "max_ejection_percent", b"max_ejection_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutlierDetection: _TypeAlias = OutlierDetection  # noqa: Y015
+
+@_typing.final
+class TrafficPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_BALANCER_FIELD_NUMBER: _builtins.int
+    CONNECTION_POOL_FIELD_NUMBER: _builtins.int
+    OUTLIER_DETECTION_FIELD_NUMBER: _builtins.int
+    load_balancer: Global___LoadBalancer.ValueType
+    @_builtins.property
+    def connection_pool(self) -> Global___ConnectionPool: ...
+    @_builtins.property
+    def outlier_detection(self) -> Global___OutlierDetection: ...
+    def __init__(
+        self,
+        *,
+        load_balancer: Global___LoadBalancer.ValueType = ...,
+        connection_pool: Global___ConnectionPool | None = ...,
+        outlier_detection: Global___OutlierDetection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection_pool", b"connection_pool", "outlier_detection", b"outlier_detection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_pool", b"connection_pool", "load_balancer", b"load_balancer", "outlier_detection", b"outlier_detection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficPolicy: _TypeAlias = TrafficPolicy  # noqa: Y015
+
+@_typing.final
+class Subset(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def policy(self) -> Global___TrafficPolicy:
+        """Merged over the DestinationRule's policy by the controller."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        policy: Global___TrafficPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subset: _TypeAlias = Subset  # noqa: Y015
+
+@_typing.final
+class DestinationPolicy(_message.Message):
+    """A DestinationRule, resolved to the Service it names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    SUBSETS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    name: _builtins.str
+    namespace: _builtins.str
+    @_builtins.property
+    def policy(self) -> Global___TrafficPolicy: ...
+    @_builtins.property
+    def subsets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subset]: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        policy: Global___TrafficPolicy | None = ...,
+        subsets: _abc.Iterable[Global___Subset] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "namespace", b"namespace", "policy", b"policy", "service", b"service", "subsets", b"subsets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationPolicy: _TypeAlias = DestinationPolicy  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """Local rate limit (our own resource, ambimesh.io/v1alpha1 RateLimit): a token bucket
+    per Service, per waypoint replica; beyond it: 429.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PER_SECONDS_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    name: _builtins.str
+    namespace: _builtins.str
+    requests: _builtins.int
+    per_seconds: _builtins.float
+    burst: _builtins.int
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        per_seconds: _builtins.float = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "name", b"name", "namespace", b"namespace", "per_seconds", b"per_seconds", "requests", b"requests", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
 class Resource(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -524,6 +1360,10 @@ class Resource(_message.Message):
     SERVICE_FIELD_NUMBER: _builtins.int
     PEER_AUTHENTICATION_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_POLICY_FIELD_NUMBER: _builtins.int
+    WAYPOINT_FIELD_NUMBER: _builtins.int
+    HTTP_ROUTES_FIELD_NUMBER: _builtins.int
+    DESTINATION_POLICY_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """"<kind>/<namespace>/<name>", unique within a snapshot."""
     @_builtins.property
@@ -534,6 +1374,14 @@ class Resource(_message.Message):
     def peer_authentication(self) -> Global___PeerAuthentication: ...
     @_builtins.property
     def authorization_policy(self) -> Global___AuthorizationPolicy: ...
+    @_builtins.property
+    def waypoint(self) -> Global___Waypoint: ...
+    @_builtins.property
+    def http_routes(self) -> Global___HttpRouteTable: ...
+    @_builtins.property
+    def destination_policy(self) -> Global___DestinationPolicy: ...
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit: ...
     def __init__(
         self,
         *,
@@ -542,12 +1390,16 @@ class Resource(_message.Message):
         service: Global___Service | None = ...,
         peer_authentication: Global___PeerAuthentication | None = ...,
         authorization_policy: Global___AuthorizationPolicy | None = ...,
+        waypoint: Global___Waypoint | None = ...,
+        http_routes: Global___HttpRouteTable | None = ...,
+        destination_policy: Global___DestinationPolicy | None = ...,
+        rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_routes", b"http_routes", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "service", b"service", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_routes", b"http_routes", "key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication", "authorization_policy"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication", "authorization_policy", "waypoint", "http_routes", "destination_policy", "rate_limit"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
