@@ -1352,6 +1352,231 @@ class RateLimit(_message.Message):
 Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
+class HttpAuthorizationMatch(_message.Message):
+    """An AuthorizationPolicy bound to a waypoint (targetRefs: its Gateway, or a Service the
+    waypoint serves), enforced per HTTP request; denial is 403 "RBAC: access denied".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___StringMatchList: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___StringMatchList | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NotHeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___StringMatchList: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___StringMatchList | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PRINCIPALS_FIELD_NUMBER: _builtins.int
+    NOT_PRINCIPALS_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    NOT_NAMESPACES_FIELD_NUMBER: _builtins.int
+    SOURCE_CIDRS_FIELD_NUMBER: _builtins.int
+    NOT_SOURCE_CIDRS_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    NOT_HOSTS_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    NOT_PORTS_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    NOT_METHODS_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    NOT_PATHS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    NOT_HEADERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def principals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]:
+        """Source SPIFFE ID without "spiffe://"; Istio's "*" prefix/suffix rules (StringMatch)."""
+
+    @_builtins.property
+    def not_principals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def not_namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def source_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def not_source_cidrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def not_hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def not_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def not_methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def not_paths(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    @_builtins.property
+    def headers(self) -> _containers.MessageMap[_builtins.str, Global___StringMatchList]:
+        """when: request.headers[<name>] (name lower case) values / notValues."""
+
+    @_builtins.property
+    def not_headers(self) -> _containers.MessageMap[_builtins.str, Global___StringMatchList]: ...
+    def __init__(
+        self,
+        *,
+        principals: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_principals: _abc.Iterable[Global___StringMatch] | None = ...,
+        namespaces: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_namespaces: _abc.Iterable[Global___StringMatch] | None = ...,
+        source_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        not_source_cidrs: _abc.Iterable[_builtins.str] | None = ...,
+        hosts: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_hosts: _abc.Iterable[Global___StringMatch] | None = ...,
+        ports: _abc.Iterable[_builtins.int] | None = ...,
+        not_ports: _abc.Iterable[_builtins.int] | None = ...,
+        methods: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_methods: _abc.Iterable[Global___StringMatch] | None = ...,
+        paths: _abc.Iterable[Global___StringMatch] | None = ...,
+        not_paths: _abc.Iterable[Global___StringMatch] | None = ...,
+        headers: _abc.Mapping[_builtins.str, Global___StringMatchList] | None = ...,
+        not_headers: _abc.Mapping[_builtins.str, Global___StringMatchList] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "hosts", b"hosts", "methods", b"methods", "namespaces", b"namespaces", "not_headers", b"not_headers", "not_hosts", b"not_hosts", "not_methods", b"not_methods", "not_namespaces", b"not_namespaces", "not_paths", b"not_paths", "not_ports", b"not_ports", "not_principals", b"not_principals", "not_source_cidrs", b"not_source_cidrs", "paths", b"paths", "ports", b"ports", "principals", b"principals", "source_cidrs", b"source_cidrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpAuthorizationMatch: _TypeAlias = HttpAuthorizationMatch  # noqa: Y015
+
+@_typing.final
+class StringMatchList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringMatch]: ...
+    def __init__(
+        self,
+        *,
+        matches: _abc.Iterable[Global___StringMatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matches", b"matches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StringMatchList: _TypeAlias = StringMatchList  # noqa: Y015
+
+@_typing.final
+class HttpAuthorizationClause(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpAuthorizationMatch]: ...
+    def __init__(
+        self,
+        *,
+        matches: _abc.Iterable[Global___HttpAuthorizationMatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matches", b"matches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpAuthorizationClause: _TypeAlias = HttpAuthorizationClause  # noqa: Y015
+
+@_typing.final
+class HttpAuthorizationRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAUSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def clauses(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpAuthorizationClause]: ...
+    def __init__(
+        self,
+        *,
+        clauses: _abc.Iterable[Global___HttpAuthorizationClause] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clauses", b"clauses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpAuthorizationRule: _TypeAlias = HttpAuthorizationRule  # noqa: Y015
+
+@_typing.final
+class HttpAuthorizationPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    TARGET_REFS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    namespace: _builtins.str
+    action: Global___AuthorizationPolicy.Action.ValueType
+    @_builtins.property
+    def target_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"Gateway/<ns>/<name>" or "Service/<ns>/<name>" (Service: its FQDN's requests only)."""
+
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpAuthorizationRule]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        target_refs: _abc.Iterable[_builtins.str] | None = ...,
+        action: Global___AuthorizationPolicy.Action.ValueType = ...,
+        rules: _abc.Iterable[Global___HttpAuthorizationRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "name", b"name", "namespace", b"namespace", "rules", b"rules", "target_refs", b"target_refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpAuthorizationPolicy: _TypeAlias = HttpAuthorizationPolicy  # noqa: Y015
+
+@_typing.final
 class Resource(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1364,6 +1589,7 @@ class Resource(_message.Message):
     HTTP_ROUTES_FIELD_NUMBER: _builtins.int
     DESTINATION_POLICY_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    HTTP_AUTHORIZATION_POLICY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """"<kind>/<namespace>/<name>", unique within a snapshot."""
     @_builtins.property
@@ -1382,6 +1608,8 @@ class Resource(_message.Message):
     def destination_policy(self) -> Global___DestinationPolicy: ...
     @_builtins.property
     def rate_limit(self) -> Global___RateLimit: ...
+    @_builtins.property
+    def http_authorization_policy(self) -> Global___HttpAuthorizationPolicy: ...
     def __init__(
         self,
         *,
@@ -1394,12 +1622,13 @@ class Resource(_message.Message):
         http_routes: Global___HttpRouteTable | None = ...,
         destination_policy: Global___DestinationPolicy | None = ...,
         rate_limit: Global___RateLimit | None = ...,
+        http_authorization_policy: Global___HttpAuthorizationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_routes", b"http_routes", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_authorization_policy", b"http_authorization_policy", "http_routes", b"http_routes", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_routes", b"http_routes", "key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_policy", b"authorization_policy", "destination_policy", b"destination_policy", "http_authorization_policy", b"http_authorization_policy", "http_routes", b"http_routes", "key", b"key", "kind", b"kind", "peer_authentication", b"peer_authentication", "rate_limit", b"rate_limit", "service", b"service", "waypoint", b"waypoint", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication", "authorization_policy", "waypoint", "http_routes", "destination_policy", "rate_limit"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workload", "service", "peer_authentication", "authorization_policy", "waypoint", "http_routes", "destination_policy", "rate_limit", "http_authorization_policy"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
