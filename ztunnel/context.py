@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2, node_pb2
+from mesh.cert_manager import CertManager
 from mesh.netns import Netns
 from mesh.pool import HboneConnectionPool
 from mesh.spiffe import SpiffeId
 from ztunnel.connections import ConnectionTable
-from ztunnel.identity import CertManager
 from ztunnel.metrics import ConnectionLabels
 from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
 

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from mesh import tls
 from mesh.api import mesh_pb2
 from mesh.cert_client import request_certificate
+from mesh.cert_manager import CertManager
 from mesh.csr import make_key_and_csr
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.spiffe import SpiffeId
@@ -30,7 +31,6 @@ from ztunnel.admin import (
 )
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
-from ztunnel.identity import CertManager
 from ztunnel.inpod import InpodClient
 from ztunnel.metrics import TcpMetrics
 from ztunnel.proxy import Ztunnel

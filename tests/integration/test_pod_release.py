@@ -20,6 +20,7 @@ from pyroute2 import IPRoute, NetNS, netns
 
 from mesh import tls
 from mesh.api import node_pb2
+from mesh.cert_manager import CertManager
 from mesh.hbone.connection import HboneClientConnection, HboneStream, serve
 from mesh.hbone.protocol import ConnectRequest, HboneError, HboneStreamRefused, Status
 from mesh.netns import Netns, NetnsClosed, socket_in
@@ -28,7 +29,6 @@ from tests.integration.privileged import require_privileged
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
-from ztunnel.identity import CertManager
 from ztunnel.metrics import TcpMetrics
 from ztunnel.proxy import Ztunnel
 

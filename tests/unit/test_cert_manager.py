@@ -1,4 +1,4 @@
-"""ztunnel.identity.CertManager with a fake blocking fetch: single flight, caching, failures,
+"""mesh.cert_manager.CertManager with a fake blocking fetch: single flight, caching, failures,
 renewal at half-life into the same SSLContext objects, retry, forget, close."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mesh import cert_manager as identity
+from mesh.cert_manager import CertManager
 from mesh.spiffe import SpiffeId
 from mesh.tls import TlsIdentity
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
-from ztunnel import identity
-from ztunnel.identity import CertManager
 
 TIMEOUT = 5.0
 SID = SpiffeId("cluster.local", "demo", "client")

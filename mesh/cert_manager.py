@@ -1,6 +1,6 @@
-"""Certificates for the identities of this node's pods: fetched from the controller's CA
-on first use, cached, and renewed at half-life in place, so TLS contexts already handed to
-listeners and pools pick up the new certificate for their next handshake."""
+"""Certificates for SPIFFE identities (a node's pods, a waypoint's own): fetched from the
+controller's CA on first use, cached, and renewed at half-life in place, so TLS contexts
+already handed to listeners and pools pick up the new certificate for their next handshake."""
 
 from __future__ import annotations
 
