@@ -31,6 +31,8 @@ class MeshState:
     authorization_policies: Mapping[str, tuple[mesh_pb2.AuthorizationPolicy, ...]] = field(
         default_factory=dict
     )
+    # By "<namespace>/<name>", as Service.waypoint and Workload.waypoint name them.
+    waypoints: Mapping[str, mesh_pb2.Waypoint] = field(default_factory=dict)
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> MeshState:
@@ -39,6 +41,7 @@ class MeshState:
         services: dict[str, mesh_pb2.Service] = {}
         policies = []
         authorizations: dict[str, list[mesh_pb2.AuthorizationPolicy]] = {}
+        waypoints: dict[str, mesh_pb2.Waypoint] = {}
         for res in resources.values():
             kind = res.WhichOneof("kind")
             if kind == "workload":
@@ -54,11 +57,26 @@ class MeshState:
                 ap = res.authorization_policy
                 ns = "" if ap.scope == mesh_pb2.MESH else ap.namespace
                 authorizations.setdefault(ns, []).append(ap)
+            elif kind == "waypoint":
+                waypoints[f"{res.waypoint.namespace}/{res.waypoint.name}"] = res.waypoint
         by_namespace = {
             ns: tuple(sorted(aps, key=lambda ap: (ap.namespace, ap.name)))
             for ns, aps in authorizations.items()
         }
-        return cls(version, workloads, by_address, services, tuple(policies), by_namespace)
+        return cls(
+            version, workloads, by_address, services, tuple(policies), by_namespace, waypoints
+        )
+
+    def waypoint_for(
+        self, ref: str, traffic: str
+    ) -> tuple[mesh_pb2.Waypoint, list[mesh_pb2.Workload]] | None:
+        """The waypoint ``ref`` names if it takes ``traffic`` ("service" or "workload") and
+        has instances, with those instances."""
+        waypoint = self.waypoints.get(ref) if ref else None
+        if waypoint is None or (waypoint.traffic_type or "service") not in (traffic, "all"):
+            return None
+        instances = [self.by_address[a] for a in waypoint.addresses if a in self.by_address]
+        return (waypoint, instances) if instances else None
 
     def authorization_policies_for(
         self, workload: mesh_pb2.Workload

@@ -263,3 +263,65 @@ def test_build_indexes_every_address_and_vip() -> None:
         decision = decide_outbound(state, vip, 80)
         assert decision.address == ("10.1.0.40", HBONE_PORT)  # the endpoint's first address
         assert decision.authority == "10.1.0.40:8080"
+
+
+def waypoint(
+    name: str, *addresses: str, traffic: str = "", namespace: str = "demo"
+) -> mesh_pb2.Resource:
+    return mesh_pb2.Resource(
+        key=f"waypoint/{namespace}/{name}",
+        waypoint=mesh_pb2.Waypoint(
+            name=name,
+            namespace=namespace,
+            addresses=list(addresses),
+            service_account=name,
+            hbone_port=15008,
+            traffic_type=traffic,
+        ),
+    )
+
+
+def waypoint_state(traffic: str = "", instances: tuple[str, ...] = ("10.1.0.90",)) -> MeshState:
+    wp_pod = workload("wp-pod", "10.1.0.90", ambient=False, sa="wp")
+    svc = service("reviews", "10.96.0.70", [(80, 9080)], ["server-1"])
+    svc.service.waypoint = "demo/wp"
+    pod = workload("pod-wp", "10.1.0.95", sa="pod")
+    pod.workload.waypoint = "demo/wp"
+    resources = [*RESOURCES, wp_pod, svc, pod, waypoint("wp", *instances, traffic=traffic)]
+    return MeshState.build("v", {r.key: r for r in resources})
+
+
+@pytest.mark.parametrize("traffic", ["", "service", "all"])
+def test_service_with_a_waypoint_goes_to_the_waypoint_keeping_the_vip(traffic: str) -> None:
+    decision = decide_outbound(waypoint_state(traffic), "10.96.0.70", 80)
+    assert decision.protocol is Protocol.HBONE
+    assert decision.address == ("10.1.0.90", 15008)
+    assert decision.authority == "10.96.0.70:80"
+    assert decision.expected_identity == SpiffeId("cluster.local", "demo", "wp")
+    assert decision.service is not None and decision.service.name == "reviews"
+    assert decision.waypoint is not None and decision.waypoint.name == "wp"
+    assert decision.destination is not None and decision.destination.uid == "wp-pod"
+
+
+@pytest.mark.parametrize(
+    ("traffic", "instances"),
+    [("workload", ("10.1.0.90",)), ("none", ("10.1.0.90",)), ("service", ("10.9.9.9",))],
+    ids=["waypoint for workloads only", "waypoint for nothing", "no running instance"],
+)
+def test_service_goes_direct_when_its_waypoint_does_not_take_it(
+    traffic: str, instances: tuple[str, ...]
+) -> None:
+    decision = decide_outbound(waypoint_state(traffic, instances), "10.96.0.70", 80)
+    assert (decision.address, decision.authority) == (("10.1.0.10", HBONE_PORT), "10.1.0.10:9080")
+    assert decision.waypoint is None
+
+
+@pytest.mark.parametrize(
+    ("traffic", "via"), [("workload", True), ("all", True), ("service", False)]
+)
+def test_pod_ip_goes_through_a_waypoint_for_workloads(traffic: str, via: bool) -> None:
+    decision = decide_outbound(waypoint_state(traffic), "10.1.0.95", 8080)
+    assert decision.authority == "10.1.0.95:8080"
+    expected = ("10.1.0.90", 15008) if via else ("10.1.0.95", HBONE_PORT)
+    assert decision.address == expected
+    assert (decision.waypoint is not None) is via
