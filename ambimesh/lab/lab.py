@@ -130,6 +130,8 @@ class Lab:
                 f"ztunnel on {node.name} to be ready",
                 f"ztunnel-{node.name}",
             )
+        for pod in (p for p in lab_plan.pods if p.waypoint):
+            self._start_waypoint(lab_plan, pod, timeout)
         say(f"lab {self.name!r} is up: {len(lab_plan.nodes)} nodes, {len(lab_plan.pods)} pods")
         return lab_plan
 
@@ -215,6 +217,8 @@ class Lab:
         self._set_pod_uid(old, new.uid)
         network.build_pod(lab_plan, new)
         self._start_pod(new)
+        if new.waypoint:
+            self._start_waypoint(lab_plan, new, timeout)
         pods = tuple(new if p.ref == old.ref else p for p in lab_plan.pods)
         self._save_plan(dataclasses.replace(lab_plan, pods=pods))
         for port in new.ports:
@@ -269,6 +273,36 @@ class Lab:
         for node, token in tokens.items():
             self.node_dir(node).mkdir(parents=True, exist_ok=True)
             _write_private(self.node_dir(node) / "token", token)
+
+    def _start_waypoint(self, lab_plan: LabPlan, pod: PodPlan, timeout: float) -> None:
+        """The waypoint proxy of Gateway ``pod.waypoint``, as that pod's process. It
+        authenticates with its node's join token (the lab's stand-in for the pod's projected
+        service-account token) and waits for the controller like any pod would."""
+        say(f"starting waypoint {pod.namespace}/{pod.waypoint} in pod {pod.ref}")
+        argv = [
+            sys.executable, "-m", "waypoint",
+            "--node", pod.node,
+            "--controller", lab_plan.controller_target,
+            "--root-cert", str(self.root_cert),
+            "--token-file", str(self.node_dir(pod.node) / "token"),
+            "--name", pod.waypoint,
+            "--namespace", pod.namespace,
+            "--service-account", pod.service_account,
+        ]  # fmt: skip
+        procs.spawn(
+            argv,
+            cgroup=cgroups.pod_cgroup(self.name, pod.node, pod.uid),
+            netns_name=pod.netns,
+            pod=True,
+            log=self.logs / f"pod-{pod.namespace}-{pod.name}.log",
+            env={"POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace},
+        )
+        self._wait_for(
+            partial(_answers, pod, READINESS_PORT, "/healthz/ready"),
+            timeout,
+            f"waypoint {pod.ref} to be ready",
+            f"pod-{pod.namespace}-{pod.name}",
+        )
 
     def _save_plan(self, lab_plan: LabPlan) -> None:
         state = dataclasses.asdict(lab_plan)
@@ -403,6 +437,15 @@ class Lab:
             f"timed out after {timeout:.0f}s waiting for {what}; "
             f"last lines of {self.logs}/{log_name}.log:\n{tail}"
         )
+
+
+def _answers(pod: PodPlan, port: int, path: str) -> bool:
+    """The pod answers 200 on ``path`` (asked from inside its own netns)."""
+    try:
+        status, _ = http_get(pod.netns, pod.address, port, path, 1.0)
+    except OSError:
+        return False
+    return status == 200
 
 
 def _listening(pod: PodPlan, port: int) -> bool:

@@ -24,6 +24,10 @@ MAX_PODS_PER_NODE = 240
 Document = dict[str, Any]
 
 
+# Istio's label on waypoint pods; the lab starts the waypoint proxy in such a pod.
+WAYPOINT_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
 class PlanError(ValueError):
     """The lab's YAML cannot be built; the message names the object and field."""
 
@@ -49,6 +53,9 @@ class PodPlan:
     host_veth: str
     commands: tuple[tuple[str, ...], ...]
     ports: tuple[int, ...] = ()
+    service_account: str = "default"
+    # The Gateway this pod is an instance of: the lab runs the waypoint proxy in it.
+    waypoint: str = ""
 
     @property
     def ref(self) -> str:
@@ -210,7 +217,8 @@ def _plan_pod(
     doc["status"] = {"podIP": address, "podIPs": [{"ip": address}], "hostIP": node.address}
     commands: list[tuple[str, ...]] = []
     ports: list[int] = []
-    for i, container in enumerate(spec.get("containers") or []):
+    waypoint = (meta.get("labels") or {}).get(WAYPOINT_LABEL, "")
+    for i, container in enumerate([] if waypoint else spec.get("containers") or []):
         command = container.get("command") or []
         args = container.get("args") or []
         argv = command + args if isinstance(command, list) and isinstance(args, list) else []
@@ -232,6 +240,8 @@ def _plan_pod(
         host_veth=f"vp{node.name[-4:].replace('-', '')}{index}",
         commands=tuple(commands),
         ports=tuple(ports),
+        service_account=spec.get("serviceAccountName") or "default",
+        waypoint=waypoint,
     )
 
 

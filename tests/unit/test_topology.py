@@ -328,6 +328,20 @@ def test_command_and_args_are_joined_and_ports_collected() -> None:
     assert planned.ports == (9000, 9001)
 
 
+def test_a_waypoint_pod_runs_the_waypoint_not_its_containers() -> None:
+    pod = pod_doc("wp", command=None)  # an image-only container, as Istio deploys it
+    pod["metadata"]["labels"] = {"gateway.networking.k8s.io/gateway-name": "waypoint"}
+    pod["spec"]["serviceAccountName"] = "waypoint"
+    other = pod_doc("app")
+    planned = plan(LAB, {"a.yaml": [node_doc("node-1"), pod, other]}, uid_factory()).pods
+    assert (planned[0].waypoint, planned[0].service_account, planned[0].commands) == (
+        "waypoint",
+        "waypoint",
+        (),
+    )
+    assert (planned[1].waypoint, planned[1].service_account) == ("", "default")
+
+
 def test_services_get_vips_in_order_and_keep_a_given_cluster_ip() -> None:
     docs = {
         "a.yaml": [
