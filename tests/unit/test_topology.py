@@ -119,6 +119,7 @@ def test_bundled_pods(lab_plan: LabPlan) -> None:
             host_veth="vpde10",
             commands=(("sleep", "infinity"),),
             ports=(),
+            service_account="client",
         ),
         PodPlan(
             name="server",
@@ -130,6 +131,7 @@ def test_bundled_pods(lab_plan: LabPlan) -> None:
             host_veth="vpde20",
             commands=(("python", "-m", "ambimesh.lab.demo_app", "--port", "8080"),),
             ports=(8080,),
+            service_account="server",
         ),
         PodPlan(
             name="legacy-client",
