@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
+
+from controller.fields import ConfigObject
 from controller.quoting import clip, quote
 from mesh.api import mesh_pb2
 
@@ -58,22 +61,7 @@ _WHEN_L7_PREFIXES = ("request.", "experimental.")
 _WHEN_L7 = ("remote.ip", "connection.sni")
 
 
-class PolicyObject(Protocol):
-    """What translation needs of the object being translated (controller.translate._Obj)."""
-
-    namespace: str
-    name: str
-
-    def describe(self) -> str: ...
-
-    def error(self, path: str, problem: str) -> ValueError: ...
-
-    def get(self, path: str, expected: type | tuple[type, ...], default: Any = None) -> Any: ...
-
-    def labels(self, path: str) -> dict[str, str]: ...
-
-
-def authorization_policy(obj: PolicyObject, root_namespace: str) -> Policy | None:
+def authorization_policy(obj: ConfigObject, root_namespace: str) -> Policy | None:
     """The policy as ztunnel enforces it, or None when it is not ztunnel's to enforce."""
     selector = obj.labels("spec.selector.matchLabels")
     if obj.get("spec.targetRefs", list) or obj.get("spec.targetRef", Mapping):
@@ -81,18 +69,9 @@ def authorization_policy(obj: PolicyObject, root_namespace: str) -> Policy | Non
             raise obj.error("spec.selector", "only one of selector and targetRefs may be set")
         log.debug("%s: has targetRefs: enforced by a waypoint, not by ztunnel", obj.describe())
         return None
-    action_name = obj.get("spec.action", str, "ALLOW")
-    if action_name.upper() == "CUSTOM":
-        log.warning(
-            "%s: action CUSTOM needs an external authorizer, which ztunnel does not call; "
-            "ignored (as Istio's ztunnel does)",
-            obj.describe(),
-        )
+    action = policy_action(obj, "ztunnel")
+    if action is None:
         return None
-    if action_name.upper() not in _ACTIONS:
-        known = "ALLOW, DENY, AUDIT, CUSTOM"
-        raise obj.error("spec.action", f"{quote(action_name)} is not one of: {known}")
-    action = _ACTIONS[action_name.upper()]
     if obj.namespace == root_namespace:
         scope = mesh_pb2.MESH
     else:
@@ -121,39 +100,76 @@ def authorization_policy(obj: PolicyObject, root_namespace: str) -> Policy | Non
     return policy
 
 
-def _rule(obj: PolicyObject, where: str, raw: Any) -> tuple[mesh_pb2.AuthorizationRule, list[str]]:
+def policy_action(obj: ConfigObject, enforcer: str) -> Policy.Action.ValueType | None:
+    """``spec.action``; None for CUSTOM, which needs an external authorizer we never call."""
+    action_name = obj.get("spec.action", str, "ALLOW")
+    if action_name.upper() == "CUSTOM":
+        log.warning(
+            "%s: action CUSTOM needs an external authorizer, which %s does not call; "
+            "ignored (as Istio's %s does)",
+            obj.describe(),
+            enforcer,
+            enforcer,
+        )
+        return None
+    if action_name.upper() not in _ACTIONS:
+        known = "ALLOW, DENY, AUDIT, CUSTOM"
+        raise obj.error("spec.action", f"{quote(action_name)} is not one of: {known}")
+    return _ACTIONS[action_name.upper()]
+
+
+M = TypeVar("M", bound=Message)
+Translator = Callable[[ConfigObject, str, Any, list[str]], M]
+
+
+def rule_clauses(
+    obj: ConfigObject,
+    where: str,
+    raw: Any,
+    operation: Translator[M],
+    source: Translator[M],
+    when: Translator[M],
+) -> tuple[list[list[M]], list[str]]:
+    """A rule's clauses (``to``, ``from``, one per ``when``), each a list of ORed matches,
+    and the attributes the enforcer cannot see (collected by the translators)."""
     if not isinstance(raw, Mapping):
         raise obj.error(where, "must be a mapping (with from, to and when)")
-    rule = mesh_pb2.AuthorizationRule()
-    l7: list[str] = []
-    for part, field, translate in (
-        ("to", "operation", _operation),
-        ("from", "source", _source),
-    ):
+    clauses: list[list[M]] = []
+    unseen: list[str] = []
+    for part, field, translate in (("to", "operation", operation), ("from", "source", source)):
         entries = _list(obj, f"{where}.{part}", raw.get(part))
         if entries:
-            clause = rule.clauses.add()
+            clause = []
             for index, entry in enumerate(entries):
                 at = f"{where}.{part}[{index}].{field}"
                 body = entry.get(field) if isinstance(entry, Mapping) else None
                 if not isinstance(body, Mapping):
                     raise obj.error(at, "is required (a mapping)")
-                before = len(l7)
-                match = translate(obj, at, body, l7)
-                if not match.ListFields() and len(l7) == before:
+                before = len(unseen)
+                match = translate(obj, at, body, unseen)
+                if not match.ListFields() and len(unseen) == before:
                     raise obj.error(at, "must not be empty (as in Istio)")
-                clause.matches.append(match)
+                clause.append(match)
+            clauses.append(clause)
     for index, condition in enumerate(_list(obj, f"{where}.when", raw.get("when"))):
-        rule.clauses.add().matches.append(_when(obj, f"{where}.when[{index}]", condition, l7))
+        clauses.append([when(obj, f"{where}.when[{index}]", condition, unseen)])
+    return clauses, unseen
+
+
+def _rule(obj: ConfigObject, where: str, raw: Any) -> tuple[mesh_pb2.AuthorizationRule, list[str]]:
+    clauses, l7 = rule_clauses(obj, where, raw, _operation, source_match, when_match)
+    rule = mesh_pb2.AuthorizationRule(
+        clauses=[mesh_pb2.AuthorizationClause(matches=matches) for matches in clauses]
+    )
     return rule, l7
 
 
-def _source(
-    obj: PolicyObject, where: str, source: Mapping[str, Any], l7: list[str]
+def source_match(
+    obj: ConfigObject, where: str, source: Mapping[str, Any], l7: list[str]
 ) -> mesh_pb2.AuthorizationMatch:
-    _check_fields(obj, where, source, _SOURCE_L4 + _SOURCE_L7)
+    check_fields(obj, where, source, _SOURCE_L4 + _SOURCE_L7)
     l7 += [name for name in _SOURCE_L7 if source.get(name)]
-    values = {name: _strings(obj, f"{where}.{name}", source.get(name)) for name in _SOURCE_L4}
+    values = {name: strings(obj, f"{where}.{name}", source.get(name)) for name in _SOURCE_L4}
     for name in ("principals", "notPrincipals"):
         for value in values[name]:
             if value.startswith("spiffe://"):
@@ -165,12 +181,12 @@ def _source(
                     quote(value),
                 )
     match = mesh_pb2.AuthorizationMatch(
-        principals=[*map(_string_match, values["principals"])],
-        not_principals=[*map(_string_match, values["notPrincipals"])],
-        namespaces=[*map(_string_match, values["namespaces"])],
-        not_namespaces=[*map(_string_match, values["notNamespaces"])],
-        source_cidrs=_cidrs(obj, f"{where}.ipBlocks", values["ipBlocks"]),
-        not_source_cidrs=_cidrs(obj, f"{where}.notIpBlocks", values["notIpBlocks"]),
+        principals=[*map(string_match, values["principals"])],
+        not_principals=[*map(string_match, values["notPrincipals"])],
+        namespaces=[*map(string_match, values["namespaces"])],
+        not_namespaces=[*map(string_match, values["notNamespaces"])],
+        source_cidrs=cidrs(obj, f"{where}.ipBlocks", values["ipBlocks"]),
+        not_source_cidrs=cidrs(obj, f"{where}.notIpBlocks", values["notIpBlocks"]),
     )
     # A service account is "<ns>/<sa>" or "<sa>" of the policy's namespace, in any trust domain.
     for name, target in (
@@ -184,26 +200,26 @@ def _source(
 
 
 def _operation(
-    obj: PolicyObject, where: str, operation: Mapping[str, Any], l7: list[str]
+    obj: ConfigObject, where: str, operation: Mapping[str, Any], l7: list[str]
 ) -> mesh_pb2.AuthorizationMatch:
-    _check_fields(obj, where, operation, _OPERATION_L4 + _OPERATION_L7)
+    check_fields(obj, where, operation, _OPERATION_L4 + _OPERATION_L7)
     l7 += [name for name in _OPERATION_L7 if operation.get(name)]
     return mesh_pb2.AuthorizationMatch(
-        destination_ports=_ports(obj, f"{where}.ports", operation.get("ports")),
-        not_destination_ports=_ports(obj, f"{where}.notPorts", operation.get("notPorts")),
+        destination_ports=ports(obj, f"{where}.ports", operation.get("ports")),
+        not_destination_ports=ports(obj, f"{where}.notPorts", operation.get("notPorts")),
     )
 
 
-def _when(
-    obj: PolicyObject, where: str, condition: Any, l7: list[str]
+def when_match(
+    obj: ConfigObject, where: str, condition: Any, l7: list[str]
 ) -> mesh_pb2.AuthorizationMatch:
     if not isinstance(condition, Mapping):
         raise obj.error(where, "must be a mapping with key and values or notValues")
     key = condition.get("key")
     if not isinstance(key, str) or not key:
         raise obj.error(f"{where}.key", "is required")
-    values = _strings(obj, f"{where}.values", condition.get("values"))
-    not_values = _strings(obj, f"{where}.notValues", condition.get("notValues"))
+    values = strings(obj, f"{where}.values", condition.get("values"))
+    not_values = strings(obj, f"{where}.notValues", condition.get("notValues"))
     if not values and not not_values:
         raise obj.error(where, "needs values or notValues")
     if key.startswith(_WHEN_L7_PREFIXES) or key in _WHEN_L7:
@@ -216,19 +232,19 @@ def _when(
     for found, sign in ((values, ""), (not_values, "not_")):
         at = f"{where}.{'notValues' if sign else 'values'}"
         if key == "source.principal":
-            getattr(match, sign + "principals").extend(map(_string_match, found))
+            getattr(match, sign + "principals").extend(map(string_match, found))
         elif key == "source.namespace":
-            getattr(match, sign + "namespaces").extend(map(_string_match, found))
+            getattr(match, sign + "namespaces").extend(map(string_match, found))
         elif key == "source.ip":
-            getattr(match, sign + "source_cidrs").extend(_cidrs(obj, at, found))
+            getattr(match, sign + "source_cidrs").extend(cidrs(obj, at, found))
         elif key == "destination.ip":
-            getattr(match, sign + "destination_cidrs").extend(_cidrs(obj, at, found))
+            getattr(match, sign + "destination_cidrs").extend(cidrs(obj, at, found))
         else:
-            getattr(match, sign + "destination_ports").extend(_ports(obj, at, found))
+            getattr(match, sign + "destination_ports").extend(ports(obj, at, found))
     return match
 
 
-def _string_match(value: str) -> mesh_pb2.StringMatch:
+def string_match(value: str) -> mesh_pb2.StringMatch:
     """Istio's wildcard: ``*`` alone is presence, a leading or trailing one a suffix/prefix."""
     if value == "*":
         return mesh_pb2.StringMatch(presence=True)
@@ -239,7 +255,7 @@ def _string_match(value: str) -> mesh_pb2.StringMatch:
     return mesh_pb2.StringMatch(exact=value)
 
 
-def _cidrs(obj: PolicyObject, where: str, values: list[str]) -> list[str]:
+def cidrs(obj: ConfigObject, where: str, values: list[str]) -> list[str]:
     out = []
     for index, value in enumerate(values):
         try:
@@ -251,7 +267,7 @@ def _cidrs(obj: PolicyObject, where: str, values: list[str]) -> list[str]:
     return out
 
 
-def _ports(obj: PolicyObject, where: str, raw: Any) -> list[int]:
+def ports(obj: ConfigObject, where: str, raw: Any) -> list[int]:
     out = []
     for index, value in enumerate(_list(obj, where, raw)):
         number = int(value) if isinstance(value, str) and value.isdigit() else value
@@ -261,7 +277,7 @@ def _ports(obj: PolicyObject, where: str, raw: Any) -> list[int]:
     return out
 
 
-def _strings(obj: PolicyObject, where: str, raw: Any) -> list[str]:
+def strings(obj: ConfigObject, where: str, raw: Any) -> list[str]:
     values = _list(obj, where, raw)
     for index, value in enumerate(values):
         if not isinstance(value, str) or not value:
@@ -269,7 +285,7 @@ def _strings(obj: PolicyObject, where: str, raw: Any) -> list[str]:
     return values
 
 
-def _list(obj: PolicyObject, where: str, raw: Any) -> list[Any]:
+def _list(obj: ConfigObject, where: str, raw: Any) -> list[Any]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -277,8 +293,8 @@ def _list(obj: PolicyObject, where: str, raw: Any) -> list[Any]:
     return raw
 
 
-def _check_fields(
-    obj: PolicyObject, where: str, body: Mapping[str, Any], known: tuple[str, ...]
+def check_fields(
+    obj: ConfigObject, where: str, body: Mapping[str, Any], known: tuple[str, ...]
 ) -> None:
     for name in body:
         if name not in known:

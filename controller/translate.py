@@ -18,6 +18,7 @@ from typing import Any
 
 from controller import authz
 from controller.addresses import Claim, conflict
+from controller.fields import as_tuple, expected_name, port_number, string_map, tname
 from controller.quoting import clip, quote
 from mesh.api import mesh_pb2
 
@@ -106,19 +107,19 @@ class _Obj:
             if node is None:
                 return default
             if not isinstance(node, Mapping):
-                raise self.error(".".join(walked), f"must be a mapping, got {_tname(node)}")
+                raise self.error(".".join(walked), f"must be a mapping, got {tname(node)}")
             walked.append(part)
             node = node.get(part)
         if node is None:
             return default
-        if isinstance(node, bool) and bool not in _as_tuple(expected):
-            raise self.error(path, f"must be {_expected_name(expected)}, got a boolean")
+        if isinstance(node, bool) and bool not in as_tuple(expected):
+            raise self.error(path, f"must be {expected_name(expected)}, got a boolean")
         if not isinstance(node, expected):
-            raise self.error(path, f"must be {_expected_name(expected)}, got {_tname(node)}")
+            raise self.error(path, f"must be {expected_name(expected)}, got {tname(node)}")
         return node
 
     def labels(self, path: str) -> dict[str, str]:
-        return _string_map(self, path, self.get(path, Mapping, {}))
+        return string_map(self, path, self.get(path, Mapping, {}))
 
 
 @dataclass
@@ -241,9 +242,9 @@ def _read_pod(obj: _Obj) -> _Pod:
                 raise obj.error(where, "must be a mapping")
             name = port.get("name")
             if name is not None and not isinstance(name, str):
-                raise obj.error(f"{where}.name", f"must be a string, got {_tname(name)}")
+                raise obj.error(f"{where}.name", f"must be a string, got {tname(name)}")
             if name is not None:
-                pod.container_ports[name] = _port_number(
+                pod.container_ports[name] = port_number(
                     obj, f"{where}.containerPort", port.get("containerPort")
                 )
     return pod
@@ -285,7 +286,7 @@ def _unique_ips(obj: _Obj, candidates: list[tuple[str, Any]]) -> list[str]:
         if not value:
             continue
         if not isinstance(value, str):
-            raise obj.error(path, f"must be a string, got {_tname(value)}")
+            raise obj.error(path, f"must be a string, got {tname(value)}")
         try:
             ip = str(ipaddress.ip_address(value))
         except ValueError:
@@ -341,7 +342,7 @@ def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
 def _service(
     obj: _Obj, pods: list[_Pod], ns_labels: Mapping[str, str], settings: Settings
 ) -> mesh_pb2.Service:
-    selector = _string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
+    selector = string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
     selected = [
         p
         for p in pods
@@ -376,7 +377,7 @@ def _service_port(
     where = f"spec.ports[{index}]"
     if not isinstance(raw, Mapping):
         raise obj.error(where, "must be a mapping")
-    port = _port_number(obj, f"{where}.port", raw.get("port"))
+    port = port_number(obj, f"{where}.port", raw.get("port"))
     target = raw.get("targetPort", port)
     if isinstance(target, str) and not target.isdigit():
         numbers = {p.container_ports[target] for p in selected if target in p.container_ports}
@@ -399,15 +400,15 @@ def _service_port(
         target = numbers.pop()
     name = raw.get("name", "")
     if not isinstance(name, str):
-        raise obj.error(f"{where}.name", f"must be a string, got {_tname(name)}")
+        raise obj.error(f"{where}.name", f"must be a string, got {tname(name)}")
     return mesh_pb2.ServicePort(
-        port=port, target_port=_port_number(obj, f"{where}.targetPort", target), name=name
+        port=port, target_port=port_number(obj, f"{where}.targetPort", target), name=name
     )
 
 
 def _peer_authentication(obj: _Obj, settings: Settings) -> mesh_pb2.PeerAuthentication:
     # As in Istio, an empty matchLabels is no selector: the policy covers the namespace.
-    selector = _string_map(
+    selector = string_map(
         obj, "spec.selector.matchLabels", obj.get("spec.selector.matchLabels", Mapping, {})
     )
     if selector:
@@ -424,7 +425,7 @@ def _peer_authentication(obj: _Obj, settings: Settings) -> mesh_pb2.PeerAuthenti
         )
     for port, setting in port_level.items():
         where = f"spec.portLevelMtls[{clip(str(port))}]"
-        number = _port_number(obj, where, port)
+        number = port_number(obj, where, port)
         if not isinstance(setting, Mapping):
             raise obj.error(where, "must be a mapping with a mode")
         port_modes[number] = _mtls_mode(obj, f"{where}.mode", setting.get("mode"))
@@ -444,41 +445,3 @@ def _mtls_mode(obj: _Obj, path: str, value: Any) -> mesh_pb2.MtlsMode.ValueType:
     if not isinstance(value, str) or value.upper() not in _MTLS_MODES:
         raise obj.error(path, f"{quote(value)} is not one of: {', '.join(_MTLS_MODES)}")
     return _MTLS_MODES[value.upper()]
-
-
-def _port_number(obj: _Obj, path: str, value: Any) -> int:
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise obj.error(path, f"{quote(value)} is not a port number (1-65535)")
-    return value
-
-
-def _string_map(obj: _Obj, path: str, value: Mapping[Any, Any]) -> dict[str, str]:
-    """Labels and selectors; like Kubernetes, a non-string value (``version: 2``) is an error."""
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise obj.error(
-                f"{path}[{clip(str(key))}]", f"values must be strings, got {_tname(item)}: quote it"
-            )
-    return dict(value)
-
-
-def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
-    return expected if isinstance(expected, tuple) else (expected,)
-
-
-def _expected_name(expected: type | tuple[type, ...]) -> str:
-    names = {Mapping: "a mapping", list: "a list", str: "a string", int: "an integer"}
-    return " or ".join(names.get(t, t.__name__) for t in _as_tuple(expected))
-
-
-def _tname(value: Any) -> str:
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        int: "an integer",
-        bool: "a boolean",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
