@@ -9,20 +9,17 @@ namespace conditions never match it (their ``not`` forms always do).
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TypeVar
 
 from mesh.api import mesh_pb2
+from mesh.authz_match import holds, in_cidr, string_matches
 from mesh.spiffe import SpiffeId
 from ztunnel.state import MeshState
 
 Policy = mesh_pb2.AuthorizationPolicy
 _SPIFFE = "spiffe://"
 NOT_ALLOWED = "allow policies exist, but none allowed"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,43 +101,15 @@ def _match(match: mesh_pb2.AuthorizationMatch, conn: Connection) -> bool:
     principal = conn.source.uri[len(_SPIFFE) :] if conn.source else None
     namespace = conn.source.namespace if conn.source else None
     return (
-        _holds(match.principals, match.not_principals, lambda m: _string(m, principal))
-        and _holds(match.namespaces, match.not_namespaces, lambda m: _string(m, namespace))
-        and _holds(match.source_cidrs, match.not_source_cidrs, _in(conn.source_ip))
-        and _holds(match.destination_cidrs, match.not_destination_cidrs, _in(conn.destination_ip))
-        and _holds(
+        holds(match.principals, match.not_principals, lambda m: string_matches(m, principal))
+        and holds(match.namespaces, match.not_namespaces, lambda m: string_matches(m, namespace))
+        and holds(match.source_cidrs, match.not_source_cidrs, in_cidr(conn.source_ip))
+        and holds(
+            match.destination_cidrs, match.not_destination_cidrs, in_cidr(conn.destination_ip)
+        )
+        and holds(
             match.destination_ports,
             match.not_destination_ports,
             lambda port: port == conn.destination_port,
         )
     )
-
-
-def _holds(positive: Sequence[T], negative: Sequence[T], test: Callable[[T], bool]) -> bool:
-    return (not positive or any(map(test, positive))) and not any(map(test, negative))
-
-
-def _string(match: mesh_pb2.StringMatch, value: str | None) -> bool:
-    if not value:
-        return False
-    kind = match.WhichOneof("kind")
-    if kind == "exact":
-        return value == match.exact
-    if kind == "prefix":
-        return value.startswith(match.prefix)
-    if kind == "suffix":
-        return value.endswith(match.suffix)
-    return kind == "presence"
-
-
-def _in(address: str) -> Callable[[str], bool]:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:  # no address known: no CIDR contains it
-        return lambda cidr: False
-    return lambda cidr: ip in _network(cidr)
-
-
-@lru_cache(maxsize=4096)
-def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(cidr, strict=False)
