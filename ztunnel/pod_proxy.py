@@ -161,13 +161,16 @@ class PodProxy:
         """Stop accepting (a newer ztunnel listens beside us); let established connections
         finish. HBONE connections take no new streams and close once idle."""
         self.draining = True
+        self._stop_listening()
+        self.close_idle_tunnels()
+
+    def _stop_listening(self) -> None:
         if self._hbone_task is not None:
             self._hbone_task.cancel()
         for server in self._servers:
             server.close()
         for sock in (self.outbound_sock, self.inbound_sock, self.hbone_sock):
             sock.close()
-        self.close_idle_tunnels()
 
     def close_idle_tunnels(self) -> None:
         for protocol in list(self._tunnels):
@@ -178,12 +181,7 @@ class PodProxy:
         """Stop listening, end every connection of the pod (both directions), drop its netns."""
         self.closed = True
         self.serving = False
-        if self._hbone_task is not None:
-            self._hbone_task.cancel()
-        for server in self._servers:
-            server.close()
-        for sock in (self.outbound_sock, self.inbound_sock, self.hbone_sock):
-            sock.close()
+        self._stop_listening()
         for protocol in list(self._tunnels):
             protocol.close()
         self.pod.pool.close()

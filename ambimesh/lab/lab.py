@@ -64,12 +64,19 @@ def bundled_config_dir() -> Path:
 
 
 class Lab:
-    def __init__(self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT) -> None:
+    def __init__(
+        self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT, cert_ttl: int | None = None
+    ) -> None:
+        """``cert_ttl`` (default: $AMBIMESH_LAB_CERT_TTL, else ztunnel's 24 h): the workload
+        certificate lifetime of the ztunnels this object starts; short ones let tests see
+        renewals."""
         if not (name.isascii() and name.isalnum()) or len(name) > 12:
             # No dashes: `down` sweeps namespaces named "<lab>-*", which must not reach another lab.
             raise LabError(f"lab name {name!r}: use up to 12 letters or digits")
         self.name = name
         self.state = state_root / name
+        env_ttl = os.environ.get("AMBIMESH_LAB_CERT_TTL")
+        self.cert_ttl = cert_ttl or (int(env_ttl) if env_ttl else None)
 
     # paths -------------------------------------------------------------------------
     @property
@@ -110,13 +117,7 @@ class Lab:
             network.build_pod(lab_plan, pod)
             self._start_pod(pod)
         for pod in lab_plan.pods:
-            for port in pod.ports:
-                self._wait_for(
-                    partial(_listening, pod, port),
-                    timeout,
-                    f"pod {pod.ref} to listen on {port}",
-                    f"pod-{pod.namespace}-{pod.name}",
-                )
+            self._wait_for_ports(pod, timeout)
         self._start_controller(lab_plan)
         self._wait_for(
             lambda: self.root_cert.exists(), timeout, "the controller's root cert", "controller"
@@ -221,14 +222,17 @@ class Lab:
             self._start_waypoint(lab_plan, new, timeout)
         pods = tuple(new if p.ref == old.ref else p for p in lab_plan.pods)
         self._save_plan(dataclasses.replace(lab_plan, pods=pods))
-        for port in new.ports:
-            self._wait_for(
-                partial(_listening, new, port),
-                timeout,
-                f"pod {new.ref} to listen on {port}",
-                f"pod-{new.namespace}-{new.name}",
-            )
+        self._wait_for_ports(new, timeout)
         return new
+
+    def _wait_for_ports(self, pod: PodPlan, timeout: float) -> None:
+        for port in pod.ports:
+            self._wait_for(
+                partial(_listening, pod, port),
+                timeout,
+                f"pod {pod.ref} to listen on {port}",
+                f"pod-{pod.namespace}-{pod.name}",
+            )
 
     def _set_pod_uid(self, pod: PodPlan, uid: str) -> None:
         """Rewrite the pod's uid in the runtime config the controller watches."""
@@ -351,6 +355,8 @@ class Lab:
             argv += ["--socket", sock, "--bpf-pin-dir", str(self.bpf_pins / node)]
         elif component == "ztunnel":
             argv += ["--agent-socket", sock]
+            if self.cert_ttl:
+                argv += ["--cert-ttl", str(self.cert_ttl)]
         else:
             raise LabError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
         return self._spawn_daemon(component, node, netns, argv)
@@ -405,6 +411,28 @@ class Lab:
         """SIGKILL a node's agent or ztunnel, as a crash would."""
         cgroups.kill(cgroups.component_cgroup(self.name, node, component))
 
+    def stop_controller(self, timeout: float = 30.0) -> None:
+        """A control-plane outage (or the first half of an upgrade): SIGTERM the controller
+        and wait for it to exit. Nodes keep their last config and certificates."""
+        cgroup = cgroups.component_cgroup(self.name, None, "controller")
+        cgroups.signal_all(cgroups.pids(cgroup), signal.SIGTERM)
+        self._wait_for(
+            lambda: not cgroups.pids(cgroup), timeout, "the controller to exit", "controller"
+        )
+        say("controller stopped")
+
+    def start_controller(self, timeout: float = 30.0) -> None:
+        """Start the controller again and wait until it listens. Its CA root persists in the
+        state dir, so it issues under the same root; its versions start again from 1."""
+        lab_plan = self.load_plan()
+        self._start_controller(lab_plan)
+        self._wait_for(
+            partial(_controller_listening, lab_plan),
+            timeout,
+            "the controller to listen",
+            "controller",
+        )
+
     def _ready(self, node: NodePlan) -> bool:
         """ztunnel serves every pod it was given, and the agent captured every enrolled pod."""
         try:
@@ -446,6 +474,16 @@ def _answers(pod: PodPlan, port: int, path: str) -> bool:
     except OSError:
         return False
     return status == 200
+
+
+def _controller_listening(lab_plan: LabPlan) -> bool:
+    try:
+        connect_in(
+            lab_plan.fabric_netns, lab_plan.controller_address, CONTROLLER_PORT, timeout=1.0
+        ).close()
+    except OSError:
+        return False
+    return True
 
 
 def _listening(pod: PodPlan, port: int) -> bool:

@@ -18,8 +18,7 @@ import yaml
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import Lab
 from ambimesh.lab.netclient import http_get
-from tests.integration.privileged import require_privileged
-from tests.integration.test_lab_e2e import WAIT_SECONDS, logged, metric, wait_until
+from tests.integration.labs import WAIT_SECONDS, logged, metric, running_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -31,13 +30,8 @@ ADMIN_PORT = 15000
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    require_privileged()
-    lab = Lab(LAB_NAME)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down(quiet=True)
+    with running_lab(LAB_NAME) as built:
+        yield built
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from ambimesh.lab import cgroups
 from ambimesh.lab.demo import istio_metrics
 from ambimesh.lab.lab import Lab
 from ambimesh.lab.netclient import connect_in
-from tests.integration.privileged import require_privileged
+from tests.integration.labs import metric, running_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -29,6 +29,7 @@ LAB_NAME = "amhand"
 ECHO_PORT = 9000
 LONG_LIVED = 100
 WAIT_SECONDS = 60.0
+OPENED = "istio_tcp_connections_opened_total"
 
 ECHO = """
 import asyncio, sys
@@ -123,13 +124,8 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    require_privileged()
-    lab = Lab(LAB_NAME)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down(quiet=True)
+    with running_lab(LAB_NAME) as built:
+        yield built
 
 
 def readline_within(proc: subprocess.Popen[bytes], seconds: float) -> bytes:
@@ -140,28 +136,8 @@ def readline_within(proc: subprocess.Popen[bytes], seconds: float) -> bytes:
     return proc.stdout.readline()
 
 
-def wait_until(check: object, what: str) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")
-
-
 def ztunnels_on(lab: Lab, node: str, count: int) -> bool:
     return len(cgroups.pids(cgroups.component_cgroup(lab.name, node, "ztunnel"))) == count
-
-
-def opened_on(lab: Lab, node: str, reporter: str) -> float:
-    total = 0.0
-    for line in istio_metrics(lab, node):
-        if line.startswith("istio_tcp_connections_opened_total{") and (
-            f'reporter="{reporter}"' in line
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_two_rolling_restarts_of_each_ztunnel_reset_nothing(lab: Lab) -> None:
@@ -178,7 +154,7 @@ def test_two_rolling_restarts_of_each_ztunnel_reset_nothing(lab: Lab) -> None:
                 return False
             return True
 
-        wait_until(echo_listening, "the echo server")
+        wait_until(echo_listening, "the echo server", WAIT_SECONDS)
         driver = lab.spawn_in_pod(
             "demo/client",
             ["python", "-c", DRIVER, server.address, str(ECHO_PORT), str(LONG_LIVED)],
@@ -214,8 +190,10 @@ def test_two_rolling_restarts_of_each_ztunnel_reset_nothing(lab: Lab) -> None:
     )
     assert len(summary["new"]) >= 20, "too few new connections to mean anything"
     # The metrics go on: the newest generations serve the port and count new connections.
-    assert opened_on(lab, "node-1", "source") > 0
-    assert opened_on(lab, "node-2", "destination") > 0
+    assert metric(istio_metrics(lab, "node-1"), OPENED, reporter="source") > 0
+    assert metric(istio_metrics(lab, "node-2"), OPENED, reporter="destination") > 0
     # Drained generations leave by themselves once their connections ended.
     for node in ("node-1", "node-2"):
-        wait_until(partial(ztunnels_on, lab, node, 1), f"{node}'s old ztunnels to exit")
+        wait_until(
+            partial(ztunnels_on, lab, node, 1), f"{node}'s old ztunnels to exit", WAIT_SECONDS
+        )

@@ -22,25 +22,19 @@ from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import AGENT_METRICS_PORT, Lab
 from ambimesh.lab.netclient import http_get
-from tests.integration.privileged import require_privileged
+from tests.integration.labs import log_text, logged, metric, running_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 
 LAB_NAME = "amtest"
 CLIENT_SA = "spiffe://cluster.local/ns/demo/sa/client"
 LEGACY_SA = "spiffe://cluster.local/ns/legacy/sa/default"
-WAIT_SECONDS = 30.0
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    require_privileged()
-    lab = Lab(LAB_NAME)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down(quiet=True)
+    with running_lab(LAB_NAME) as built:
+        yield built
 
 
 def agent_gauge(lab: Lab, node: str, name: str) -> float:
@@ -50,24 +44,6 @@ def agent_gauge(lab: Lab, node: str, name: str) -> float:
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     raise AssertionError(f"{name} missing from the agent's metrics on {node}")
-
-
-def wait_until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")
-
-
-def metric(lines: list[str], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in lines:
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def set_namespace_label(lab: Lab, namespace: str, value: str | None) -> None:
@@ -82,15 +58,6 @@ def set_namespace_label(lab: Lab, namespace: str, value: str | None) -> None:
             else:
                 labels["ambimesh.io/dataplane-mode"] = value
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-
-
-def log_text(lab: Lab, name: str) -> str:
-    return (lab.logs / f"{name}.log").read_text(errors="replace")
-
-
-def logged(lab: Lab, name: str, *parts: str) -> bool:
-    """Some line of the component's log has all of ``parts``."""
-    return any(all(p in line for p in parts) for line in log_text(lab, name).splitlines())
 
 
 def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
