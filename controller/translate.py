@@ -16,16 +16,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import authz
+from controller import authz, destinationrule, httproute, ratelimit, virtualservice, waypoints
 from controller.addresses import Claim, conflict
 from controller.fields import as_tuple, expected_name, port_number, string_map, tname
+from controller.hosts import ServiceIndex
+from controller.l7 import L7Objects, l7_resources
 from controller.quoting import clip, quote
 from mesh.api import mesh_pb2
 
 log = logging.getLogger(__name__)
 
 DATAPLANE_MODE_LABELS = ("ambimesh.io/dataplane-mode", "istio.io/dataplane-mode")
-USE_WAYPOINT_LABELS = ("ambimesh.io/use-waypoint", "istio.io/use-waypoint")
 PEER_AUTHENTICATION_API_VERSIONS = ("security.istio.io/v1beta1", "security.istio.io/v1")
 
 # The oneof field names of mesh_pb2.Resource double as the kind part of resource keys.
@@ -33,6 +34,15 @@ KIND_WORKLOAD = "workload"
 KIND_SERVICE = "service"
 KIND_PEER_AUTHENTICATION = "peer_authentication"
 KIND_AUTHORIZATION_POLICY = "authorization_policy"
+KIND_WAYPOINT = "waypoint"
+# Kinds only waypoints use, by the apiVersions accepted for each.
+_L7_KINDS: Mapping[str, tuple[str, ...]] = {
+    waypoints.KIND: waypoints.API_VERSIONS,
+    httproute.KIND: httproute.API_VERSIONS,
+    virtualservice.KIND: virtualservice.API_VERSIONS,
+    destinationrule.KIND: destinationrule.API_VERSIONS,
+    ratelimit.KIND: ratelimit.API_VERSIONS,
+}
 
 _MTLS_MODES: Mapping[str, mesh_pb2.MtlsMode.ValueType] = {
     "UNSET": mesh_pb2.MTLS_MODE_UNSET,
@@ -147,6 +157,8 @@ def translate(
     services: list[_Obj] = []
     policies: list[_Obj] = []
     authorization_policies: list[_Obj] = []
+    gateways: list[_Obj] = []
+    l7 = L7Objects()
     seen: dict[tuple[str, str, str], str] = {}
 
     for sourced in objects:
@@ -165,24 +177,35 @@ def translate(
             services.append(obj)
         elif obj.kind == authz.KIND:
             authorization_policies.append(obj)
-        else:
+        elif obj.kind == "PeerAuthentication":
             policies.append(obj)
+        elif obj.kind == waypoints.KIND:
+            gateways.append(obj)
+        else:
+            _l7_list(l7, obj.kind).append(obj)
+    declared = {wp.key: wp for g in gateways if (wp := waypoints.declared(g)) is not None}
 
     out: dict[str, mesh_pb2.Resource] = {}
     claims: list[Claim] = []
     for pod in pods:
         ns_labels = namespaces.get(pod.obj.namespace, {})
-        _finish_workload(pod, ns_labels, settings)
+        _finish_workload(pod, ns_labels, settings, declared)
         if pod.workload is not None:
             key = resource_key(KIND_WORKLOAD, pod.obj.namespace, pod.obj.name)
             out[key] = mesh_pb2.Resource(key=key, workload=pod.workload)
             host_network = pod.obj.get("spec.hostNetwork", bool, False)
             claims += _claims(pod.obj, key, pod.workload.addresses, "status.podIP", host_network)
+    by_key: dict[tuple[str, str], mesh_pb2.Service] = {}
+    selectors: dict[tuple[str, str], dict[str, str]] = {}
     for svc in services:
-        service = _service(svc, pods, namespaces.get(svc.namespace, {}), settings)
+        service, selector = _service(
+            svc, pods, namespaces.get(svc.namespace, {}), settings, declared
+        )
         key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
         out[key] = mesh_pb2.Resource(key=key, service=service)
         claims += _claims(svc, key, service.addresses, "spec.clusterIP")
+        by_key[(svc.namespace, svc.name)] = service
+        selectors[(svc.namespace, svc.name)] = selector
     if (problem := conflict(claims, in_force or {})) is not None:
         raise ConfigError(problem)
     for pa in policies:
@@ -194,7 +217,46 @@ def translate(
         if authorization is not None:
             key = resource_key(KIND_AUTHORIZATION_POLICY, ap.namespace, ap.name)
             out[key] = mesh_pb2.Resource(key=key, authorization_policy=authorization)
+    in_use = {}
+    for wp in declared.values():
+        waypoint = _waypoint(wp, pods, settings)
+        in_use[f"{wp.obj.namespace}/{wp.obj.name}"] = waypoint
+        key = resource_key(KIND_WAYPOINT, wp.obj.namespace, wp.obj.name)
+        out[key] = mesh_pb2.Resource(key=key, waypoint=waypoint)
+    l7.authorization_policies += authorization_policies
+    index = ServiceIndex(by_key, settings.cluster_domain, selectors)
+    for key, resource in l7_resources(l7, index, in_use).items():
+        if key in out:
+            raise ConfigError(
+                f"{key}: generated to keep callers from bypassing a waypoint (see "
+                "docs/waypoint.md), but an object of that name exists: rename it"
+            )
+        out[key] = resource
     return out
+
+
+def _l7_list(l7: L7Objects, kind: str) -> list[Any]:
+    lists: dict[str, list[Any]] = {
+        httproute.KIND: l7.routes.http_routes,
+        virtualservice.KIND: l7.routes.virtual_services,
+        destinationrule.KIND: l7.routes.destination_rules,
+        ratelimit.KIND: l7.rate_limits,
+    }
+    return lists[kind]
+
+
+def _waypoint(wp: waypoints.Declared, pods: list[_Pod], settings: Settings) -> mesh_pb2.Waypoint:
+    members = [
+        waypoints.Member(
+            pod.obj.ref(),
+            pod.obj.get("spec.serviceAccountName", str, "") or "default",
+            list(pod.workload.addresses) if pod.workload else [],
+        )
+        for pod in pods
+        if pod.obj.namespace == wp.obj.namespace
+        and pod.labels.get(waypoints.GATEWAY_NAME_LABEL) == wp.obj.name
+    ]
+    return waypoints.waypoint(wp, members, settings.trust_domain)
 
 
 def _claims(
@@ -212,6 +274,7 @@ def _identify(sourced: SourcedObject) -> _Obj | None:
         (api_version == "v1" and kind in ("Namespace", "Pod", "Service"))
         or (kind == "PeerAuthentication" and api_version in PEER_AUTHENTICATION_API_VERSIONS)
         or (kind == authz.KIND and api_version in authz.API_VERSIONS)
+        or api_version in _L7_KINDS.get(str(kind), ())
     )
     if not known:
         log.debug(
@@ -250,13 +313,20 @@ def _read_pod(obj: _Obj) -> _Pod:
     return pod
 
 
-def _finish_workload(pod: _Pod, ns_labels: Mapping[str, str], settings: Settings) -> None:
+def _finish_workload(
+    pod: _Pod,
+    ns_labels: Mapping[str, str],
+    settings: Settings,
+    declared: Mapping[tuple[str, str], waypoints.Declared],
+) -> None:
     obj = pod.obj
     node = obj.get("spec.nodeName", str, "")
     addresses = _pod_addresses(obj)
     if not node or not addresses:
         log.debug("%s: has no node or IP yet; not a workload", obj.describe())
         return
+    # A waypoint's own pods speak HBONE themselves: never enrolled, never sent to a waypoint.
+    serves_waypoint = waypoints.is_waypoint_pod(obj.namespace, pod.labels, declared)
     pod.workload = mesh_pb2.Workload(
         uid=pod.uid,
         name=obj.name,
@@ -264,8 +334,10 @@ def _finish_workload(pod: _Pod, ns_labels: Mapping[str, str], settings: Settings
         service_account=obj.get("spec.serviceAccountName", str, "") or "default",
         node=node,
         addresses=addresses,
-        ambient=_ambient(obj, pod.labels, ns_labels),
-        waypoint=_waypoint(pod.labels, ns_labels),
+        ambient=not serves_waypoint and _ambient(obj, pod.labels, ns_labels),
+        waypoint=""
+        if serves_waypoint
+        else waypoints.resolve(obj, "workload", pod.labels, ns_labels, declared),
         labels=pod.labels,
         trust_domain=settings.trust_domain,
         workload_name=_workload_name(obj, pod.labels),
@@ -318,11 +390,6 @@ def _ambient(obj: _Obj, labels: Mapping[str, str], ns_labels: Mapping[str, str])
     return value == "ambient"
 
 
-def _waypoint(labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> str:
-    found = _label(USE_WAYPOINT_LABELS, labels, ns_labels)
-    return "" if found is None or found[1] == "none" else found[1]
-
-
 def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
     owners = obj.get("metadata.ownerReferences", list, [])
     owner = next((o for o in owners if isinstance(o, Mapping) and o.get("controller")), None)
@@ -340,8 +407,12 @@ def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
 
 
 def _service(
-    obj: _Obj, pods: list[_Pod], ns_labels: Mapping[str, str], settings: Settings
-) -> mesh_pb2.Service:
+    obj: _Obj,
+    pods: list[_Pod],
+    ns_labels: Mapping[str, str],
+    settings: Settings,
+    declared: Mapping[tuple[str, str], waypoints.Declared],
+) -> tuple[mesh_pb2.Service, dict[str, str]]:
     selector = string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
     selected = [
         p
@@ -354,7 +425,7 @@ def _service(
     for index, ip in enumerate(obj.get("spec.clusterIPs", list, [])):
         candidates.append((f"spec.clusterIPs[{index}]", ip))
     candidates = [(path, ip) for path, ip in candidates if ip != "None"]
-    return mesh_pb2.Service(
+    service = mesh_pb2.Service(
         name=obj.name,
         namespace=obj.namespace,
         hostname=f"{obj.name}.{obj.namespace}.svc.{settings.cluster_domain}",
@@ -365,8 +436,11 @@ def _service(
             if (port := _service_port(obj, i, raw, selected)) is not None
         ],
         endpoint_uids=sorted(p.uid for p in selected if p.workload is not None),
-        waypoint=_waypoint(obj.labels("metadata.labels"), ns_labels),
+        waypoint=waypoints.resolve(
+            obj, "service", obj.labels("metadata.labels"), ns_labels, declared
+        ),
     )
+    return service, selector
 
 
 def _service_port(

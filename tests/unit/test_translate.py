@@ -101,18 +101,30 @@ def test_enrollment_pod_label_wins_over_namespace(
     ("ns_labels", "pod_labels", "waypoint"),
     [
         ({}, {}, ""),
-        ({"istio.io/use-waypoint": "ns-wp"}, {}, "ns-wp"),
-        ({"istio.io/use-waypoint": "ns-wp"}, {"ambimesh.io/use-waypoint": "pod-wp"}, "pod-wp"),
+        ({"istio.io/use-waypoint": "ns-wp"}, {}, "demo/ns-wp"),
+        ({"istio.io/use-waypoint": "ns-wp"}, {"ambimesh.io/use-waypoint": "pod-wp"}, "demo/pod-wp"),
         ({"istio.io/use-waypoint": "ns-wp"}, {"istio.io/use-waypoint": "none"}, ""),
     ],
 )
 def test_waypoint_label(
     ns_labels: dict[str, str], pod_labels: dict[str, str], waypoint: str
 ) -> None:
-    assert (
-        workload(run(ns("demo", ns_labels), pod("web", labels=pod_labels)), "web").waypoint
-        == waypoint
-    )
+    """A pod's waypoint (one that takes workload traffic); more in test_waypoint_translate."""
+    gateways = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": name,
+                "namespace": "demo",
+                "labels": {"istio.io/waypoint-for": "all"},
+            },
+            "spec": {"gatewayClassName": "istio-waypoint"},
+        }
+        for name in ("ns-wp", "pod-wp")
+    ]
+    out = run(ns("demo", ns_labels), pod("web", labels=pod_labels), *gateways)
+    assert workload(out, "web").waypoint == waypoint
 
 
 def test_pod_fields() -> None:
