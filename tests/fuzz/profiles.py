@@ -4,16 +4,23 @@
 CI fails again locally, and keeps no example database, so nothing is written into the
 checkout. ``AMBIMESH_FUZZ_EXAMPLES=N`` loads ``long``: N examples per target, fresh random
 inputs every run, no deadline. A failure prints its ``@reproduce_failure`` blob either way.
+Hypothesis' own caches go to the temp directory.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 ENV = "AMBIMESH_FUZZ_EXAMPLES"
 CI_EXAMPLES = 200
+
+# Hypothesis caches (constants, unicode tables) even without a database: not in the checkout.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ambimesh-hypothesis")
 
 settings.register_profile(
     "ci",
