@@ -34,16 +34,25 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _MAX_WEIGHT = 1_000_000
 _HEADER_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
 _FILTERS = (*_HEADER_FILTERS, "RequestRedirect", "URLRewrite", "RequestMirror")
+# A filter's type -> the field holding its settings.
+_FILTER_FIELDS = {kind: kind[0].lower() + kind[1:] for kind in _FILTERS} | {
+    "URLRewrite": "urlRewrite"
+}
 
 
 def attachments(obj: ConfigObject, services: ServiceIndex) -> list[Attachment]:
     """The route's rules for each Service port it attaches to (Gateway parents ignored)."""
     spec = View.of(obj, "spec")
     spec.check_fields(("parentRefs", "hostnames", "rules"))
-    rules = [_Rule(obj, services, rule, index) for index, rule in enumerate(spec.views("rules"))]
+    parents = spec.views("parentRefs")
+    # A consumer route may send traffic on to its Service's namespace without a ReferenceGrant.
+    allowed = {obj.namespace} | {p.string("namespace", obj.namespace) for p in parents}
+    rules = [
+        _Rule(obj, services, allowed, rule, index) for index, rule in enumerate(spec.views("rules"))
+    ]
     stamp = created(obj)
     out = []
-    for parent in spec.views("parentRefs"):
+    for parent in parents:
         parent.check_fields(("group", "kind", "namespace", "name", "sectionName", "port"))
         if (
             parent.string("kind", "Gateway") != "Service"
@@ -84,12 +93,20 @@ def attachments(obj: ConfigObject, services: ServiceIndex) -> list[Attachment]:
 class _Rule:
     """One HTTPRoute rule: what its matches share (filters, backends, timeouts)."""
 
-    def __init__(self, obj: ConfigObject, services: ServiceIndex, view: View, index: int) -> None:
+    def __init__(
+        self,
+        obj: ConfigObject,
+        services: ServiceIndex,
+        namespaces: set[str],
+        view: View,
+        index: int,
+    ) -> None:
         view.check_fields(
             ("name", "matches", "filters", "backendRefs", "timeouts", "retry"),
             ("sessionPersistence",),
         )
         self.obj, self.view, self.index, self.services = obj, view, index, services
+        self.namespaces = namespaces
         self.template = mesh_pb2.HttpRouteRule(name=f"{KIND}/{obj.namespace}/{obj.name}#{index}")
         self.prefix_filter: tuple[str, str] | None = None  # (filter path, replacement prefix)
         for filter_view in view.views("filters"):
@@ -176,17 +193,15 @@ class _Rule:
 
     def _filter(self, view: View) -> None:
         kinds = _FILTERS
-        view.check_fields(
-            ("type", *(k[0].lower() + k[1:] for k in kinds)), ("extensionRef", "cors")
-        )
+        view.check_fields(("type", *_FILTER_FIELDS.values()), ("extensionRef", "cors"))
         kind = view.string("type", required=True)
         if kind not in kinds:
             raise view.error(
                 "type", f"{quote(kind)} is not supported (supported: {', '.join(kinds)})"
             )
-        body = view.view(kind[0].lower() + kind[1:])
+        body = view.view(_FILTER_FIELDS[kind])
         if body is None:
-            raise view.error(kind[0].lower() + kind[1:], f"is required for type {kind}")
+            raise view.error(_FILTER_FIELDS[kind], f"is required for type {kind}")
         rule = self.template
         if kind in _HEADER_FILTERS:
             target = rule.request_headers if kind == _HEADER_FILTERS[0] else rule.response_headers
@@ -292,11 +307,9 @@ class _Rule:
                 filter_view.check_fields(
                     ("type", "requestHeaderModifier", "responseHeaderModifier")
                 )
-                body = filter_view.view(kind[0].lower() + kind[1:])
+                body = filter_view.view(_FILTER_FIELDS[kind])
                 if body is None:
-                    raise filter_view.error(
-                        kind[0].lower() + kind[1:], f"is required for type {kind}"
-                    )
+                    raise filter_view.error(_FILTER_FIELDS[kind], f"is required for type {kind}")
                 target = (
                     backend.request_headers
                     if kind == _HEADER_FILTERS[0]
@@ -320,7 +333,7 @@ class _Rule:
             return self._invalid(view, f"{kind} is not a Service", mirror)
         if not port:
             raise view.error("port", "is required for a Service backend")
-        if namespace != self.obj.namespace:
+        if namespace not in self.namespaces:
             return self._invalid(
                 view,
                 f"in namespace {namespace}: needs a ReferenceGrant, which ambimesh does not read",
