@@ -1,5 +1,6 @@
 """L7 authorization decisions at the waypoint (waypoint/authz.py), table-driven; each
-policy is written the way Istio's fields read (``"*"``, ``"prefix*"``, ``"*suffix"``)."""
+policy is written the way Istio's fields read (``"*"``, ``"prefix*"``, ``"*suffix"``),
+turned into matchers by the controller's own ``string_match``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from controller.authz import string_match
 from mesh.api import mesh_pb2
 from waypoint.authz import (
     DENIED_BODY,
@@ -41,27 +43,16 @@ ADMIN = RequestAttributes(
 PLAIN = RequestAttributes(None, None, "198.19.1.20", "reviews:9080", 9080, "GET", "/")
 
 
-def sm(value: str) -> mesh_pb2.StringMatch:
-    """Istio's notation: ``*`` present, ``x*`` prefix, ``*x`` suffix, else exact."""
-    if value == "*":
-        return mesh_pb2.StringMatch(presence=True)
-    if value.startswith("*"):
-        return mesh_pb2.StringMatch(suffix=value[1:])
-    if value.endswith("*"):
-        return mesh_pb2.StringMatch(prefix=value[:-1])
-    return mesh_pb2.StringMatch(exact=value)
-
-
 def match(**fields: Any) -> mesh_pb2.HttpAuthorizationMatch:
     out = mesh_pb2.HttpAuthorizationMatch()
     for key, values in fields.items():
         if key in ("headers", "not_headers"):
             for name, patterns in values.items():
-                getattr(out, key)[name].matches.extend(sm(p) for p in patterns)
+                getattr(out, key)[name].matches.extend(string_match(p) for p in patterns)
         elif key in ("ports", "not_ports", "source_cidrs", "not_source_cidrs"):
             getattr(out, key).extend(values)
         else:
-            getattr(out, key).extend(sm(v) for v in values)
+            getattr(out, key).extend(string_match(v) for v in values)
     return out
 
 
