@@ -118,12 +118,12 @@ class RetryPolicy:
         )
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number ``attempt`` (1 for the first retry): Envoy's
-        fully jittered exponential back-off, uniform in [0, min(max, base * 2^(attempt-1)))
-        (``JitteredExponentialBackOffStrategy``)."""
+        """Seconds to wait before the next retry, ``attempt`` being the number of retries
+        already made (0 before the first): Envoy's fully jittered exponential back-off,
+        uniform in [0, min(max, base * 2^attempt)) (``JitteredExponentialBackOffStrategy``:
+        first retry below 25 ms, then 50, 100, 200, capped at 250 ms)."""
         interval = min(
-            self.backoff_max_seconds,
-            self.backoff_base_seconds * (1 << min(max(0, attempt - 1), 32)),
+            self.backoff_max_seconds, self.backoff_base_seconds * (1 << min(max(attempt, 0), 32))
         )
         return rng.random() * interval
 

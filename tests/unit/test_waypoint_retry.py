@@ -146,7 +146,7 @@ def test_reset_before_request_only_when_nothing_was_sent() -> None:
 
 @pytest.mark.parametrize(
     ("attempt", "ceiling"),
-    [(1, 0.025), (2, 0.05), (3, 0.1), (4, 0.2), (5, 0.25), (9, 0.25), (10_000, 0.25)],
+    [(0, 0.025), (1, 0.05), (2, 0.1), (3, 0.2), (4, 0.25), (9, 0.25), (10_000, 0.25)],
 )
 def test_backoff_is_full_jitter_below_the_doubling_ceiling(attempt: int, ceiling: float) -> None:
     rng = random.Random(attempt)
