@@ -237,12 +237,17 @@ def test_route_actions_and_policies() -> None:
     assert dict(prefixed.backends[0].request_headers.set) == {"x-sub": "v2"}
     assert prefixed.timeout_seconds == pytest.approx(1.5)
     retry = prefixed.retry
-    assert (retry.attempts, retry.per_try_timeout_seconds) == (3, pytest.approx(0.5))
+    assert (retry.attempts, retry.per_try_timeout_seconds) == (3, 0.5)
     assert list(retry.retry_on) == ["5xx", "gateway-error", "retriable-status-codes"]
     assert list(retry.retriable_status_codes) == [429]
     fault = prefixed.fault
-    assert (fault.delay_seconds, fault.delay_percent, fault.abort_status, fault.abort_percent) == (
-        pytest.approx(0.1),
+    assert (
+        round(fault.delay_seconds, 6),
+        fault.delay_percent,
+        fault.abort_status,
+        fault.abort_percent,
+    ) == (
+        0.1,
         10.0,
         503,
         0.5,
@@ -353,9 +358,13 @@ def test_destination_policy_with_subset_overrides() -> None:
     top = policy.policy
     assert top.load_balancer == mesh_pb2.LEAST_REQUEST
     pool = top.connection_pool
-    assert (pool.max_connections, pool.connect_timeout_seconds, pool.max_pending_requests) == (
+    assert (
+        pool.max_connections,
+        round(pool.connect_timeout_seconds, 6),
+        pool.max_pending_requests,
+    ) == (
         100,
-        pytest.approx(0.03),
+        0.03,
         10,
     )
     assert (pool.max_requests, pool.max_retries, pool.max_requests_per_connection) == (1000, 3, 1)
