@@ -5,15 +5,16 @@ Each match of each rule becomes its own rule, ranked by the Gateway API preceden
 query params; ties: oldest route, then ``namespace/name``, then rule and match order), so
 routes.py can merge every route attached to a Service port into one first-match table.
 
-PathPrefix matches whole path segments and ignores a trailing ``/``; the waypoint's
-``prefix`` is a plain string prefix (Istio's), so PathPrefix ``/foo`` becomes two rules:
-``exact /foo`` and ``prefix /foo/``. That split also makes ReplacePrefixMatch exact:
-``/foo`` is rewritten as a whole path, ``/foo/`` as a prefix (docs/waypoint.md).
+PathPrefix matches whole path segments and ignores a trailing ``/``, while the waypoint's
+``prefix`` is a plain string prefix (Istio's): PathPrefix ``/foo`` is sent as the regex
+``(?P<prefix>/foo)(?:/.*)?``, whose ``prefix`` group tells the waypoint what a
+ReplacePrefixMatch replaces (docs/waypoint.md, "How the waypoint evaluates...").
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
@@ -108,7 +109,7 @@ class _Rule:
         self.obj, self.view, self.index, self.services = obj, view, index, services
         self.namespaces = namespaces
         self.template = mesh_pb2.HttpRouteRule(name=f"{KIND}/{obj.namespace}/{obj.name}#{index}")
-        self.prefix_filter: tuple[str, str] | None = None  # (filter path, replacement prefix)
+        self.prefix_filter = ""  # the path of a ReplacePrefixMatch filter, if any
         for filter_view in view.views("filters"):
             self._filter(filter_view)
         self._timeouts_and_retry()
@@ -120,28 +121,17 @@ class _Rule:
         out = []
         matches = self.view.views("matches") or [View(self.obj, f"{self.view.path}.matches[0]", {})]
         for match_index, match in enumerate(matches):
-            rank, conditions, variants = self._match(match)
+            rank, conditions = self._match(match)
             key = (*rank, stamp, f"{self.obj.namespace}/{self.obj.name}", self.index, match_index)
-            for path, rewrite_path, rewrite_prefix in variants:
-                rule = mesh_pb2.HttpRouteRule()
-                rule.CopyFrom(self.template)
-                matched = rule.matches.add()
-                matched.CopyFrom(conditions)
-                matched.path.CopyFrom(path)
-                matched.source_namespace = consumer
-                target = rule.redirect if rule.HasField("redirect") else rule.rewrite
-                if rewrite_path or rewrite_prefix:
-                    target.path, target.prefix = rewrite_path, rewrite_prefix
-                out.append((key, rule))
+            rule = mesh_pb2.HttpRouteRule()
+            rule.CopyFrom(self.template)
+            rule.matches.append(conditions)
+            rule.matches[0].source_namespace = consumer
+            out.append((key, rule))
         return out
 
-    def _match(
-        self, match: View
-    ) -> tuple[
-        tuple[int, ...], mesh_pb2.HttpRouteMatch, list[tuple[mesh_pb2.HttpStringMatch, str, str]]
-    ]:
-        """The precedence rank of ``match`` and its path variants, each with the rewritten
-        path or prefix a ReplacePrefixMatch filter needs for it."""
+    def _match(self, match: View) -> tuple[tuple[int, ...], mesh_pb2.HttpRouteMatch]:
+        """The precedence rank of ``match``, and the match."""
         match.check_fields(("path", "headers", "queryParams", "method"))
         path = match.view("path") or View(self.obj, match.at("path"), {})
         path.check_fields(("type", "value"))
@@ -153,7 +143,7 @@ class _Rule:
             raise path.error("value", f"{quote(value)} must start with /")
         if self.prefix_filter and kind != "PathPrefix":
             raise path.error(
-                "type", f"{self.prefix_filter[0]} (ReplacePrefixMatch) needs a PathPrefix match"
+                "type", f"{self.prefix_filter} (ReplacePrefixMatch) needs a PathPrefix match"
             )
         conditions = mesh_pb2.HttpRouteMatch(
             headers=[
@@ -174,22 +164,14 @@ class _Rule:
             -len(conditions.query_params),
         )
         if kind == "Exact":
-            return rank, conditions, [(mesh_pb2.HttpStringMatch(exact=value), "", "")]
-        if kind == "RegularExpression":
-            return (
-                rank,
-                conditions,
-                [(mesh_pb2.HttpStringMatch(regex=regex(path, "value", value)), "", "")],
-            )
-        base = value.rstrip("/")
-        replacement = self.prefix_filter[1].rstrip("/") if self.prefix_filter else None
-        whole = mesh_pb2.HttpStringMatch(exact=base)
-        below = mesh_pb2.HttpStringMatch(prefix=base + "/")
-        if replacement is None:
-            variants = [(below, "", "")]
-            return rank, conditions, [(whole, "", ""), *variants] if base else variants
-        variants = [(below, "", replacement + "/")]
-        return rank, conditions, [(whole, replacement or "/", ""), *variants] if base else variants
+            conditions.path.exact = value
+        elif kind == "RegularExpression":
+            conditions.path.regex = regex(path, "value", value)
+        elif base := value.rstrip("/"):
+            conditions.path.regex = f"(?P<prefix>{re.escape(base)})(?:/.*)?"
+        else:
+            conditions.path.prefix = "/"
+        return rank, conditions
 
     def _filter(self, view: View) -> None:
         kinds = _FILTERS
@@ -219,29 +201,29 @@ class _Rule:
             rule.redirect.SetInParent()
             rule.redirect.scheme, rule.redirect.status_code = scheme, status
             rule.redirect.hostname, rule.redirect.port = body.string("hostname"), body.port("port")
-            rule.redirect.path = self._path_modifier(body)
+            rule.redirect.path, rule.redirect.prefix = self._path_modifier(body)
         elif kind == "URLRewrite":
             if rule.HasField("redirect"):
                 raise view.error("type", "RequestRedirect and URLRewrite cannot be used together")
             body.check_fields(("hostname", "path"))
             rule.rewrite.SetInParent()
             rule.rewrite.hostname = body.string("hostname")
-            rule.rewrite.path = self._path_modifier(body)
+            rule.rewrite.path, rule.rewrite.prefix = self._path_modifier(body)
         elif (mirror := self._mirror(body)).backend.service:
             rule.mirrors.append(mirror)
 
-    def _path_modifier(self, body: View) -> str:
-        """A ReplaceFullPath value; a ReplacePrefixMatch one is kept for the path variants."""
+    def _path_modifier(self, body: View) -> tuple[str, str]:
+        """(the ReplaceFullPath, the ReplacePrefixMatch); at most one is set."""
         path = body.view("path")
         if path is None:
-            return ""
+            return "", ""
         path.check_fields(("type", "replaceFullPath", "replacePrefixMatch"))
         kind = path.string("type", required=True)
         if kind == "ReplaceFullPath":
-            return path.string("replaceFullPath", required=True)
+            return path.string("replaceFullPath", required=True), ""
         if kind == "ReplacePrefixMatch":
-            self.prefix_filter = (body.path, path.string("replacePrefixMatch", "/"))
-            return ""
+            self.prefix_filter = body.path
+            return "", path.string("replacePrefixMatch", "/")
         raise path.error(
             "type", f"{quote(kind)} is not one of: ReplaceFullPath, ReplacePrefixMatch"
         )

@@ -68,13 +68,31 @@ def backend_names(rule: mesh_pb2.HttpRouteRule) -> list[str]:
     ]
 
 
+def matched_prefix(rule: mesh_pb2.HttpRouteRule, request: Request) -> str:
+    """What a prefix rewrite replaces: a ``prefix`` match's string, a regex's ``prefix``
+    group, else the whole path."""
+    match = next(m for m in rule.matches if matches(m, request))
+    kind = match.path.WhichOneof("kind")
+    if kind == "prefix":
+        return match.path.prefix
+    found = re.fullmatch(match.path.regex, request.path) if kind == "regex" else None
+    if found is not None and "prefix" in found.re.groupindex:
+        return str(found.group("prefix"))
+    return request.path
+
+
 def rewritten_path(rule: mesh_pb2.HttpRouteRule, request: Request) -> str:
-    """The path after the rule's rewrite (or redirect) path modifier."""
+    """The path after the rule's rewrite (or redirect) path modifier: the matched prefix
+    replaced without doubling or losing the ``/`` between it and the rest."""
     modifier = rule.redirect if rule.HasField("redirect") else rule.rewrite
     if modifier.path:
         return modifier.path
-    if modifier.prefix:
-        matched = next(m for m in rule.matches if matches(m, request))
-        assert matched.path.WhichOneof("kind") == "prefix", "prefix rewrite needs a prefix match"
-        return modifier.prefix + request.path[len(matched.path.prefix) :]
-    return request.path
+    if not modifier.prefix:
+        return request.path
+    prefix, replacement = matched_prefix(rule, request), modifier.prefix
+    rest = request.path[len(prefix) :]
+    if replacement.endswith("/") and rest.startswith("/"):
+        rest = rest[1:]
+    elif rest and not rest.startswith("/") and not replacement.endswith("/"):
+        rest = "/" + rest
+    return (replacement + rest) or "/"
