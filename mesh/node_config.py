@@ -42,6 +42,10 @@ class ControllerAccess:
         return cls(args.node, args.controller, root, token)
 
     def push_client(
-        self, on_update: Callable[[str, Mapping[str, mesh_pb2.Resource]], None]
+        self,
+        on_update: Callable[[str, Mapping[str, mesh_pb2.Resource]], None],
+        on_connected: Callable[[], None] | None = None,
     ) -> PushClient:
-        return PushClient(self.target, self.root_pem, self.token, self.node, on_update)
+        return PushClient(
+            self.target, self.root_pem, self.token, self.node, on_update, on_connected=on_connected
+        )

@@ -35,6 +35,8 @@ class PushClient:
 
     Every version is ACKed once ``on_update`` returns, or NACKed when it raises (the
     previous state stays). After a reconnect the controller's snapshot replaces the state.
+    ``on_connected`` runs (on this thread) once per stream, after its first response: the
+    controller answers again, so whatever waited for it (certificate renewals) can go.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class PushClient:
         node: str,
         on_update: OnUpdate,
         *,
+        on_connected: Callable[[], None] | None = None,
         initial_backoff: float = 0.5,
         max_backoff: float = 15.0,
         keepalive: Keepalive = KEEPALIVE,
@@ -54,6 +57,7 @@ class PushClient:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._node = node
         self._on_update = on_update
+        self._on_connected = on_connected
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._channel_options = keepalive.client_options()
@@ -134,12 +138,23 @@ class PushClient:
             if self._stopping.is_set():
                 call.cancel()
             try:
-                for response in call:
+                for n, response in enumerate(call):
                     outbox.put(self._apply(response))
+                    if n == 0:
+                        self._connected()
             finally:
                 outbox.put(None)
                 with self._lock:
                     self._call = None
+
+    def _connected(self) -> None:
+        log.info("push stream to %s up (config version %s)", self._target, self._version)
+        if self._on_connected is None:
+            return
+        try:
+            self._on_connected()
+        except Exception:  # a bug in the hook must not cost the config stream
+            log.exception("on_connected hook failed")
 
     def _apply(self, response: mesh_pb2.DiscoveryResponse) -> mesh_pb2.DiscoveryRequest:
         if response.full:

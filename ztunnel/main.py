@@ -19,6 +19,7 @@ from mesh import tls
 from mesh.api import mesh_pb2
 from mesh.cert_client import request_certificate
 from mesh.cert_manager import CertManager
+from mesh.cert_metrics import CertCollector
 from mesh.csr import make_key_and_csr
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.spiffe import SpiffeId
@@ -58,14 +59,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="on SIGTERM, serve established connections this long at most (SIGINT "
         "during the drain cuts them at once)",
     )
+    p.add_argument(
+        "--cert-ttl",
+        type=_positive_int,
+        default=CERT_TTL_SECONDS,
+        help="lifetime in seconds asked for workload certificates (renewed at half-life; "
+        "the controller caps it at its maximum, 24 h)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
-def fetch_identity(access: ControllerAccess, sid: SpiffeId) -> tls.TlsIdentity:
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return int(text)
+
+
+def fetch_identity(access: ControllerAccess, ttl: int, sid: SpiffeId) -> tls.TlsIdentity:
     key_pem, csr_pem = make_key_and_csr(sid)
     chain, root_pem = request_certificate(
-        access.target, access.root_pem, access.token, csr_pem, CERT_TTL_SECONDS
+        access.target, access.root_pem, access.token, csr_pem, ttl
     )
     return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
 
@@ -75,8 +89,10 @@ async def run(args: argparse.Namespace) -> None:
     access = ControllerAccess.from_args(args)
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
+    certs = CertManager(partial(fetch_identity, access, args.cert_ttl))
+    registry.register(CertCollector(certs))
     ctx = ProxyContext(
-        certs=CertManager(partial(fetch_identity, access)),
+        certs=certs,
         connections=ConnectionTable(TcpMetrics(registry)),
         trust_domain=args.trust_domain,
     )
@@ -95,7 +111,11 @@ async def run(args: argparse.Namespace) -> None:
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))
 
-    push = access.push_client(on_update)
+    def on_connected() -> None:
+        # A (re)connected push stream: the controller, and so its CA, answers again.
+        loop.call_soon_threadsafe(certs.retry_now)
+
+    push = access.push_client(on_update, on_connected)
     push.start()
     stop, cut = asyncio.Event(), asyncio.Event()
 

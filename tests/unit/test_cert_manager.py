@@ -1,10 +1,13 @@
 """mesh.cert_manager.CertManager with a fake blocking fetch: single flight, caching, failures,
-renewal at half-life into the same SSLContext objects, retry, forget, close."""
+renewal at half-life into the same SSLContext objects, retry with backoff, retry_now when the
+controller is back, forget, close, the certificate metrics. (The schedule's arithmetic is in
+test_renewal.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import ssl
 import threading
 import time
@@ -14,9 +17,11 @@ from dataclasses import dataclass, replace
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import CollectorRegistry
 
-from mesh import cert_manager as identity
 from mesh.cert_manager import CertManager
+from mesh.cert_metrics import CertCollector
+from mesh.renewal import RenewalPolicy
 from mesh.spiffe import SpiffeId
 from mesh.tls import TlsIdentity
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
@@ -26,11 +31,18 @@ SID = SpiffeId("cluster.local", "demo", "client")
 OTHER = SpiffeId("cluster.local", "demo", "server")
 LONG = datetime.timedelta(hours=1)
 SHORT = datetime.timedelta(seconds=2.2)  # renewed ~1 s after it is issued
+# Retries 0.3 s apart, whatever the validity left.
+FAST = RenewalPolicy(initial_backoff=0.3, max_backoff=0.3, min_retry=0.3, jitter=0.0)
+# A failed renewal is not tried again within any test's time: only retry_now brings it on.
+STALLED = RenewalPolicy(initial_backoff=3600.0, max_backoff=3600.0, min_retry=3600.0)
 
 
 @pytest.fixture(scope="module")
 def ca() -> CertAuthority:
     return make_ca()
+
+
+MakeManager = Callable[..., CertManager]
 
 
 class Boom(RuntimeError):
@@ -77,11 +89,11 @@ class FakeFetch:
 
 
 @pytest.fixture
-async def manager(ca: CertAuthority) -> AsyncIterator[Callable[[FakeFetch], CertManager]]:
+async def manager(ca: CertAuthority) -> AsyncIterator[MakeManager]:
     made: list[tuple[CertManager, FakeFetch]] = []
 
-    def make(fetch: FakeFetch) -> CertManager:
-        mgr = CertManager(fetch)
+    def make(fetch: FakeFetch, policy: RenewalPolicy | None = None) -> CertManager:
+        mgr = CertManager(fetch, policy)
         made.append((mgr, fetch))
         return mgr
 
@@ -135,9 +147,7 @@ def expiry(mgr: CertManager, sid: SpiffeId = SID) -> datetime.datetime:
 # -- fetching and caching --------------------------------------------------------------
 
 
-async def test_concurrent_callers_share_one_fetch(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
-) -> None:
+async def test_concurrent_callers_share_one_fetch(ca: CertAuthority, manager: MakeManager) -> None:
     fetch = FakeFetch(ca)
     fetch.gate.clear()
     mgr = manager(fetch)
@@ -155,9 +165,7 @@ async def test_concurrent_callers_share_one_fetch(
     assert got_clients[0] is not got_servers[0]
 
 
-async def test_contexts_are_cached_per_identity(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
-) -> None:
+async def test_contexts_are_cached_per_identity(ca: CertAuthority, manager: MakeManager) -> None:
     fetch = FakeFetch(ca)
     mgr = manager(fetch)
     client = await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
@@ -178,7 +186,7 @@ async def test_contexts_are_cached_per_identity(
 
 
 async def test_fetch_failure_reaches_every_waiter_and_a_later_call_retries(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
+    ca: CertAuthority, manager: MakeManager
 ) -> None:
     fetch = FakeFetch(ca, [Step(error="CA unavailable"), Step()])
     fetch.gate.clear()
@@ -199,7 +207,7 @@ async def test_fetch_failure_reaches_every_waiter_and_a_later_call_retries(
 
 
 async def test_cancelling_the_first_caller_does_not_cancel_the_others(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
+    ca: CertAuthority, manager: MakeManager
 ) -> None:
     fetch = FakeFetch(ca)
     fetch.gate.clear()
@@ -221,7 +229,7 @@ async def test_cancelling_the_first_caller_does_not_cancel_the_others(
 
 
 async def test_renewal_at_half_life_loads_into_the_same_contexts(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
+    ca: CertAuthority, manager: MakeManager
 ) -> None:
     fetch = FakeFetch(ca, [Step(lifetime=SHORT), Step(lifetime=LONG)])
     mgr = manager(fetch)
@@ -249,12 +257,10 @@ async def test_renewal_at_half_life_loads_into_the_same_contexts(
 
 async def test_failed_renewal_keeps_the_old_certificate_and_retries(
     ca: CertAuthority,
-    manager: Callable[[FakeFetch], CertManager],
-    monkeypatch: pytest.MonkeyPatch,
+    manager: MakeManager,
 ) -> None:
-    monkeypatch.setattr(identity, "RETRY_SECONDS", 0.3)
     fetch = FakeFetch(ca, [Step(lifetime=SHORT), Step(error="CA unavailable"), Step(lifetime=LONG)])
-    mgr = manager(fetch)
+    mgr = manager(fetch, FAST)
     client = await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
     server = await asyncio.wait_for(mgr.server_context(SID), TIMEOUT)
     old = fetch.issued[0]
@@ -273,12 +279,10 @@ async def test_failed_renewal_keeps_the_old_certificate_and_retries(
 
 async def test_unloadable_renewal_keeps_the_old_certificate_and_retries(
     ca: CertAuthority,
-    manager: Callable[[FakeFetch], CertManager],
-    monkeypatch: pytest.MonkeyPatch,
+    manager: MakeManager,
 ) -> None:
-    monkeypatch.setattr(identity, "RETRY_SECONDS", 0.3)
     fetch = FakeFetch(ca, [Step(lifetime=SHORT), Step(mismatched_key=True), Step(lifetime=LONG)])
-    mgr = manager(fetch)
+    mgr = manager(fetch, FAST)
     client = await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
     server = await asyncio.wait_for(mgr.server_context(SID), TIMEOUT)
     old = fetch.issued[0]
@@ -290,9 +294,7 @@ async def test_unloadable_renewal_keeps_the_old_certificate_and_retries(
     await wait_until(lambda: expiry(mgr) == fetch.issued[-1].not_after)
 
 
-async def test_forget_stops_renewal(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
-) -> None:
+async def test_forget_stops_renewal(ca: CertAuthority, manager: MakeManager) -> None:
     fetch = FakeFetch(ca, [Step(lifetime=SHORT), Step(lifetime=SHORT)])
     mgr = manager(fetch)
     await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
@@ -309,9 +311,7 @@ async def test_forget_stops_renewal(
     assert fetch.calls.count(SID) == 2
 
 
-async def test_close_cancels_renewal(
-    ca: CertAuthority, manager: Callable[[FakeFetch], CertManager]
-) -> None:
+async def test_close_cancels_renewal(ca: CertAuthority, manager: MakeManager) -> None:
     fetch = FakeFetch(ca, [Step(lifetime=SHORT)])
     mgr = manager(fetch)
     await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
@@ -319,3 +319,79 @@ async def test_close_cancels_renewal(
     mgr.close()
     await asyncio.sleep(1.5)  # past both half-lives
     assert len(fetch.calls) == 2
+
+
+# -- the controller away and back ------------------------------------------------------
+
+
+async def failed_renewals(mgr: CertManager, count: int) -> None:
+    await wait_until(lambda: any(s.failed_renewals >= count for s in mgr.status()))
+
+
+async def test_retry_now_brings_a_backed_off_renewal_on_at_once(
+    ca: CertAuthority, manager: MakeManager
+) -> None:
+    fetch = FakeFetch(
+        ca, [Step(lifetime=SHORT), Step(error="controller down"), Step(lifetime=LONG)]
+    )
+    mgr = manager(fetch, STALLED)
+    client = await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
+    server = await asyncio.wait_for(mgr.server_context(SID), TIMEOUT)
+    await failed_renewals(mgr, 1)  # at half-life; the next try would be an hour later
+    assert len(fetch.calls) == 2
+
+    mgr.retry_now()
+    await wait_until(lambda: len(fetch.issued) == 2)
+    new = fetch.issued[1]
+    await wait_until(lambda: expiry(mgr) == new.not_after)
+    assert handshake(client, server) == (leaf_der(new), leaf_der(new))
+    assert len(fetch.calls) == 3
+
+
+async def test_retry_now_leaves_healthy_certificates_alone(
+    ca: CertAuthority, manager: MakeManager
+) -> None:
+    fetch = FakeFetch(ca)
+    mgr = manager(fetch)
+    await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
+    mgr.retry_now()
+    await asyncio.sleep(0.2)
+    assert fetch.calls == [SID]
+
+
+async def test_an_expired_certificate_is_still_retried_and_replaced(
+    ca: CertAuthority, manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mesh.cert_manager")
+    down = Step(error="controller down")
+    fetch = FakeFetch(ca, [Step(lifetime=SHORT), *[down] * 6, Step(lifetime=LONG)])
+    mgr = manager(fetch, FAST)  # tries ~1.1 s, 1.4 s, ... 2.6 s: the last ones after expiry
+    client = await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
+    server = await asyncio.wait_for(mgr.server_context(SID), TIMEOUT)
+    await wait_until(lambda: len(fetch.issued) == 2)
+    await wait_until(lambda: expiry(mgr) == fetch.issued[1].not_after)
+    assert handshake(client, server) == (leaf_der(fetch.issued[1]),) * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("EXPIRED" in m and "next try in" in m for m in messages), messages
+    assert any("renewed after 6 failed tries" in m for m in messages), messages
+
+
+async def test_metrics_show_time_left_and_failed_renewals(
+    ca: CertAuthority, manager: MakeManager
+) -> None:
+    fetch = FakeFetch(ca, [Step(lifetime=SHORT), Step(error="controller down")])
+    mgr = manager(fetch, STALLED)
+    registry = CollectorRegistry()
+    registry.register(CertCollector(mgr))
+    assert (
+        registry.get_sample_value("ambimesh_certificate_expiry_seconds", {"identity": SID.uri})
+        is None
+    )
+
+    await asyncio.wait_for(mgr.client_context(SID), TIMEOUT)
+    left = registry.get_sample_value("ambimesh_certificate_expiry_seconds", {"identity": SID.uri})
+    assert left is not None and 0 < left <= SHORT.total_seconds()
+    failures = {"identity": SID.uri}
+    assert registry.get_sample_value("ambimesh_certificate_renewal_failures_total", failures) == 0
+    await failed_renewals(mgr, 1)
+    assert registry.get_sample_value("ambimesh_certificate_renewal_failures_total", failures) == 1
