@@ -76,11 +76,14 @@ def grpc_server(
     authenticator: NodeAuthenticator,
     ca: CertificateAuthority,
     keepalive: Keepalive = KEEPALIVE,
+    discovery: DiscoveryService | None = None,
 ) -> grpc.aio.Server:
     """The push and CA services on one server, accepting the nodes' keepalive pings."""
     # A second controller on the same port must fail, not silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *keepalive.server_options()])
-    mesh_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryService(store, authenticator), server)
+    mesh_pb2_grpc.add_DiscoveryServicer_to_server(
+        discovery or DiscoveryService(store, authenticator), server
+    )
     mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
         CertificateService(ca, store, authenticator), server
     )
@@ -115,7 +118,8 @@ async def serve(args: argparse.Namespace) -> None:
         raise StartupError(f"initial configuration rejected: {e}") from None
 
     serving = ca.serving_cert(serving_hosts(host, args.serving_hosts))
-    server = grpc_server(store, authenticator, ca)
+    discovery = DiscoveryService(store, authenticator)
+    server = grpc_server(store, authenticator, ca, discovery=discovery)
     credentials = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
     try:
         bound = server.add_secure_port(args.listen, credentials)
@@ -143,6 +147,7 @@ async def serve(args: argparse.Namespace) -> None:
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch
+        discovery.close()
         await server.stop(grace=1.0)
 
 

@@ -47,6 +47,15 @@ class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
         self._store = store
         self._auth = authenticator
         self.nodes: dict[str, NodeStatus] = {}
+        self._readers: set[asyncio.Task[str | None]] = set()
+        self._closing = False
+
+    def close(self) -> None:
+        """End every stream normally, so a shutting-down server has none to cancel (gRPC logs
+        each cancelled handler as an error) and nodes reconnect to the next controller."""
+        self._closing = True
+        for reader in self._readers:
+            reader.cancel()
 
     async def Stream(
         self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Context
@@ -56,19 +65,23 @@ class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
         except AuthError as e:
             log.warning("push stream from %s refused: %s", context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
         status = self.nodes.setdefault(node, NodeStatus())
         status.connected += 1
         replies: asyncio.Queue[_Reply | None] = asyncio.Queue()
         reader = asyncio.create_task(_read(node, request_iterator, replies))
+        self._readers.add(reader)
         log.info("node %s connected (%s)", node, context.peer())
         try:
             async for response in self._push(node, status, replies, reader):
                 yield response
-            if reader.done() and (mismatch := reader.result()):
+            if reader.done() and not reader.cancelled() and (mismatch := reader.result()):
                 log.warning("push stream: %s", mismatch)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, mismatch)
         finally:
             reader.cancel()
+            self._readers.discard(reader)
             status.connected -= 1
             log.info("node %s disconnected", node)
 

@@ -386,6 +386,41 @@ def test_client_reconnects_and_the_new_snapshot_replaces_its_state(
     assert "workload/demo/web-1" not in client.resources
 
 
+def test_restart_with_nodes_connected_ends_streams_cleanly_and_keeps_the_root(
+    controller: Controller, clients: list[PushClient]
+) -> None:
+    """A controller upgrade or outage: streams end without errors in the log, the node's
+    on_connected hook fires again once it is back, and certificates chain to the same root."""
+    connected = threading.Semaphore(0)
+    client = PushClient(
+        controller.target,
+        controller.root_pem,
+        TOKENS["node-a"],
+        "node-a",
+        Recorder(),
+        on_connected=connected.release,
+        initial_backoff=0.1,
+    )
+    clients.append(client)
+    client.start()
+    assert connected.acquire(timeout=15), f"never connected:\n{controller.log()}"
+    assert controller.stop() == 0
+    assert "Traceback" not in controller.log() and "ERROR" not in controller.log()
+    assert not connected.acquire(timeout=0.5)  # no stream while the controller is away
+
+    controller.process = launch(controller.tmp_path, controller.target, controller.log_path)
+    assert connected.acquire(timeout=15), f"never reconnected:\n{controller.log()}"
+    assert client.version == "1"  # the restarted controller counts from 1 again: taken
+    _, csr = make_key_and_csr(SpiffeId("cluster.local", "demo", "web"))
+    chain, root = request_certificate(
+        controller.target, controller.root_pem, TOKENS["node-a"], csr, 3600
+    )
+    assert root == controller.root_pem
+    x509.load_pem_x509_certificate(chain[0]).verify_directly_issued_by(
+        x509.load_pem_x509_certificate(root)
+    )
+
+
 def test_sigterm_shuts_down_cleanly(controller: Controller) -> None:
     assert controller.stop() == 0
     assert "Traceback" not in controller.log()
