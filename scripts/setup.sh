@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent machine + project setup shared by `make demo` and `make test`.
 # Installs what is missing (apt packages, kernel headers for bcc, .venv) and says what it does.
+# --bench (`make bench`) adds the benchmark's load tools and the `bench` extra (Envoy, py-spy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench=0
+[ "${1:-}" = "--bench" ] && bench=1
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -22,6 +25,8 @@ else
 fi
 
 apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv curl)
+[ "$bench" = 1 ] && apt_pkgs+=(iperf3 wrk nginx-light)
+nginx_before=$(command -v nginx || true)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,6 +43,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 else
     say "apt packages present: ${apt_pkgs[*]}"
+fi
+if [ "$bench" = 1 ] && [ -z "$nginx_before" ] && command -v systemctl >/dev/null \
+    && systemctl is-enabled --quiet nginx 2>/dev/null; then
+    # The bench starts its own nginx inside lab pods; Debian's default site on :80 is not wanted.
+    say "disabling the nginx service the package just enabled (the bench runs its own)"
+    systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 
 if [ ! -e "/lib/modules/$kver/build/include" ]; then
@@ -65,9 +76,11 @@ if [ ! -e "$site/bcc" ]; then
     ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
 stamp=.venv/.installed
+extras=dev
+if [ "$bench" = 1 ]; then stamp=.venv/.installed-bench; extras=dev,bench; fi
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    say "pip install -e .[dev]"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' || die "pip install failed"
+    say "pip install -e .[$extras]"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[$extras]" || die "pip install failed"
     touch "$stamp"
 else
     say ".venv up to date"

@@ -1,0 +1,103 @@
+"""CPU and memory of the proxies under test, and how busy the rest of the machine was.
+
+A proxy's CPU is utime + stime of its process (every thread) read before and after a run;
+its peak memory is VmHWM, reset right before the run (``clear_refs`` 5), so the peak is the
+one of that run. Other processes on a shared machine steal CPU from the run: the CPU the
+host spent outside the lab's cgroup tree, plus hypervisor steal, is recorded beside every
+run so a noisy number can be recognised as such.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.parsers import (
+    HostCpu,
+    parse_cgroup_usage_usec,
+    parse_host_cpu,
+    parse_pid_stat_ticks,
+    parse_status_kib,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """One tunnel process: ``side`` is "client" (sends HBONE) or "server" (terminates it)."""
+
+    side: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        return parse_pid_stat_ticks(Path(f"/proc/{self.pid}/stat").read_text()) / CLOCK_TICKS
+
+    def rss_mib(self) -> float:
+        return self._status_kib("VmRSS") / 1024
+
+    def peak_mib(self) -> float:
+        return self._status_kib("VmHWM") / 1024
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+    def alive(self) -> bool:
+        return Path(f"/proc/{self.pid}").exists()
+
+    def _status_kib(self, field: str) -> int:
+        return parse_status_kib(Path(f"/proc/{self.pid}/status").read_text(), field)
+
+
+@dataclass(frozen=True)
+class ProxyUsage:
+    cpu_seconds: float
+    peak_mib: float
+
+
+@dataclass(frozen=True)
+class Noise:
+    """What else ran during a run, in % of one CPU (a 2-vCPU machine has 200)."""
+
+    foreign_pct: float  # host busy time outside the lab's cgroups
+    steal_pct: float
+
+
+class RunMeter:
+    """Brackets one run: ``start()`` before, ``stop()`` after."""
+
+    def __init__(self, proxies: tuple[Proxy, ...], lab_cgroup: Path) -> None:
+        self._proxies = proxies
+        self._lab_cpu_stat = lab_cgroup / "cpu.stat"
+        self._cpu0: dict[int, float] = {}
+        self._host0 = HostCpu(0, 0, 0)
+        self._lab0 = 0
+
+    def start(self) -> None:
+        for proxy in self._proxies:
+            proxy.reset_peak()
+        self._cpu0 = {p.pid: p.cpu_seconds() for p in self._proxies}
+        self._host0 = _host_cpu()
+        self._lab0 = parse_cgroup_usage_usec(self._lab_cpu_stat.read_text())
+
+    def stop(self) -> tuple[dict[str, ProxyUsage], Noise]:
+        usage = {
+            p.side: ProxyUsage(p.cpu_seconds() - self._cpu0[p.pid], p.peak_mib())
+            for p in self._proxies
+        }
+        host = _host_cpu()
+        lab_usec = parse_cgroup_usage_usec(self._lab_cpu_stat.read_text()) - self._lab0
+        total = host.total - self._host0.total
+        if total <= 0:
+            return usage, Noise(0.0, 0.0)
+        cpus = os.cpu_count() or 1
+        wall = total / CLOCK_TICKS / cpus  # seconds of wall time the ticks cover
+        busy = (host.busy - self._host0.busy) / CLOCK_TICKS
+        foreign = max(0.0, busy - lab_usec / 1e6)
+        steal = (host.steal - self._host0.steal) / CLOCK_TICKS
+        return usage, Noise(100 * foreign / wall, 100 * steal / wall)
+
+
+def _host_cpu() -> HostCpu:
+    return parse_host_cpu(Path("/proc/stat").read_text())
