@@ -58,6 +58,18 @@ _LAST_USABLE_STREAM_ID = 2**31 - 1 - 1000
 Handler = Callable[["HboneStream", ConnectRequest, SpiffeId], Awaitable[None]]
 
 
+# RFC 9113 6.9.2: every connection starts with this window.
+_DEFAULT_WINDOW = 65535
+
+
+def error_name(code: int | None) -> str:
+    """The RFC name of an HTTP/2 error code; unknown codes are legal and mean nothing."""
+    try:
+        return ErrorCodes(code or 0).name
+    except ValueError:
+        return f"error code {code}"
+
+
 class HboneConnectError(HboneError, ConnectionError):
     """An HBONE connection could not be set up (TCP, TLS or HTTP/2 preface)."""
 
@@ -69,7 +81,7 @@ class HboneConnectionClosed(HboneError, ConnectionError):
 class HboneStreamReset(HboneError, ConnectionResetError):
     """The tunnel was reset (RST_STREAM) by the peer or locally."""
 
-    def __init__(self, message: str, error_code: ErrorCodes | None = None) -> None:
+    def __init__(self, message: str, error_code: int | None = None) -> None:
         super().__init__(message)
         self.error_code = error_code
 
@@ -296,7 +308,8 @@ class _HboneConnection(asyncio.Protocol):
         # until then it would accept its defaults (a 64 KiB header list).
         self._h2.max_inbound_frame_size = self._limits.max_frame_size
         self._h2.decoder.max_header_list_size = self._limits.max_header_list_size
-        self._h2.increment_flow_control_window(self._limits.connection_window - 65535)
+        if self._limits.connection_window > _DEFAULT_WINDOW:
+            self._h2.increment_flow_control_window(self._limits.connection_window - _DEFAULT_WINDOW)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -387,8 +400,8 @@ class _HboneConnection(asyncio.Protocol):
                     stream,
                     HboneStreamReset(
                         f"peer {self.peer} reset stream {event.stream_id} "
-                        f"({ErrorCodes(event.error_code).name})",
-                        ErrorCodes(event.error_code),
+                        f"({error_name(event.error_code)})",
+                        event.error_code,
                     ),
                 )
         elif isinstance(event, h2.events.WindowUpdated):
@@ -437,13 +450,9 @@ class _HboneConnection(asyncio.Protocol):
         self._notify_state()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        last = event.last_stream_id or 0
-        for stream_id, stream in list(self._streams.items()):
-            if stream_id > last:
-                self._peer_failed(stream, HboneConnectionClosed(f"peer {self.peer} sent GOAWAY"))
-        self._notify_state()
-        if not self._streams and self._transport is not None:
-            self._transport.close()
+        # h2 sends nothing more once a GOAWAY arrived (its connection state is CLOSED), so
+        # no stream can go on, whatever last_stream_id says: end them all now.
+        self._shut(None, f"peer {self.peer} sent GOAWAY ({error_name(event.error_code)})")
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)

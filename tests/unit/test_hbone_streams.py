@@ -9,10 +9,10 @@ import os
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 
 from mesh.hbone.connection import HboneStream
-from mesh.hbone.protocol import ConnectRequest
+from mesh.hbone.protocol import ConnectRequest, HboneError
 from mesh.hbone.relay import StreamDuplex, relay
 from mesh.spiffe import SpiffeId
 from tests.unit.hbone_rig import (
@@ -136,3 +136,51 @@ async def test_relay_counts_survive_a_lost_connection(pki: Pki) -> None:
                     echoed += await stream.read()
             conn._abort()  # the client side vanishes: no RST_STREAM, no GOAWAY
             assert await asyncio.wait_for(counts, TIMEOUT) == (len(payload), len(payload))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [RstStreamFrame(1, 14), GoAwayFrame(0, last_stream_id=1, error_code=0)],
+    ids=["reset with an unknown error code", "GOAWAY covering the open stream"],
+)
+async def test_peer_ending_a_stream_oddly_ends_the_handler_quietly(
+    pki: Pki, caplog: pytest.LogCaptureFixture, frame: RstStreamFrame | GoAwayFrame
+) -> None:
+    """RFC 9113 §7: unknown codes carry no meaning; after a GOAWAY h2 sends nothing more, so
+    the stream ends either way. The handler sees its stream fail, nothing is logged as an
+    error and no task fails behind our back (found by tests/fuzz)."""
+    answering = asyncio.Event()
+    outcome: asyncio.Future[str] = asyncio.Future()
+
+    async def handler(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        answering.set()
+        try:
+            await asyncio.sleep(0.05)
+            await stream.accept()
+            await stream.read()
+            outcome.set_result("served")
+        except HboneError as exc:
+            outcome.set_result(type(exc).__name__)
+        except asyncio.CancelledError:  # ended before it answered: nothing to clean up
+            outcome.set_result("cancelled")
+            raise
+
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    try:
+        async with running_server(pki.server, handler) as srv:
+            peer = await RawPeer.open(srv, pki.client)
+            peer.send(PREFACE, peer.connect(1))
+            await asyncio.wait_for(answering.wait(), TIMEOUT)
+            peer.send(frame)
+            assert await asyncio.wait_for(outcome, TIMEOUT) in {
+                "cancelled",
+                "HboneStreamReset",
+                "HboneConnectionClosed",
+            }
+            peer.close()
+    finally:
+        loop.set_exception_handler(None)
+    assert failures == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
