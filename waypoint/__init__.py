@@ -1,5 +1,4 @@
-"""L7 waypoint proxies (HTTP routing, retries, timeouts, splitting, L7 authorization).
-
-Placeholder: the waypoint gets its own issue. It will speak HBONE through `mesh.hbone`,
-never through `ztunnel/`.
-"""
+"""The L7 waypoint proxy: HBONE in, HTTP/1.1 and HTTP/2 routing, retries, timeouts,
+splitting, circuit breaking, rate limits, fault injection and L7 authorization; HBONE out
+to the endpoint pods. Speaks HBONE through `mesh.hbone`, never through `ztunnel/`.
+See docs/waypoint.md."""

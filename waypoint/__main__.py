@@ -1,0 +1,3 @@
+from waypoint.main import main
+
+main()

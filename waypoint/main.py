@@ -1,0 +1,143 @@
+"""ambimesh-waypoint: the L7 proxy of one Gateway (class ambimesh-waypoint), run as a pod
+process in its own network namespace. Reads the controller's push stream, gets its own
+certificate from the CA, and serves HBONE on 15008."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from functools import partial
+
+import uvloop
+from prometheus_client import CollectorRegistry, disable_created_metrics
+
+from mesh import tls
+from mesh.api import mesh_pb2
+from mesh.cert_client import request_certificate
+from mesh.cert_manager import CertManager
+from mesh.csr import make_key_and_csr
+from mesh.hbone.protocol import HBONE_PORT
+from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
+from mesh.spiffe import SpiffeError, SpiffeId
+from waypoint.admin import routes, serve_in_thread, stop_serving
+from waypoint.server import Waypoint
+
+log = logging.getLogger("waypoint")
+
+CERT_TTL_SECONDS = 24 * 3600
+CERT_RETRY_SECONDS = 2.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ambimesh-waypoint", description=__doc__)
+    add_controller_flags(p)
+    p.add_argument("--name", required=True, help="the Gateway this waypoint serves")
+    p.add_argument("--namespace", required=True, help="the Gateway's namespace")
+    p.add_argument("--service-account", default="", help="this pod's (default: --name)")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--listen", default="0.0.0.0", help="address for HBONE, metrics, readiness")
+    p.add_argument("--hbone-port", type=int, default=HBONE_PORT)
+    p.add_argument("--metrics-port", type=int, default=15020)
+    p.add_argument("--readiness-port", type=int, default=15021)
+    p.add_argument("--admin-port", type=int, default=15000, help="admin view, localhost only")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def fetch_identity(access: ControllerAccess, sid: SpiffeId) -> tls.TlsIdentity:
+    key_pem, csr_pem = make_key_and_csr(sid)
+    chain, root_pem = request_certificate(
+        access.target, access.root_pem, access.token, csr_pem, CERT_TTL_SECONDS
+    )
+    return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
+
+
+async def first_certificate(certs: CertManager, sid: SpiffeId) -> None:
+    """The CA signs only once the controller knows this pod: ask until it does."""
+    while True:
+        try:
+            await certs.server_context(sid)
+            return
+        except Exception as exc:  # any CA or network failure: the same answer, try again
+            log.warning("no certificate for %s yet, retrying: %s", sid, exc)
+            await asyncio.sleep(CERT_RETRY_SECONDS)
+
+
+async def run(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    access = ControllerAccess.from_args(args)
+    sid = SpiffeId(args.trust_domain, args.namespace, args.service_account or args.name)
+    certs = CertManager(partial(fetch_identity, access))
+    waypoint = Waypoint(f"{args.namespace}/{args.name}", partial(certs.client_context, sid))
+    have_cert = asyncio.Event()
+
+    def ready() -> str | None:
+        if not waypoint.synced:
+            return "no configuration from the controller yet"
+        return None if have_cert.is_set() else f"no certificate for {sid} yet"
+
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    metrics, readiness, admin = routes(
+        registry,
+        ready,
+        lambda: waypoint.state,
+        lambda: {s.uri: t.isoformat() for s, t in certs.expiries()},
+    )
+    http_servers = [
+        serve_in_thread((args.listen, args.metrics_port), metrics),
+        serve_in_thread((args.listen, args.readiness_port), readiness),
+        serve_in_thread(("127.0.0.1", args.admin_port), admin),
+    ]
+
+    def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
+        loop.call_soon_threadsafe(waypoint.update_state, version, dict(resources))
+
+    push = access.push_client(on_update)
+    push.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        cert_wait = asyncio.create_task(first_certificate(certs, sid))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({cert_wait, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            cert_wait.cancel()
+            return
+        sock = socket.create_server((args.listen, args.hbone_port), backlog=1024)
+        await waypoint.serve(sock, await certs.server_context(sid))
+        have_cert.set()
+        log.info(
+            "waypoint %s up (pid %d) as %s: HBONE :%d, metrics :%d, readiness :%d",
+            waypoint.ref,
+            os.getpid(),
+            sid,
+            args.hbone_port,
+            args.metrics_port,
+            args.readiness_port,
+        )
+        await stopped
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(stop_serving, s) for s in http_servers))
+        push.stop(2.0)
+        certs.close()
+        await waypoint.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        uvloop.run(run(args))
+    except (NodeConfigError, OSError, SpiffeError) as exc:
+        log.error("%s", exc)
+        sys.exit(1)

@@ -1,0 +1,238 @@
+"""The request path: route, edit, choose a backend and an endpoint, forward (with the
+route's timeout and retries), edit the response. Protocol-neutral: HTTP/1.1 and HTTP/2
+servers hand it `Request`s and write back the `Response` it returns.
+
+Nothing here raises to the server: every failure becomes a local reply with Envoy's
+status, body and response flag, so callers see what an Envoy waypoint would answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from mesh.api import mesh_pb2
+from mesh.hbone.relay import Duplex, relay
+from waypoint import headers as h
+from waypoint import router
+from waypoint.context import Downstream
+from waypoint.flags import ResponseFlag
+from waypoint.forward import Attempts, Forwarder, ForwardPlan
+from waypoint.message import BytesBody, ReplayableBody, Request, Response
+from waypoint.state import WaypointState, identity_of, target_port
+from waypoint.upstream import Endpoint, UpstreamError
+
+log = logging.getLogger(__name__)
+
+StateFn = Callable[[], WaypointState]
+
+
+def local_reply(status: int, text: str, *flags: ResponseFlag) -> Response:
+    return Response(
+        status, [("content-type", "text/plain")], BytesBody(text.encode()), flags=list(flags)
+    )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a routed request goes: a Service port, narrowed to a subset."""
+
+    service: mesh_pb2.Service | None
+    port: int
+    subset: str = ""
+    subset_labels: tuple[tuple[str, str], ...] = ()
+    # Waypoint-for-workload traffic: that one pod.
+    workload: mesh_pb2.Workload | None = None
+
+
+def endpoints_of(state: WaypointState, backend: Backend) -> list[Endpoint]:
+    if backend.workload is not None:
+        workloads = [backend.workload]
+        port = backend.port
+    else:
+        assert backend.service is not None
+        workloads = state.endpoints(backend.service, dict(backend.subset_labels))
+        port = target_port(backend.service, backend.port) or backend.port
+    return [Endpoint(w.addresses[0], port, identity_of(w), w.uid) for w in workloads]
+
+
+def route_input(downstream: Downstream, request: Request) -> router.RouteInput:
+    source = downstream.source
+    return router.RouteInput(
+        method=request.method,
+        target=request.path,
+        authority=request.authority,
+        headers=request.headers,
+        port=downstream.target.port,
+        scheme=request.scheme,
+        source_namespace=downstream.peer.namespace,
+        source_labels=dict(source.labels) if source is not None else {},
+    )
+
+
+class Proxy:
+    def __init__(self, state: StateFn, forwarder: Forwarder, rng: random.Random | None = None):
+        self._state = state
+        self._forwarder = forwarder
+        self._rng = rng or random.Random()
+
+    async def handle(self, downstream: Downstream, request: Request) -> Response:
+        try:
+            return await self._handle(downstream, request)
+        except Exception:
+            log.exception("request %s %s failed in the waypoint", request.method, request.path)
+            return local_reply(500, "internal error in the waypoint\n")
+
+    async def _handle(self, downstream: Downstream, request: Request) -> Response:
+        state = self._state()
+        target = downstream.target
+        if target.service is None:
+            backend = Backend(None, target.port, workload=target.workload)
+            return await self._forward(state, request, backend, None, [])
+        table = state.route_table(target.service.hostname, target.port)
+        if table is None:
+            return await self._forward(
+                state, request, Backend(target.service, target.port), None, []
+            )
+        selected = router.select(table, route_input(downstream, request))
+        if selected is None:
+            return local_reply(404, "route not found\n", ResponseFlag.NO_ROUTE_FOUND)
+        return await self._route(state, downstream, request, selected)
+
+    async def _route(
+        self,
+        state: WaypointState,
+        downstream: Downstream,
+        request: Request,
+        selected: router.Selected,
+    ) -> Response:
+        rule = selected.rule
+        if rule.direct_status:
+            response = Response(rule.direct_status, [], BytesBody(rule.direct_body.encode()))
+            if rule.direct_body:
+                response.headers.append(("content-type", "text/plain"))
+            return self._response_edits(response, rule, None)
+        if rule.HasField("redirect"):
+            location = router.redirect_location(
+                rule.redirect, route_input(downstream, request), selected.prefix
+            )
+            status = rule.redirect.status_code or 301
+            return self._response_edits(Response(status, [("location", location)]), rule, None)
+        if not rule.backends:
+            return local_reply(500, "route has no backends\n", ResponseFlag.NO_ROUTE_FOUND)
+        edited = self._request_edits(request, rule, downstream, selected)
+        chosen = router.pick_backend(rule.backends, self._rng)
+        backend = self._backend(state, chosen, downstream.target.port)
+        if backend is None:
+            return local_reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)
+        edited.headers = h.mutate(edited.headers, chosen.request_headers)
+        mirrors = [m for m in rule.mirrors if self._rng.uniform(0, 100) < (m.percent or 100)]
+        response = await self._forward(state, edited, backend, rule, mirrors)
+        return self._response_edits(response, rule, chosen)
+
+    def _backend(
+        self, state: WaypointState, backend: mesh_pb2.HttpBackend, port: int
+    ) -> Backend | None:
+        service = state.services_by_host.get(backend.service)
+        if service is None:
+            return None
+        return Backend(
+            service,
+            backend.port or port,
+            backend.subset,
+            tuple(sorted(backend.subset_labels.items())),
+        )
+
+    def _request_edits(
+        self,
+        request: Request,
+        rule: mesh_pb2.HttpRouteRule,
+        downstream: Downstream,
+        selected: router.Selected,
+    ) -> Request:
+        edited = replace(request, headers=h.mutate(request.headers, rule.request_headers))
+        if rule.HasField("rewrite"):
+            rewrite = rule.rewrite
+            edited.path = router.rewritten_target(
+                rewrite, route_input(downstream, request), selected.prefix
+            )
+            if rewrite.hostname:
+                edited.authority = rewrite.hostname
+        return edited
+
+    @staticmethod
+    def _response_edits(
+        response: Response,
+        rule: mesh_pb2.HttpRouteRule,
+        backend: mesh_pb2.HttpBackend | None,
+    ) -> Response:
+        if backend is not None:
+            response.headers = h.mutate(response.headers, backend.response_headers)
+        response.headers = h.mutate(response.headers, rule.response_headers)
+        return response
+
+    async def _forward(
+        self,
+        state: WaypointState,
+        request: Request,
+        backend: Backend,
+        rule: mesh_pb2.HttpRouteRule | None,
+        mirrors: list[mesh_pb2.HttpMirror],
+    ) -> Response:
+        endpoints = endpoints_of(state, backend)
+        if not endpoints:
+            return local_reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)
+        attempts = Attempts.for_rule(rule)
+        body = request.body
+        replay: ReplayableBody | None = None
+        if (attempts.retry is not None or mirrors) and body.length != 0:
+            replay = ReplayableBody(body)
+        for mirror in mirrors:
+            self._mirror(state, request, mirror, replay, backend.port)
+        plan = ForwardPlan(request, endpoints, attempts, replay)
+        return await self._forwarder.forward(plan)
+
+    def _mirror(
+        self,
+        state: WaypointState,
+        request: Request,
+        mirror: mesh_pb2.HttpMirror,
+        replay: ReplayableBody | None,
+        port: int,
+    ) -> None:
+        backend = self._backend(state, mirror.backend, port)
+        if backend is None:
+            return
+        endpoints = endpoints_of(state, backend)
+        if endpoints:
+            self._forwarder.mirror(request, self._rng.choice(endpoints), replay)
+
+    async def relay_tcp(self, downstream: Downstream, client: Duplex) -> None:
+        """Bytes that are not HTTP: L4 only, to an endpoint of the Service (or the pod)."""
+        target = downstream.target
+        backend = Backend(target.service, target.port, workload=target.workload)
+        endpoints = endpoints_of(self._state(), backend)
+        if not endpoints:
+            log.info("TCP through waypoint to %s: no endpoints", target)
+            client.close()
+            return
+        endpoint = self._rng.choice(endpoints)
+        started = time.monotonic()
+        try:
+            upstream = await self._forwarder.tunnels.open(endpoint)
+        except UpstreamError as exc:
+            log.info("TCP through waypoint: %s", exc)
+            client.close()
+            return
+        sent, received = await relay(client, upstream)
+        log.debug(
+            "TCP %s -> %s: %d bytes up, %d down in %.3fs",
+            downstream.peer,
+            endpoint.authority,
+            sent,
+            received,
+            time.monotonic() - started,
+        )

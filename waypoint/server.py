@@ -1,0 +1,65 @@
+"""The waypoint's data path as one object, independent of where configuration and
+certificates come from: `main` feeds it from the controller, tests feed it directly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Mapping
+
+from mesh.api import mesh_pb2
+from mesh.hbone.connection import serve
+from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
+from mesh.hbone.protocol import HBONE_PORT
+from waypoint.forward import Forwarder
+from waypoint.inbound import SNIFF_TIMEOUT, Inbound
+from waypoint.proxy import Proxy
+from waypoint.state import WaypointState
+from waypoint.upstream import ContextFn, IdleSet, Tunnels
+
+log = logging.getLogger(__name__)
+
+
+class Waypoint:
+    def __init__(
+        self,
+        ref: str,
+        client_context: ContextFn,
+        *,
+        upstream_hbone_port: int = HBONE_PORT,
+        limits: HboneLimits = DEFAULT_LIMITS,
+        rng: random.Random | None = None,
+        sniff_timeout: float = SNIFF_TIMEOUT,
+    ) -> None:
+        """`ref` is "<namespace>/<name>" of the Gateway; `client_context` gives the
+        waypoint's own identity for upstream mTLS."""
+        self.ref = ref
+        self.state = WaypointState()
+        self.synced = False
+        self._limits = limits
+        rng = rng or random.Random()
+        tunnels = Tunnels(client_context, hbone_port=upstream_hbone_port, limits=limits)
+        self.forwarder = Forwarder(tunnels, IdleSet(), rng)
+        self.proxy = Proxy(lambda: self.state, self.forwarder, rng)
+        self.inbound = Inbound(ref, lambda: self.state, self.proxy, sniff_timeout=sniff_timeout)
+        self._servers: list[asyncio.Server] = []
+
+    def update_state(self, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
+        self.state = WaypointState.build(version, resources)
+        self.synced = True
+        log.info("configuration %s: %d services", version, len(self.state.services_by_host))
+
+    async def serve(self, sock: socket.socket, server_context: ssl.SSLContext) -> asyncio.Server:
+        """HBONE on a listening socket with the waypoint's identity."""
+        sock.setblocking(False)
+        server = await serve(sock, server_context, self.inbound.handle, limits=self._limits)
+        self._servers.append(server)
+        return server
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        await self.forwarder.close()
