@@ -94,15 +94,15 @@ def parse_wrk(text: str) -> WrkResult:
         raise ToolOutputError(f"wrk summary line is malformed: {lines[0]!r}") from None
 
 
-def parse_pid_stat_ticks(text: str) -> int:
-    """utime + stime (clock ticks, every thread of the process) from /proc/<pid>/stat.
+def parse_pid_stat_ticks(text: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks, every thread of the process, from /proc/<pid>/stat.
 
     The command name (field 2) is in parentheses and may hold spaces or ')', so fields are
     counted after the last ')'.
     """
     rest = text[text.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return int(rest[11]) + int(rest[12])
+    return int(rest[11]), int(rest[12])
 
 
 def parse_status_kib(text: str, field: str) -> int:

@@ -35,6 +35,8 @@ from bench.testbed import LAB_NAME, Testbed, Variant
 
 RESULTS = Path(__file__).parent / "results"
 TESTS = ("bulk", "rps", "close", "latency")
+PROFILED_TESTS = ("bulk", "rps", "close")
+PROFILE_SECONDS = 8
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def measure(bed: Testbed, variant: Variant, test: str, s: Settings, round_no: in
     usage, noise = meter.stop()
     for side, u in usage.items():
         values[f"{side}_cpu_s"] = u.cpu_seconds
+        values[f"{side}_cpu_system_s"] = u.system_seconds
         values[f"{side}_peak_mib"] = u.peak_mib
         if test == "bulk":
             values[f"{side}_cpu_s_per_gb"] = u.cpu_seconds / values["gb"]
@@ -162,6 +165,28 @@ def machine_facts() -> dict[str, str]:
     }
 
 
+def profile_ztunnels(
+    bed: Testbed, variants: tuple[Variant, ...], s: Settings, out_dir: Path
+) -> dict[str, dict[str, LoopProfile]]:
+    """py-spy on both ztunnels during ambimesh runs of the tests where it is furthest
+    behind; long enough for a few hundred samples even when py-spy falls behind."""
+    mesh = next(v for v in variants if v.name == "ambimesh")
+    longer = dataclasses.replace(
+        s, bulk_s=PROFILE_SECONDS, rps_s=PROFILE_SECONDS, close_s=PROFILE_SECONDS
+    )
+    profiles = {}
+    for test in PROFILED_TESTS:
+        print(f"[bench] profiling both ztunnels during {test}", flush=True)
+        profiles[test] = profile_during(
+            mesh.proxies,
+            PROFILE_SECONDS,
+            out_dir,
+            test,
+            functools.partial(load, bed.lab, mesh, test, longer),
+        )
+    return profiles
+
+
 def format_profile(title: str, p: LoopProfile) -> str:
     lines = [
         f"\n{title}: event loop busy {100 * p.busy_share:.0f}% of {p.samples} samples; of that:"
@@ -196,7 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="afterwards, py-spy both ztunnels during an ambimesh bulk and keep-alive run",
+        help="afterwards, py-spy both ztunnels during ambimesh bulk, keep-alive and close runs",
     )
     p.add_argument("--lab", default=LAB_NAME, help=f"lab name (default {LAB_NAME})")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -225,16 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(measure(bed, variant, test, s, round_no))
                     print(progress(runs[-1]), flush=True)
         if args.profile:
-            mesh = next(v for v in variants if v.name == "ambimesh")
-            for test in ("bulk", "rps"):
-                print(f"[bench] profiling both ztunnels during {test}", flush=True)
-                profiles[test] = profile_during(
-                    mesh.proxies,
-                    s.seconds(test),
-                    args.out / stamp,
-                    test,
-                    functools.partial(load, bed.lab, mesh, test, s),
-                )
+            profiles = profile_ztunnels(bed, variants, s, args.out / stamp)
     finally:
         bed.down()
     lines = summarize(runs)

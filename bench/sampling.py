@@ -31,8 +31,10 @@ class Proxy:
     side: str
     pid: int
 
-    def cpu_seconds(self) -> float:
-        return parse_pid_stat_ticks(Path(f"/proc/{self.pid}/stat").read_text()) / CLOCK_TICKS
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user, system) CPU seconds so far."""
+        user, system = parse_pid_stat_ticks(Path(f"/proc/{self.pid}/stat").read_text())
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
 
     def rss_mib(self) -> float:
         return self._status_kib("VmRSS") / 1024
@@ -52,7 +54,8 @@ class Proxy:
 
 @dataclass(frozen=True)
 class ProxyUsage:
-    cpu_seconds: float
+    cpu_seconds: float  # user + system
+    system_seconds: float  # the kernel's share: syscalls, and softirq work done meanwhile
     peak_mib: float
 
 
@@ -70,7 +73,7 @@ class RunMeter:
     def __init__(self, proxies: tuple[Proxy, ...], lab_cgroup: Path) -> None:
         self._proxies = proxies
         self._lab_cpu_stat = lab_cgroup / "cpu.stat"
-        self._cpu0: dict[int, float] = {}
+        self._cpu0: dict[int, tuple[float, float]] = {}
         self._host0 = HostCpu(0, 0, 0)
         self._lab0 = 0
 
@@ -82,10 +85,12 @@ class RunMeter:
         self._lab0 = parse_cgroup_usage_usec(self._lab_cpu_stat.read_text())
 
     def stop(self) -> tuple[dict[str, ProxyUsage], Noise]:
-        usage = {
-            p.side: ProxyUsage(p.cpu_seconds() - self._cpu0[p.pid], p.peak_mib())
-            for p in self._proxies
-        }
+        usage = {}
+        for p in self._proxies:
+            (user, system), (user0, system0) = p.cpu_seconds(), self._cpu0[p.pid]
+            usage[p.side] = ProxyUsage(
+                user + system - user0 - system0, system - system0, p.peak_mib()
+            )
         host = _host_cpu()
         lab_usec = parse_cgroup_usage_usec(self._lab_cpu_stat.read_text()) - self._lab0
         total = host.total - self._host0.total

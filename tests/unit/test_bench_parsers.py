@@ -83,13 +83,13 @@ def test_wrk_malformed_summary_line() -> None:
         parse_wrk('JSON {"requests": 1}')
 
 
-def test_pid_stat_sums_utime_and_stime() -> None:
-    assert parse_pid_stat_ticks(recorded("pid_stat.txt")) == 322 + 94
+def test_pid_stat_utime_and_stime() -> None:
+    assert parse_pid_stat_ticks(recorded("pid_stat.txt")) == (322, 94)
 
 
 def test_pid_stat_command_name_with_spaces_and_parens() -> None:
     line = recorded("pid_stat.txt").replace("(python)", "(a b) c)")
-    assert parse_pid_stat_ticks(line) == 322 + 94
+    assert parse_pid_stat_ticks(line) == (322, 94)
 
 
 def test_status_fields() -> None:
