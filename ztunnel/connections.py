@@ -53,10 +53,11 @@ class ConnectionTable:
         if authorized is not None:
             self._authorized[key] = (authorized, downstream, upstream)
         self.metrics.open(info.labels)
-        request = response = 0
+        counts = [0, 0]  # kept up to date by relay(), also if this task is cancelled
         try:
-            request, response = await relay(downstream, upstream)
+            await relay(downstream, upstream, counts=counts)
         finally:
+            request, response = counts
             del self._live[key]
             self._authorized.pop(key, None)
             revoked = self._revoked.pop(key, None)

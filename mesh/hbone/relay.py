@@ -52,7 +52,9 @@ class StreamDuplex:
         await self.writer.wait_closed()
 
 
-async def _pump(source: Duplex, sink: Duplex, counter: list[int], chunk_size: int) -> None:
+async def _pump(
+    source: Duplex, sink: Duplex, counts: list[int], index: int, chunk_size: int
+) -> None:
     while True:
         data = await source.read(chunk_size)
         if not data:
@@ -60,22 +62,25 @@ async def _pump(source: Duplex, sink: Duplex, counter: list[int], chunk_size: in
             await sink.drain()
             return
         sink.write(data)
-        counter[0] += len(data)
+        counts[index] += len(data)
         await sink.drain()
 
 
-async def relay(a: Duplex, b: Duplex, *, chunk_size: int = CHUNK_SIZE) -> tuple[int, int]:
+async def relay(
+    a: Duplex, b: Duplex, *, chunk_size: int = CHUNK_SIZE, counts: list[int] | None = None
+) -> tuple[int, int]:
     """Copy a->b and b->a until both directions reach EOF or either fails; close both.
 
     EOF on one side becomes a half-close (write_eof) on the other, so request/response
     protocols that shut down their sending side keep working. An error in one direction
     aborts the other. Returns the bytes copied (a->b, b->a), also after an error, so
-    callers can account for partial transfers.
+    callers can account for partial transfers; a caller that may cancel the relay passes
+    ``counts`` ([0, 0]) and reads it afterwards, since a cancelled call returns nothing.
     """
-    a_to_b, b_to_a = [0], [0]
+    counts = [0, 0] if counts is None else counts
     tasks = [
-        asyncio.ensure_future(_pump(a, b, a_to_b, chunk_size)),
-        asyncio.ensure_future(_pump(b, a, b_to_a, chunk_size)),
+        asyncio.ensure_future(_pump(a, b, counts, 0, chunk_size)),
+        asyncio.ensure_future(_pump(b, a, counts, 1, chunk_size)),
     ]
     try:
         pending: set[asyncio.Future[None]] = set(tasks)
@@ -91,4 +96,4 @@ async def relay(a: Duplex, b: Duplex, *, chunk_size: int = CHUNK_SIZE) -> tuple[
         await asyncio.gather(*tasks, return_exceptions=True)
         a.close()
         b.close()
-    return a_to_b[0], b_to_a[0]
+    return counts[0], counts[1]

@@ -82,3 +82,17 @@ async def test_chunk_size_bounds_reads(chunk_size: int) -> None:
     b = MemoryDuplex([])
     total = sum(len(d) for d in data)
     assert await asyncio.wait_for(relay(a, b, chunk_size=chunk_size), TIMEOUT) == (total, 0)
+
+
+async def test_a_cancelled_relay_leaves_its_counts_behind() -> None:
+    """A released pod cancels its relays; the access log and metrics still need the bytes."""
+    a = MemoryDuplex([b"12345"], hold_open=True)
+    b = MemoryDuplex([b"678"], hold_open=True)
+    counts = [0, 0]
+    task = asyncio.create_task(relay(a, b, counts=counts))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert counts == [5, 3]
+    assert a.closed and b.closed
