@@ -18,7 +18,7 @@ from waypoint.forward import Forwarder
 from waypoint.inbound import SNIFF_TIMEOUT, Inbound
 from waypoint.proxy import Proxy
 from waypoint.state import WaypointState
-from waypoint.upstream import ContextFn, IdleSet, Tunnels
+from waypoint.upstream import ContextFn, IdleSet, Tunnels, no_delay
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class Waypoint:
         log.info("configuration %s: %d services", version, len(self.state.services_by_host))
 
     async def serve(self, sock: socket.socket, server_context: ssl.SSLContext) -> asyncio.Server:
-        """HBONE on a listening socket with the waypoint's identity."""
+        """HBONE on a listening socket with the waypoint's identity (accepted sockets
+        inherit its TCP_NODELAY)."""
+        no_delay(sock)
         sock.setblocking(False)
         server = await serve(sock, server_context, self.inbound.handle, limits=self._limits)
         self._servers.append(server)

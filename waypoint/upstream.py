@@ -51,6 +51,13 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
+def no_delay(sock: socket.socket) -> None:
+    """TCP_NODELAY. asyncio sets it only on sockets made with proto=IPPROTO_TCP, not on
+    the usual proto=0 ones; without it a response head and body written apart wait for
+    the peer's delayed ACK (40 ms) between them."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class UpstreamError(Exception):
     """An attempt failed before a response head arrived. `condition` is the Envoy
     `retry_on` condition it satisfies; `flag` the response flag if it is the last one."""
@@ -110,6 +117,7 @@ class Tunnels:
         async def connect() -> HboneClientConnection:
             family = socket.AF_INET6 if ":" in endpoint.address else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
+            no_delay(sock)
             try:
                 return await HboneClientConnection.connect(
                     sock,
