@@ -16,6 +16,7 @@ from waypoint.flags import ResponseFlag
 from waypoint.message import Body, BytesBody, ReplayableBody, Request, Response
 from waypoint.upstream import Endpoint, IdleSet, Tunnels, UpstreamError
 from waypoint.upstream_h1 import H1Exchange
+from waypoint.upstream_h2 import H2Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Forwarder:
     def __init__(self, tunnels: Tunnels, idle: IdleSet, rng: random.Random | None = None):
         self.tunnels = tunnels
         self.idle = idle
+        self.h2 = H2Upstreams(tunnels)
         self._rng = rng or random.Random()
         self._mirrors: set[asyncio.Task[None]] = set()
 
@@ -165,8 +167,11 @@ class Forwarder:
         return response
 
     async def attempt(self, endpoint: Endpoint, request: Request, body: Body) -> Response:
-        """One try on `endpoint`: an idle HTTP/1.1 connection if there is one (a fresh one
-        if that turns out stale before any response byte), else a new tunnel."""
+        """One try on `endpoint`: HTTP/2 if the request came so (on the endpoint's shared
+        connection); else an idle HTTP/1.1 connection if there is one (a fresh one if that
+        turns out stale before any response byte), else a new tunnel."""
+        if request.protocol == "HTTP/2":
+            return await self.h2.send(endpoint, request, body)
         tunnel = self.idle.take(endpoint)
         if tunnel is not None:
             exchange = H1Exchange(tunnel, endpoint, self._release)
@@ -227,6 +232,7 @@ class Forwarder:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._mirrors, return_exceptions=True)
         self.idle.close()
+        self.h2.close()
         self.tunnels.close()
 
 

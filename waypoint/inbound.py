@@ -15,6 +15,7 @@ from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.spiffe import SpiffeId
 from waypoint.context import Downstream, resolve
 from waypoint.downstream_h1 import H1Server
+from waypoint.downstream_h2 import serve_h2
 from waypoint.h1io import READ_SIZE, PrefixedDuplex
 from waypoint.proxy import Proxy
 from waypoint.sniff import Protocol, sniff
@@ -64,6 +65,8 @@ class Inbound:
         handler = partial(self._proxy.handle, downstream)
         if protocol is Protocol.HTTP1:
             await H1Server(stream, handler, first).run()
+        elif protocol is Protocol.HTTP2:
+            await serve_h2(stream, handler, first)
         else:
             await self._proxy.relay_tcp(downstream, client)
 
