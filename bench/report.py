@@ -14,7 +14,7 @@ VARIANTS = ("direct", "ambimesh", "envoy")
 @dataclass(frozen=True)
 class Run:
     """One measurement: a test of one variant in one round (round 0, test "idle": the
-    proxies' idle memory before the first round)."""
+    proxies' memory once started, before any traffic)."""
 
     round: int
     test: str

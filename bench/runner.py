@@ -1,10 +1,11 @@
 """``python -m bench [--quick]``: direct vs ambimesh vs an Envoy HBONE pair, back to back.
 
-Builds the ``ambench`` lab (bench/testbed.py), warms every path up, records the proxies'
-idle memory, then runs rounds; within a round each test runs on every variant in turn, so
-the three are compared minutes, not hours, apart and drift on a shared machine hits all of
-them. Medians over rounds go into the table. The lab, and with it every process the
-benchmark started, is removed at the end, also after an error, Ctrl-C or SIGTERM.
+Builds the ``ambench`` lab (bench/testbed.py), records the proxies' idle memory (started,
+no traffic yet), warms every path up, then runs rounds; within a round each test runs on
+every variant in turn, so the three are compared seconds, not hours, apart and drift on a
+shared machine hits all of them. Medians over rounds go into the table. The lab, and with
+it every process the benchmark started, is removed at the end, also after an error,
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -242,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         facts = machine_facts()
         with tempfile.TemporaryDirectory(prefix="ambench-") as config_dir:
             variants = bed.up(Path(config_dir))
-        warm_up(bed, variants, s)
         runs += idle_memory(variants)
+        warm_up(bed, variants, s)
         for round_no in range(1, s.rounds + 1):
             for test in TESTS:
                 for variant in variants:
