@@ -11,9 +11,11 @@ import random
 import time
 from dataclasses import dataclass, replace
 
-from mesh.api import mesh_pb2
+from waypoint.circuit import Overflow
+from waypoint.clusters import Cluster
 from waypoint.flags import ResponseFlag
 from waypoint.message import Body, BytesBody, ReplayableBody, Request, Response
+from waypoint.retry import TIMEOUT, RetryPolicy
 from waypoint.upstream import Endpoint, IdleSet, Tunnels, UpstreamError
 from waypoint.upstream_h1 import H1Exchange
 from waypoint.upstream_h2 import H2Upstreams
@@ -30,54 +32,41 @@ def _reply(status: int, text: str, *flags: ResponseFlag) -> Response:
     )
 
 
-@dataclass(frozen=True)
-class Attempts:
-    """The route's timeout (0: none) and retry policy (None: one try)."""
-
-    timeout: float = 0.0
-    retry: mesh_pb2.HttpRetry | None = None
-
-    @classmethod
-    def for_rule(cls, rule: mesh_pb2.HttpRouteRule | None) -> Attempts:
-        if rule is None:
-            return cls()
-        retry = rule.retry if rule.HasField("retry") and rule.retry.attempts else None
-        return cls(rule.timeout_seconds, retry)
-
-
 @dataclass
 class ForwardPlan:
     request: Request
     endpoints: list[Endpoint]
-    attempts: Attempts
+    cluster: Cluster
+    retry: RetryPolicy
+    # The route's timeout in seconds (0: none), from the request's start to the
+    # response head.
+    timeout: float = 0.0
     # Set when the body may have to be sent again (retries, mirrors).
     replay: ReplayableBody | None = None
 
 
-def should_retry(retry: mesh_pb2.HttpRetry, status: int | None, condition: str | None) -> bool:
-    """Envoy's retry_on for one outcome (a response status, or a failure condition)."""
-    on = set(retry.retry_on) or {"5xx"}
-    if condition is not None:
-        if "5xx" in on or "gateway-error" in on:
-            return True
-        if condition == "connect-failure" and "connect-failure" in on:
-            return True
-        if condition in ("reset", "connect-failure") and "reset" in on:
-            return True
-        return condition == "refused-stream" and "refused-stream" in on
-    assert status is not None
-    if "5xx" in on and status >= 500:
-        return True
-    if "gateway-error" in on and status in (502, 503, 504):
-        return True
-    return "retriable-status-codes" in on and status in retry.retriable_status_codes
+class _InFlight:
+    """One attempt's hold on the balancer's and circuit breaker's counts, let go once."""
+
+    def __init__(self, cluster: Cluster, endpoint: Endpoint) -> None:
+        cluster.circuit.enter_request()  # Overflow: the caller answers 503 UO
+        cluster.balancer.started(endpoint)
+        self._cluster = cluster
+        self._endpoint = endpoint
+        self._held = True
+
+    def release(self, *_: object) -> None:
+        if self._held:
+            self._held = False
+            self._cluster.balancer.finished(self._endpoint)
+            self._cluster.circuit.exit_request()
 
 
-def backoff(retry: mesh_pb2.HttpRetry, attempt: int, rng: random.Random) -> float:
-    """Exponential with full jitter (Envoy: base 25 ms, cap 10x base)."""
-    base = retry.backoff_base_seconds or 0.025
-    cap = retry.backoff_max_seconds or base * 10
-    return rng.uniform(0, min(cap, base * (2**attempt)))
+def _grpc_status(response: Response) -> int | None:
+    for name, value in response.headers:
+        if name == "grpc-status" and value.isdigit():
+            return int(value)
+    return None
 
 
 class Forwarder:
@@ -89,81 +78,111 @@ class Forwarder:
         self._mirrors: set[asyncio.Task[None]] = set()
 
     async def forward(self, plan: ForwardPlan) -> Response:
-        attempts = plan.attempts
-        retry = attempts.retry
-        tries = 1 + (retry.attempts if retry is not None else 0)
-        deadline = time.monotonic() + attempts.timeout if attempts.timeout else None
+        """Try, and retry on another endpoint what the policy says is retriable, within
+        the budget and the circuit breaker's retry limit; the last outcome is answered."""
+        cluster, retry = plan.cluster, plan.retry
+        deadline = time.monotonic() + plan.timeout if plan.timeout else None
         tried: list[Endpoint] = []
-        outcome: Response | UpstreamError | None = None
-        for n in range(tries):
-            endpoint = self._pick(plan.endpoints, tried)
-            tried.append(endpoint)
-            body: Body = plan.replay.reader() if plan.replay is not None else plan.request.body
-            limit = _remaining(deadline)
-            per_try = retry.per_try_timeout_seconds if retry is not None else 0.0
-            if per_try and (limit is None or per_try < limit):
-                limit = per_try
-            try:
-                async with asyncio.timeout(limit):
-                    outcome = await self.attempt(endpoint, plan.request, body)
-            except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return self._finish(plan, _timeout_reply())
-                outcome = UpstreamError(
-                    "per-try timeout", "reset", ResponseFlag.UPSTREAM_REQUEST_TIMEOUT, 504
+        retrying = False
+        try:
+            while True:
+                outcome = await self._try(plan, tried, deadline)
+                timed_out = isinstance(outcome, Response) and (
+                    ResponseFlag.UPSTREAM_REQUEST_TIMEOUT in outcome.flags
                 )
-            except UpstreamError as exc:
-                outcome = exc
-            if retry is None or n + 1 == tries or not self._may_retry(retry, outcome, plan):
-                break
-            if isinstance(outcome, Response):
-                outcome.body.close()
-            delay = backoff(retry, n, self._rng)
-            remaining = _remaining(deadline)
-            if remaining is not None and delay >= remaining:
-                return self._finish(plan, _timeout_reply())
-            await asyncio.sleep(delay)
-        assert outcome is not None
-        if isinstance(outcome, UpstreamError):
-            flags = [outcome.flag]
-            if retry is not None and len(tried) == tries:
-                flags.append(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
-            text = f"upstream connect error or disconnect/reset before headers: {outcome}\n"
-            if outcome.status == 504:
-                text = "upstream request timeout\n"
-            return self._finish(plan, _reply(outcome.status, text, *flags))
-        return self._finish(plan, outcome)
+                if timed_out or len(tried) > retry.attempts or not self._retriable(plan, outcome):
+                    return self._finish(plan, outcome, tried)
+                if retrying:
+                    cluster.circuit.exit_retry()
+                    retrying = False
+                if not cluster.circuit.try_retry():
+                    return self._finish(plan, outcome, tried)
+                retrying = True
+                if isinstance(outcome, Response):
+                    outcome.body.close()
+                delay = retry.backoff(len(tried) - 1, self._rng)
+                remaining = _remaining(deadline)
+                if remaining is not None and delay >= remaining:
+                    return self._finish(plan, _timeout_reply(), tried)
+                await asyncio.sleep(delay)
+        finally:
+            if retrying:
+                cluster.circuit.exit_retry()
+
+    async def _try(
+        self, plan: ForwardPlan, tried: list[Endpoint], deadline: float | None
+    ) -> Response | UpstreamError:
+        cluster = plan.cluster
+        healthy = cluster.outlier.healthy(plan.endpoints)
+        endpoint = cluster.balancer.pick(healthy, tried)
+        if endpoint is None:
+            return _reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)
+        try:
+            hold = _InFlight(cluster, endpoint)
+        except Overflow as exc:
+            return _reply(503, "upstream connect error: overflow\n", exc.flag)
+        tried.append(endpoint)
+        body: Body = plan.replay.reader() if plan.replay is not None else plan.request.body
+        limit = _remaining(deadline)
+        per_try = plan.retry.per_try_timeout_seconds
+        if per_try and (limit is None or per_try < limit):
+            limit = per_try
+        outcome: Response | UpstreamError
+        try:
+            async with asyncio.timeout(limit):
+                outcome = await self.attempt(endpoint, plan.request, body)
+        except TimeoutError:
+            hold.release()
+            cluster.outlier.record(endpoint, None, True)
+            if deadline is not None and time.monotonic() >= deadline:
+                return _timeout_reply()
+            return UpstreamError(
+                "per-try timeout", TIMEOUT, ResponseFlag.UPSTREAM_REQUEST_TIMEOUT, 504
+            )
+        except UpstreamError as exc:
+            hold.release()
+            cluster.outlier.record(endpoint, None, True)
+            return exc
+        except BaseException:
+            hold.release()
+            raise
+        cluster.outlier.record(endpoint, outcome.status, False)
+        outcome.upstream, outcome.upstream_uid = endpoint.authority, endpoint.uid
+        outcome.then(hold.release)
+        return outcome
 
     @staticmethod
-    def _may_retry(
-        retry: mesh_pb2.HttpRetry, outcome: Response | UpstreamError, plan: ForwardPlan
-    ) -> bool:
+    def _retriable(plan: ForwardPlan, outcome: Response | UpstreamError) -> bool:
         if plan.replay is not None and not plan.replay.replayable:
             return False
         if plan.replay is None and plan.request.body.length != 0:
             return False
-        if isinstance(outcome, Response):
-            return should_retry(retry, outcome.status, None)
-        return should_retry(retry, None, outcome.condition)
-
-    def _pick(self, endpoints: list[Endpoint], tried: list[Endpoint]) -> Endpoint:
-        fresh = [e for e in endpoints if e not in tried]
-        return self._rng.choice(fresh or endpoints)
+        if isinstance(outcome, UpstreamError):
+            return plan.retry.should_retry(None, outcome.condition)
+        if not outcome.upstream:
+            return False  # a local answer (no healthy upstream, overflow): final
+        return plan.retry.should_retry(outcome.status, None, grpc_status=_grpc_status(outcome))
 
     @staticmethod
-    def _finish(plan: ForwardPlan, response: Response) -> Response:
-        """Once the response is out, a body kept for replay is released."""
+    def _finish(
+        plan: ForwardPlan, outcome: Response | UpstreamError, tried: list[Endpoint]
+    ) -> Response:
+        if isinstance(outcome, UpstreamError):
+            flags = [outcome.flag]
+            if plan.retry.attempts and len(tried) > plan.retry.attempts:
+                flags.append(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+            text = f"upstream connect error or disconnect/reset before headers: {outcome}\n"
+            if outcome.status == 504:
+                text = "upstream request timeout\n"
+            response = _reply(outcome.status, text, *flags)
+            if tried:
+                response.upstream, response.upstream_uid = tried[-1].authority, tried[-1].uid
+        else:
+            response = outcome
+        response.attempts = len(tried)
         replay = plan.replay
-        if replay is None:
-            return response
-        previous = response.on_complete
-
-        def done(sent: int, error: BaseException | None) -> None:
-            replay.close()
-            if previous is not None:
-                previous(sent, error)
-
-        response.on_complete = done
+        if replay is not None:  # once the response is out, a body kept for replay goes
+            response.then(lambda *_: replay.close())
         return response
 
     async def attempt(self, endpoint: Endpoint, request: Request, body: Body) -> Response:

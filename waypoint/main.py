@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=15020)
     p.add_argument("--readiness-port", type=int, default=15021)
     p.add_argument("--admin-port", type=int, default=15000, help="admin view, localhost only")
+    p.add_argument(
+        "--otlp-endpoint", default="", help="host:port of an OTLP/gRPC collector for spans"
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -74,7 +77,19 @@ async def run(args: argparse.Namespace) -> None:
     access = ControllerAccess.from_args(args)
     sid = SpiffeId(args.trust_domain, args.namespace, args.service_account or args.name)
     certs = CertManager(partial(fetch_identity, access))
-    waypoint = Waypoint(f"{args.namespace}/{args.name}", partial(certs.client_context, sid))
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    exporter = None
+    if args.otlp_endpoint:
+        from waypoint.otlp import SpanExporter  # the OpenTelemetry SDK only when asked for
+
+        exporter = SpanExporter(args.otlp_endpoint, f"{args.name}.{args.namespace}")
+    waypoint = Waypoint(
+        f"{args.namespace}/{args.name}",
+        partial(certs.client_context, sid),
+        registry=registry,
+        exporter=exporter,
+    )
     have_cert = asyncio.Event()
 
     def ready() -> str | None:
@@ -82,8 +97,6 @@ async def run(args: argparse.Namespace) -> None:
             return "no configuration from the controller yet"
         return None if have_cert.is_set() else f"no certificate for {sid} yet"
 
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    registry = CollectorRegistry()
     metrics, readiness, admin = routes(
         registry,
         ready,
@@ -129,6 +142,8 @@ async def run(args: argparse.Namespace) -> None:
         push.stop(2.0)
         certs.close()
         await waypoint.close()
+        if exporter is not None:
+            exporter.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

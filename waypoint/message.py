@@ -90,6 +90,10 @@ class Response:
     body: Body = field(default_factory=empty)
     # Envoy's response flags (UT, UO, NR, ...) for metrics and the access log.
     flags: list[ResponseFlag] = field(default_factory=list)
+    # The endpoint ("ip:port") and workload uid of the last attempt, and how many were made.
+    upstream: str = ""
+    upstream_uid: str = ""
+    attempts: int = 0
     # A 101 to an upgrade: the upstream bytes after the head, to relay as is.
     upgraded: Duplex | None = None
     # Called once the response went out (or failed): body bytes sent, the error if any.
@@ -99,6 +103,17 @@ class Response:
         callback, self.on_complete = self.on_complete, None
         if callback is not None:
             callback(sent, error)
+
+    def then(self, callback: Callable[[int, BaseException | None], None]) -> None:
+        """Run `callback` after those already registered, once the response is out."""
+        previous = self.on_complete
+
+        def both(sent: int, error: BaseException | None) -> None:
+            if previous is not None:
+                previous(sent, error)
+            callback(sent, error)
+
+        self.on_complete = both
 
 
 class ReplayableBody:

@@ -8,21 +8,27 @@ status, body and response flag, so callers see what an Envoy waypoint would answ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mesh.api import mesh_pb2
 from mesh.hbone.relay import Duplex, relay
+from waypoint import authz, fault, ratelimit, router
 from waypoint import headers as h
-from waypoint import router
+from waypoint.clusters import Clusters
 from waypoint.context import Downstream
 from waypoint.flags import ResponseFlag
-from waypoint.forward import Attempts, Forwarder, ForwardPlan
+from waypoint.forward import Forwarder, ForwardPlan
 from waypoint.message import BytesBody, ReplayableBody, Request, Response
+from waypoint.observe import CountingBody, Observation, Observer
+from waypoint.retry import RetryPolicy
 from waypoint.state import WaypointState, identity_of, target_port
+from waypoint.tracing import TRACEPARENT, TRACESTATE, TraceContext
 from waypoint.upstream import Endpoint, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -74,33 +80,113 @@ def route_input(downstream: Downstream, request: Request) -> router.RouteInput:
 
 
 class Proxy:
-    def __init__(self, state: StateFn, forwarder: Forwarder, rng: random.Random | None = None):
+    def __init__(
+        self,
+        waypoint: str,
+        state: StateFn,
+        forwarder: Forwarder,
+        observer: Observer,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`waypoint` is "<namespace>/<name>" of the Gateway (authorization targets it)."""
+        self._gateway_ref = f"Gateway/{waypoint}"
         self._state = state
         self._forwarder = forwarder
+        self._observer = observer
         self._rng = rng or random.Random()
+        self._clusters = Clusters(self._rng)
 
     async def handle(self, downstream: Downstream, request: Request) -> Response:
+        """The response to `request`; its `complete()` reports it (metrics, log, span)."""
+        state = self._state()
+        counted = CountingBody(request.body)
+        request.body = counted
+        trace = TraceContext.from_headers(dict(request.headers), self._rng)
+        seen = Observation(downstream, request, trace, counted, service=downstream.target.service)
         try:
-            return await self._handle(downstream, request)
+            response = await self._handle(state, downstream, request, seen)
         except Exception:
             log.exception("request %s %s failed in the waypoint", request.method, request.path)
-            return local_reply(500, "internal error in the waypoint\n")
+            response = local_reply(500, "internal error in the waypoint\n")
+        response.then(lambda sent, error: self._observer.done(seen, state, response, sent, error))
+        return response
 
-    async def _handle(self, downstream: Downstream, request: Request) -> Response:
-        state = self._state()
+    async def _handle(
+        self, state: WaypointState, downstream: Downstream, request: Request, seen: Observation
+    ) -> Response:
         target = downstream.target
+        denied = self._authorize(state, downstream, request)
+        if denied is not None:
+            return denied
         if target.service is None:
             backend = Backend(None, target.port, workload=target.workload)
-            return await self._forward(state, request, backend, None, [])
+            return await self._forward(state, self._upstream(request, seen), backend, None, [])
+        if not self._clusters.allow(state.rate_limits.get(target.service.hostname)):
+            return local_reply(ratelimit.STATUS, "local_rate_limited", ratelimit.FLAG)
         table = state.route_table(target.service.hostname, target.port)
         if table is None:
-            return await self._forward(
-                state, request, Backend(target.service, target.port), None, []
-            )
+            backend = Backend(target.service, target.port)
+            return await self._forward(state, self._upstream(request, seen), backend, None, [])
         selected = router.select(table, route_input(downstream, request))
         if selected is None:
             return local_reply(404, "route not found\n", ResponseFlag.NO_ROUTE_FOUND)
-        return await self._route(state, downstream, request, selected)
+        seen.route = selected.rule.name
+        decision = fault.decide(
+            selected.rule.fault if selected.rule.HasField("fault") else None, self._rng
+        )
+        if decision.delay_seconds:
+            await asyncio.sleep(decision.delay_seconds)
+        if decision.abort_status is not None:
+            return local_reply(decision.abort_status, "fault filter abort", *decision.flags)
+        response = await self._route(state, downstream, self._upstream(request, seen), selected)
+        response.flags.extend(decision.flags)
+        return response
+
+    def _authorize(
+        self, state: WaypointState, downstream: Downstream, request: Request
+    ) -> Response | None:
+        """403 if the L7 AuthorizationPolicies bound to this waypoint or to the Service
+        deny the request; None to go on."""
+        refs = [self._gateway_ref]
+        service = downstream.target.service
+        if service is not None:
+            refs.append(f"Service/{service.namespace}/{service.name}")
+        policies = authz.select(state.authorization_policies, *refs)
+        if not policies:
+            return None
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        attrs = authz.RequestAttributes(
+            principal=downstream.peer.uri.removeprefix("spiffe://"),
+            namespace=downstream.peer.namespace,
+            source_ip=downstream.address or "",
+            host=request.authority,
+            port=downstream.target.port,
+            method=request.method,
+            path=request.path,
+            headers=headers,
+        )
+        decision = authz.evaluate(policies, attrs)
+        if decision.allowed:
+            return None
+        log.info(
+            "request %s %s from %s denied by %s",
+            request.method,
+            request.path,
+            downstream.peer,
+            decision.policy or "default deny (ALLOW policies in scope)",
+        )
+        return local_reply(authz.DENIED_STATUS, authz.DENIED_BODY.decode())
+
+    def _upstream(self, request: Request, seen: Observation) -> Request:
+        """The request as the endpoint gets it: our span as its trace parent, a request id."""
+        headers = [(n, v) for n, v in request.headers if n not in (TRACEPARENT, TRACESTATE)]
+        headers.extend(seen.trace.headers().items())
+        if h.get(headers, "x-request-id") is None:
+            headers.append(("x-request-id", str(uuid.uuid4())))
+        headers.append(("x-forwarded-proto", request.scheme))
+        return replace(request, headers=headers)
 
     async def _route(
         self,
@@ -185,14 +271,19 @@ class Proxy:
         endpoints = endpoints_of(state, backend)
         if not endpoints:
             return local_reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)
-        attempts = Attempts.for_rule(rule)
+        host = backend.service.hostname if backend.service is not None else ""
+        cluster = self._clusters.cluster(host, backend.subset, state.destination_policies.get(host))
+        retry = RetryPolicy.from_proto(
+            rule.retry if rule is not None and rule.HasField("retry") else None
+        )
         body = request.body
         replay: ReplayableBody | None = None
-        if (attempts.retry is not None or mirrors) and body.length != 0:
+        if (retry.attempts or mirrors) and body.length != 0:
             replay = ReplayableBody(body)
         for mirror in mirrors:
             self._mirror(state, request, mirror, replay, backend.port)
-        plan = ForwardPlan(request, endpoints, attempts, replay)
+        timeout = rule.timeout_seconds if rule is not None else 0.0
+        plan = ForwardPlan(request, endpoints, cluster, retry, timeout, replay)
         return await self._forwarder.forward(plan)
 
     def _mirror(

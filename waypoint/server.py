@@ -10,14 +10,18 @@ import socket
 import ssl
 from collections.abc import Mapping
 
+from prometheus_client import CollectorRegistry
+
 from mesh.api import mesh_pb2
 from mesh.hbone.connection import serve
 from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from mesh.hbone.protocol import HBONE_PORT
 from waypoint.forward import Forwarder
 from waypoint.inbound import SNIFF_TIMEOUT, Inbound
+from waypoint.observe import Exporter, Observer
 from waypoint.proxy import Proxy
 from waypoint.state import WaypointState
+from waypoint.telemetry import RequestMetrics
 from waypoint.upstream import ContextFn, IdleSet, Tunnels, no_delay
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ class Waypoint:
         limits: HboneLimits = DEFAULT_LIMITS,
         rng: random.Random | None = None,
         sniff_timeout: float = SNIFF_TIMEOUT,
+        registry: CollectorRegistry | None = None,
+        exporter: Exporter | None = None,
     ) -> None:
         """`ref` is "<namespace>/<name>" of the Gateway; `client_context` gives the
         waypoint's own identity for upstream mTLS."""
@@ -43,7 +49,8 @@ class Waypoint:
         rng = rng or random.Random()
         tunnels = Tunnels(client_context, hbone_port=upstream_hbone_port, limits=limits)
         self.forwarder = Forwarder(tunnels, IdleSet(), rng)
-        self.proxy = Proxy(lambda: self.state, self.forwarder, rng)
+        observer = Observer(RequestMetrics(registry) if registry is not None else None, exporter)
+        self.proxy = Proxy(ref, lambda: self.state, self.forwarder, observer, rng)
         self.inbound = Inbound(ref, lambda: self.state, self.proxy, sniff_timeout=sniff_timeout)
         self._servers: list[asyncio.Server] = []
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httptools
+from prometheus_client import CollectorRegistry
 
 from mesh.api import mesh_pb2
 from mesh.hbone.connection import HboneClientConnection, HboneStream, serve
@@ -130,6 +131,8 @@ class Pod:
     address: str
     seen: list[Seen] = field(default_factory=list)
     tunnels: int = 0
+    # Answer every HTTP/1.1 request with this status (0: as the path says).
+    override: int = 0
     h2_handler: Callable[[HboneStream, bytes], Awaitable[None]] | None = None
 
     async def handle(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
@@ -194,7 +197,7 @@ class Pod:
     async def _respond(
         self, stream: HboneStream, path: str, headers: dict[str, str], size: int
     ) -> None:
-        status = 200
+        status = self.override or 200
         if path.startswith("/status/"):
             status = int(path.split("/")[2])
         if path.startswith("/delay/"):
@@ -348,11 +351,13 @@ class Rig:
         async def own_context() -> object:
             return waypoint_ctx
 
+        self.registry = CollectorRegistry()
         self.waypoint = Waypoint(
             "demo/waypoint",
             own_context,  # type: ignore[arg-type]
             upstream_hbone_port=self.hbone_port,
             sniff_timeout=0.5,
+            registry=self.registry,
         )
         self.waypoint.update_state("1", self.resources)
         sock = _listen("127.0.0.1")
