@@ -133,6 +133,8 @@ class Pod:
     tunnels: int = 0
     # Answer every HTTP/1.1 request with this status (0: as the path says).
     override: int = 0
+    # Response body bytes written so far (/bytes/N).
+    body_sent: int = 0
     h2_handler: Callable[[HboneStream, bytes], Awaitable[None]] | None = None
 
     async def handle(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
@@ -155,7 +157,7 @@ class Pod:
             proto = _AppProtocol()
             parser = httptools.HttpRequestParser(proto)
             upgrade_rest: bytes | None = None
-            echo_started = False
+            echo_started = stalled = False
             while not proto.done:
                 if not data:
                     data = await stream.read(65536)
@@ -168,6 +170,9 @@ class Pod:
                     upgrade_rest = data[exc.args[0] :]
                 data = b""
                 path = proto.url.decode()
+                if proto.head_done and path.startswith("/stall") and not stalled:
+                    stalled = True  # an app that stops reading its request body for a while
+                    await asyncio.sleep(3)
                 if proto.head_done and path.startswith("/echo") and not echo_started:
                     echo_started = True
                     stream.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -210,6 +215,7 @@ class Pod:
                 piece = chunk[: min(total, len(chunk))]
                 stream.write(piece)
                 total -= len(piece)
+                self.body_sent += len(piece)
                 await stream.drain()
             return
         body = json.dumps(

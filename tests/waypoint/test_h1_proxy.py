@@ -111,7 +111,7 @@ async def test_large_response_streams_with_bounded_memory() -> None:
     async with Rig() as rig:
         client = await rig.h1()
         stream = client.stream
-        size = 64 * 1024 * 1024
+        size = 32 * 1024 * 1024
         stream.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         await stream.drain()
         received = 0
@@ -121,6 +121,39 @@ async def test_large_response_streams_with_bounded_memory() -> None:
                 assert chunk
                 received += len(chunk)
         assert received >= size
+
+
+async def test_a_client_that_stops_reading_stops_the_endpoint() -> None:
+    """Backpressure end to end: the waypoint holds no more than its windows and buffers
+    of a 256 MiB response nobody reads."""
+    async with Rig() as rig:
+        client = await rig.h1()
+        size = 256 * 1024 * 1024
+        client.stream.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await client.stream.drain()
+        await asyncio.wait_for(client.stream.read(1 << 20), TIMEOUT)
+        await asyncio.sleep(1.5)  # the client reads nothing more
+        sent = sum(pod.body_sent for pod in rig.pods.values())
+        assert 0 < sent < 64 * 1024 * 1024, sent
+
+
+async def test_an_endpoint_that_stops_reading_stops_the_client_upload() -> None:
+    async with Rig() as rig:
+        client = await rig.h1()
+        stream = client.stream
+        size = 256 * 1024 * 1024
+        stream.write(f"POST /stall HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        chunk = b"u" * (1 << 20)
+        written = 0
+        async with asyncio.timeout(TIMEOUT):
+            while written < size:
+                stream.write(chunk)
+                written += len(chunk)
+                try:
+                    await asyncio.wait_for(stream.drain(), 1.0)
+                except TimeoutError:
+                    break  # blocked: what we wrote is all the path between us can hold
+        assert written < 64 * 1024 * 1024, written
 
 
 async def test_tunnel_to_a_service_not_ours_is_refused() -> None:
