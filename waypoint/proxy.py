@@ -211,6 +211,8 @@ class Proxy:
             return local_reply(500, "route has no backends\n", ResponseFlag.NO_ROUTE_FOUND)
         edited = self._request_edits(request, rule, downstream, selected)
         chosen = router.pick_backend(rule.backends, self._rng)
+        if not chosen.service:  # the controller's mark for a backend it could not resolve
+            return local_reply(500, "invalid backend\n")
         backend = self._backend(state, chosen, downstream.target.port)
         if backend is None:
             return local_reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)

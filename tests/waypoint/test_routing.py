@@ -145,3 +145,12 @@ async def test_mirror_sends_a_copy_with_the_body() -> None:
         copy = rig.pods["reviews-v2"].seen[0]
         assert copy.body_bytes == 1000
         assert copy.headers["host"] == f"{HOST}-shadow"
+
+
+async def test_an_unresolvable_backend_share_is_500() -> None:
+    async with Rig() as rig:
+        invalid = mesh_pb2.HttpBackend(service="", weight=1)
+        rig.configure(routes(rule(backends=[invalid])))
+        client = await rig.h1()
+        assert (await client.request("GET", "/")).status == 500
+        assert not rig.seen()
