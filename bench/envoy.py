@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 HBONE_PORT = 15008
-ADMIN_PORT = 19000  # each Envoy listens on its own pod's loopback
+ADMIN_PORT = 19000  # on each Envoy's pod loopback, for stats: lab exec POD -- curl
 
 Config = dict[str, Any]
 

@@ -45,9 +45,6 @@ class Proxy:
     def reset_peak(self) -> None:
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
-    def alive(self) -> bool:
-        return Path(f"/proc/{self.pid}").exists()
-
     def _status_kib(self, field: str) -> int:
         return parse_status_kib(Path(f"/proc/{self.pid}/status").read_text(), field)
 
