@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ambimesh.lab import demo
-from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError
+from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError, example_names
 from ambimesh.lab.topology import PlanError
 
 
@@ -21,6 +21,14 @@ def parser() -> argparse.ArgumentParser:
     lab_sub = lab.add_subparsers(dest="action", required=True)
     up = lab_sub.add_parser("up", help="build the lab (after removing any earlier one)")
     up.add_argument("--config", type=Path, help="YAML directory (default: the bundled one)")
+    up.add_argument(
+        "--example",
+        action="append",
+        default=[],
+        choices=example_names(),
+        help="add an example configuration (repeatable), e.g. canary: the seed's 90/10 "
+        "canary through a waypoint",
+    )
     lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
     lab_sub.add_parser("status", help="nodes, pods, services and readiness")
     lab_sub.add_parser("demo", help="call server from client across nodes; show wire + metrics")
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     lab = Lab(args.name)
     try:
         if args.action == "up":
-            lab.up(args.config)
+            lab.up(args.config, examples=args.example)
             print(lab.status())
         elif args.action == "down":
             lab.down()

@@ -1,15 +1,17 @@
 """`ambimesh lab demo`: one call across nodes through the mesh, proven three ways —
-the answer, a capture of the wire between the nodes, and the metrics both ztunnels kept."""
+the answer, a capture of the wire between the nodes, and the metrics both ztunnels kept;
+with the canary example, also the seed's 90/10 split through the waypoint."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from ambimesh.lab.capture import fabric_capture
-from ambimesh.lab.lab import METRICS_PORT, Lab, say
+from ambimesh.lab.lab import METRICS_PORT, Lab, LabError, say
 from ambimesh.lab.netclient import http_get
 
 CLIENT_POD = "demo/client"
@@ -39,7 +41,65 @@ def istio_metrics(lab: Lab, node: str) -> list[str]:
     ]
 
 
+# Run in a pod: `calls` requests to `url`, one connection each; prints a JSON list of the
+# answering pod of each (or the error).
+SPLIT_CALLER = """
+import http.client, json, sys, urllib.parse
+url, calls = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2])
+seen = []
+for i in range(calls):
+    try:
+        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=10)
+        conn.request("GET", f"{url.path}-{i}")
+        response = conn.getresponse()
+        body = response.read()
+        ok = response.status == 200
+        seen.append(json.loads(body)["pod"] if ok else f"HTTP {response.status}")
+        conn.close()
+    except Exception as exc:
+        seen.append(repr(exc))
+print(json.dumps(seen))
+"""
+CANARY_URL = "http://my-service.default/canary"
+CANARY_WAYPOINT = "default/waypoint"
+
+
+def split_calls(lab: Lab, pod_ref: str, url: str, calls: int) -> list[str]:
+    """Who answered each of ``calls`` requests from ``pod_ref`` (or what went wrong)."""
+    result = lab.run(pod_ref, ["python", "-c", SPLIT_CALLER, url, str(calls)], timeout=240)
+    if result.returncode != 0:
+        raise LabError(f"the calls from {pod_ref} did not run: {result.stderr.strip()}")
+    seen: list[str] = json.loads(result.stdout)
+    return seen
+
+
+def waypoint_metrics(lab: Lab, pod_ref: str) -> list[str]:
+    pod = lab.load_plan().pod(pod_ref)
+    _, body = http_get(pod.netns, pod.address, METRICS_PORT, "/metrics")
+    return [line for line in body.splitlines() if line.startswith("istio_requests_total")]
+
+
+def run_canary(lab: Lab, calls: int = 100) -> int:
+    """The seed's VirtualService at work: `calls` requests, counted by answering pod."""
+    say(f"{CLIENT_POD} -> {CANARY_URL} x{calls} (VirtualService my-service: 90% v1, 10% v2)")
+    seen = split_calls(lab, CLIENT_POD, CANARY_URL, calls)
+    counts = {name: seen.count(name) for name in sorted(set(seen))}
+    for name, count in counts.items():
+        print(f"  {name}: {count}")
+    say(f"metrics of waypoint {CANARY_WAYPOINT} (:{METRICS_PORT}/metrics):")
+    for line in waypoint_metrics(lab, CANARY_WAYPOINT):
+        print(f"  {line}")
+    return 0 if set(counts) <= {"my-service-v1", "my-service-v2"} else 1
+
+
 def run(lab: Lab) -> int:
+    failed = run_l4(lab)
+    if any(p.ref == CANARY_WAYPOINT for p in lab.load_plan().pods):
+        failed |= run_canary(lab)
+    return failed
+
+
+def run_l4(lab: Lab) -> int:
     plan = lab.load_plan()
     pcap = lab.state / "fabric.pcap"
     client = plan.pod(CLIENT_POD)

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -63,6 +63,21 @@ def bundled_config_dir() -> Path:
     return Path(str(resources.files("ambimesh.lab") / "config"))
 
 
+def examples_dir() -> Path:
+    """Extra configurations the lab can add: examples/<name>.yaml."""
+    return Path(str(resources.files("ambimesh.lab") / "examples"))
+
+
+def example_names() -> list[str]:
+    return sorted(p.stem for p in examples_dir().glob("*.yaml"))
+
+
+def example_file(name: str) -> Path:
+    if name not in example_names():
+        raise LabError(f"no lab example {name!r}; there are: {', '.join(example_names())}")
+    return examples_dir() / f"{name}.yaml"
+
+
 class Lab:
     def __init__(
         self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT, cert_ttl: int | None = None
@@ -101,11 +116,16 @@ class Lab:
         return self.state / "controller" / "root-cert.pem"
 
     # lifecycle ---------------------------------------------------------------------
-    def up(self, config_dir: Path | None = None, timeout: float = 60.0) -> LabPlan:
+    def up(
+        self, config_dir: Path | None = None, timeout: float = 60.0, examples: Sequence[str] = ()
+    ) -> LabPlan:
+        """Build the lab from ``config_dir`` (default: the bundled one) plus the named
+        examples (`example_names()`), which the runtime config then holds as files too."""
         check_environment()
         self.down(quiet=True)
         source = config_dir or bundled_config_dir()
         files = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".yml"))
+        files += [example_file(name) for name in examples]
         docs = documents_of((p.name, p.read_text()) for p in files)
         lab_plan = plan(self.name, docs, lambda: str(uuid.uuid4()))
         self._write_state(lab_plan)

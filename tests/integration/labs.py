@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ambimesh.lab.lab import Lab
@@ -15,12 +15,14 @@ WAIT_SECONDS = 30.0
 
 
 @contextlib.contextmanager
-def running_lab(name: str, config: Path | None = None) -> Iterator[Lab]:
+def running_lab(
+    name: str, config: Path | None = None, examples: Sequence[str] = ()
+) -> Iterator[Lab]:
     """A lab built for one test module and removed after it, also when the build fails."""
     require_privileged()
     lab = Lab(name)
     try:
-        lab.up(config)
+        lab.up(config, examples=examples)
         yield lab
     finally:
         lab.down(quiet=True)

@@ -4,68 +4,39 @@ HTTP by the seed's VirtualService and DestinationRule (unchanged) to subset pods
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ambimesh.lab.capture import fabric_capture
-from ambimesh.lab.demo import istio_metrics
-from ambimesh.lab.lab import METRICS_PORT, Lab, bundled_config_dir
-from ambimesh.lab.netclient import http_get
+from ambimesh.lab.demo import (
+    CANARY_URL,
+    CANARY_WAYPOINT,
+    istio_metrics,
+    split_calls,
+    waypoint_metrics,
+)
+from ambimesh.lab.lab import Lab
 from tests.integration.labs import metric, running_lab
 
 pytestmark = pytest.mark.privileged
 
 LAB_NAME = "amwp"
-EXAMPLES = Path(__file__).resolve().parents[2] / "ambimesh" / "lab" / "examples"
 CALLS = 300
 WAYPOINT_SA = "spiffe://cluster.local/ns/default/sa/waypoint"
 
-# Runs in the client pod: CALLS requests to my-service, one connection each; prints the
-# answering pod of each, or the error.
-CALLER = """
-import http.client, json, sys
-seen = []
-for i in range(int(sys.argv[1])):
-    try:
-        conn = http.client.HTTPConnection("my-service.default", 80, timeout=10)
-        conn.request("GET", f"/canary-{i}")
-        response = conn.getresponse()
-        body = response.read()
-        ok = response.status == 200
-        seen.append(json.loads(body)["pod"] if ok else f"HTTP {response.status}")
-        conn.close()
-    except Exception as exc:
-        seen.append(repr(exc))
-print(json.dumps(seen))
-"""
-
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    config = tmp_path_factory.mktemp("config")
-    for path in [*bundled_config_dir().glob("*.yaml"), EXAMPLES / "canary.yaml"]:
-        shutil.copy(path, config / path.name)
-    with running_lab(LAB_NAME, config) as built:
+def lab() -> Iterator[Lab]:
+    with running_lab(LAB_NAME, examples=("canary",)) as built:
         yield built
-
-
-def waypoint_metrics(lab: Lab) -> list[str]:
-    pod = lab.load_plan().pod("default/waypoint")
-    status, body = http_get(pod.netns, pod.address, METRICS_PORT, "/metrics")
-    assert status == 200
-    return body.splitlines()
 
 
 def test_the_seed_canary_splits_90_10_through_the_waypoint(lab: Lab, tmp_path: Path) -> None:
     plan = lab.load_plan()
     with fabric_capture(plan, "node-1", tmp_path / "fabric.pcap") as captured:
-        result = lab.run("demo/client", ["python", "-c", CALLER, str(CALLS)], timeout=240)
-    assert result.returncode == 0, result.stderr
-    seen: list[str] = json.loads(result.stdout)
+        seen = split_calls(lab, "demo/client", CANARY_URL, CALLS)
     counts = {name: seen.count(name) for name in set(seen)}
     assert set(counts) <= {"my-service-v1", "my-service-v2"}, f"failures: {counts}"
     share = counts.get("my-service-v2", 0) / CALLS
@@ -74,7 +45,7 @@ def test_the_seed_canary_splits_90_10_through_the_waypoint(lab: Lab, tmp_path: P
     assert 0.04 <= share <= 0.17, f"v2 got {share:.0%} of {CALLS} calls: {counts}"
     assert 15008 in captured[0].ports() and 8080 not in captured[0].ports()
 
-    lines = waypoint_metrics(lab)
+    lines = waypoint_metrics(lab, CANARY_WAYPOINT)
     assert metric(lines, "istio_requests_total", reporter="waypoint", response_code="200") >= CALLS
     # The subset pods' ztunnels saw the waypoint, not the client, as their peer.
     v1_node = plan.pod("default/my-service-v1").node
