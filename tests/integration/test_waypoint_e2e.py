@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.demo import (
@@ -18,7 +19,7 @@ from ambimesh.lab.demo import (
     waypoint_metrics,
 )
 from ambimesh.lab.lab import Lab
-from tests.integration.labs import metric, running_lab
+from tests.integration.labs import metric, running_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -58,4 +59,82 @@ def test_the_seed_canary_splits_90_10_through_the_waypoint(lab: Lab, tmp_path: P
             destination_workload="my-service-v1",
         )
         >= 1
+    )
+
+
+# Prints "<status> <body>" of a GET from inside a pod, or "error <what>".
+STATUS_PROBE = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as response:
+        print(response.status, response.read().decode()[:200])
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode()[:200])
+except Exception as exc:
+    print("error", repr(exc))
+"""
+POLICY_FILE = "l7-e2e.yaml"
+
+
+def probe(lab: Lab, url: str) -> str:
+    return lab.run("demo/client", ["python", "-c", STATUS_PROBE, url]).stdout.strip()
+
+
+@pytest.fixture
+def config_file(lab: Lab) -> Iterator[Path]:
+    """A runtime config file of the test's own, removed after it."""
+    path = lab.config_dir / POLICY_FILE
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_l7_policy_denies_with_403_and_the_pods_cannot_be_dialed_around_it(
+    lab: Lab, config_file: Path
+) -> None:
+    v1 = lab.load_plan().pod("default/my-service-v1")
+    direct = f"http://{v1.address}:8080/direct"
+    assert probe(lab, direct).startswith("200 "), "without L7 policy the pod is reachable"
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "default"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "my-service"}],
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+        },
+    }
+    config_file.write_text(yaml.safe_dump(policy))
+    wait_until(
+        lambda: probe(lab, "http://my-service.default/admin/x") == "403 RBAC: access denied",
+        "the waypoint to deny /admin with 403",
+    )
+    assert probe(lab, "http://my-service.default/fine").startswith("200 ")
+    # The Service is protected at L7, so its pods take traffic only from the waypoint.
+    wait_until(lambda: probe(lab, direct).startswith("error"), "direct calls to be refused")
+    config_file.unlink()
+    wait_until(lambda: probe(lab, direct).startswith("200 "), "the pod to be reachable again")
+
+
+def test_a_route_change_applies_live(lab: Lab) -> None:
+    """Nothing restarts: the waypoint takes the new weights from the next push."""
+    path = lab.config_dir / "canary.yaml"
+    original = path.read_text()
+    docs = list(yaml.safe_load_all(original))
+    (virtual_service,) = [d for d in docs if d["kind"] == "VirtualService"]
+    v1, v2 = virtual_service["spec"]["http"][0]["route"]
+    v1["weight"], v2["weight"] = 0, 100
+    try:
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        wait_until(
+            lambda: set(split_calls(lab, "demo/client", CANARY_URL, 20)) == {"my-service-v2"},
+            "every call to go to v2",
+        )
+    finally:
+        path.write_text(original)
+    wait_until(
+        lambda: "my-service-v1" in split_calls(lab, "demo/client", CANARY_URL, 20),
+        "v1 to take calls again",
     )
