@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.api import mesh_pb2
+from mesh.cert_client import request_certificate
+from mesh.csr import make_key_and_csr
 from mesh.push_client import PushClient
+from mesh.spiffe import SpiffeId
+from mesh.tls import TlsIdentity
 
 
 class NodeConfigError(RuntimeError):
@@ -40,6 +44,14 @@ class ControllerAccess:
         if not token:
             raise NodeConfigError(f"{args.token_file} is empty: it must hold this node's token")
         return cls(args.node, args.controller, root, token)
+
+    def fetch_identity(self, sid: SpiffeId, ttl_seconds: int) -> TlsIdentity:
+        """A fresh key and a certificate for ``sid`` from the controller's CA (blocking)."""
+        key_pem, csr_pem = make_key_and_csr(sid)
+        chain, root_pem = request_certificate(
+            self.target, self.root_pem, self.token, csr_pem, ttl_seconds
+        )
+        return TlsIdentity(b"".join(chain), key_pem, root_pem)
 
     def push_client(
         self,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mesh.api import mesh_pb2
+
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 
@@ -44,3 +46,15 @@ class SpiffeId:
         if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
             raise SpiffeError(f"{uri!r} is not of the form spiffe://<td>/ns/<namespace>/sa/<sa>")
         return cls(trust_domain, parts[1], parts[3])
+
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+def identity_of(workload: mesh_pb2.Workload) -> SpiffeId:
+    """The identity a pod's certificate carries (its service account; "default" if none)."""
+    return SpiffeId(
+        workload.trust_domain or DEFAULT_TRUST_DOMAIN,
+        workload.namespace,
+        workload.service_account or "default",
+    )

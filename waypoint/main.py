@@ -17,15 +17,13 @@ from functools import partial
 import uvloop
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from mesh import tls
 from mesh.api import mesh_pb2
-from mesh.cert_client import request_certificate
 from mesh.cert_manager import CertManager
-from mesh.csr import make_key_and_csr
 from mesh.hbone.protocol import HBONE_PORT
+from mesh.http_endpoints import serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.spiffe import SpiffeError, SpiffeId
-from waypoint.admin import routes, serve_in_thread, stop_serving
+from waypoint.admin import routes
 from waypoint.server import Waypoint
 
 log = logging.getLogger("waypoint")
@@ -53,14 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fetch_identity(access: ControllerAccess, sid: SpiffeId) -> tls.TlsIdentity:
-    key_pem, csr_pem = make_key_and_csr(sid)
-    chain, root_pem = request_certificate(
-        access.target, access.root_pem, access.token, csr_pem, CERT_TTL_SECONDS
-    )
-    return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
-
-
 async def first_certificate(certs: CertManager, sid: SpiffeId) -> None:
     """The CA signs only once the controller knows this pod: ask until it does."""
     while True:
@@ -76,7 +66,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     access = ControllerAccess.from_args(args)
     sid = SpiffeId(args.trust_domain, args.namespace, args.service_account or args.name)
-    certs = CertManager(partial(fetch_identity, access))
+    certs = CertManager(lambda sid: access.fetch_identity(sid, CERT_TTL_SECONDS))
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     exporter = None

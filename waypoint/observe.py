@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.api import mesh_pb2
+from mesh.spiffe import identity_of
 from waypoint import headers as h
 from waypoint.context import Downstream
 from waypoint.flags import ResponseFlag
 from waypoint.headers import Headers
 from waypoint.message import Body, Request, Response
-from waypoint.state import WaypointState, identity_of
+from waypoint.state import WaypointState
 from waypoint.telemetry import RequestMetrics, RequestPeers, RequestRecord, access_log
 from waypoint.tracing import TraceContext
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from mesh.api import mesh_pb2
 from mesh.hbone.relay import Duplex, relay
+from mesh.spiffe import identity_of
 from waypoint import authz, fault, ratelimit, router
 from waypoint import headers as h
 from waypoint.clusters import Clusters
@@ -27,7 +28,7 @@ from waypoint.forward import Forwarder, ForwardPlan
 from waypoint.message import BytesBody, ReplayableBody, Request, Response
 from waypoint.observe import CountingBody, Observation, Observer
 from waypoint.retry import RetryPolicy
-from waypoint.state import WaypointState, identity_of, target_port
+from waypoint.state import WaypointState, target_port
 from waypoint.tracing import TRACEPARENT, TRACESTATE, TraceContext
 from waypoint.upstream import Endpoint, UpstreamError
 

@@ -1,60 +1,16 @@
-"""ztunnel's HTTP endpoints off the data path: readiness on :15021 and, on localhost only,
-the admin view on :15000 (config dump, live connections, certificates).
-
-Stdlib servers in their own threads: a slow scrape or a curious operator can never stall
-the event loop that carries traffic.
-"""
+"""ztunnel's HTTP routes: readiness on :15021 and, on localhost only, the admin view on
+:15000 (config dump, live connections, certificates); served by mesh.http_endpoints."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 from google.protobuf.json_format import MessageToDict
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from mesh.http_endpoints import Response, Route
 from ztunnel.proxy import Ztunnel
-
-Response = tuple[int, str, bytes]  # status, content type, body
-Route = Callable[[], Response]
-
-
-class _SharedPortServer(ThreadingHTTPServer):
-    """SO_REUSEPORT: the next ztunnel binds its node ports while this one still serves."""
-
-    allow_reuse_port = True
-    daemon_threads = True
-
-
-def serve_in_thread(address: tuple[str, int], routes: Mapping[str, Route]) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            route = routes.get(self.path)
-            if route is None:
-                self.send_error(404, explain=f"try one of: {', '.join(sorted(routes))}")
-                return
-            status, content_type, body = route()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = _SharedPortServer(address, Handler)
-    threading.Thread(target=server.serve_forever, name=f"http-{address[1]}", daemon=True).start()
-    return server
-
-
-def stop_serving(server: ThreadingHTTPServer) -> None:
-    """Close the port (the next generation's server takes it alone); blocks up to 0.5 s."""
-    server.shutdown()
-    server.server_close()
 
 
 def readiness_routes(ready: Callable[[], bool]) -> dict[str, Route]:
@@ -70,13 +26,6 @@ def readiness_routes(ready: Callable[[], bool]) -> dict[str, Route]:
         )
 
     return {"/healthz/ready": healthz}
-
-
-def metrics_routes(registry: CollectorRegistry) -> dict[str, Route]:
-    def metrics() -> Response:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-
-    return {"/metrics": metrics}
 
 
 def admin_routes(ztunnel: Ztunnel) -> dict[str, Route]:

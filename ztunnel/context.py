@@ -9,10 +9,10 @@ from mesh.api import mesh_pb2, node_pb2
 from mesh.cert_manager import CertManager
 from mesh.netns import Netns
 from mesh.pool import HboneConnectionPool
-from mesh.spiffe import SpiffeId
+from mesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from ztunnel.connections import ConnectionTable
 from ztunnel.metrics import ConnectionLabels
-from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState
+from ztunnel.state import MeshState
 
 # (destination identity, destination address): one mTLS connection each, per source pod
 PoolKey = tuple[SpiffeId, str]

@@ -8,12 +8,11 @@ import logging
 
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
-from mesh.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId, identity_of
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
-from ztunnel.state import identity_of
 
 log = logging.getLogger("ztunnel.access")
 

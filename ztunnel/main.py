@@ -9,27 +9,17 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 
 import uvloop
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from mesh import tls
 from mesh.api import mesh_pb2
-from mesh.cert_client import request_certificate
 from mesh.cert_manager import CertManager
 from mesh.cert_metrics import CertCollector
-from mesh.csr import make_key_and_csr
+from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
-from mesh.spiffe import SpiffeId
-from ztunnel.admin import (
-    admin_routes,
-    metrics_routes,
-    readiness_routes,
-    serve_in_thread,
-    stop_serving,
-)
+from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
 from ztunnel.inpod import InpodClient
@@ -76,20 +66,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def fetch_identity(access: ControllerAccess, ttl: int, sid: SpiffeId) -> tls.TlsIdentity:
-    key_pem, csr_pem = make_key_and_csr(sid)
-    chain, root_pem = request_certificate(
-        access.target, access.root_pem, access.token, csr_pem, ttl
-    )
-    return tls.TlsIdentity(b"".join(chain), key_pem, root_pem)
-
-
 async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     access = ControllerAccess.from_args(args)
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
-    certs = CertManager(partial(fetch_identity, access, args.cert_ttl))
+    certs = CertManager(lambda sid: access.fetch_identity(sid, args.cert_ttl))
     registry.register(CertCollector(certs))
     ctx = ProxyContext(
         certs=certs,

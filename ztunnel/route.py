@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mesh.api import mesh_pb2
-from mesh.spiffe import SpiffeId
+from mesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, identity_of
 from ztunnel.sockets import HBONE_PORT
-from ztunnel.state import DEFAULT_TRUST_DOMAIN, MeshState, identity_of
+from ztunnel.state import MeshState
 
 
 class Protocol(enum.Enum):

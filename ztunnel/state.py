@@ -7,17 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2
-from mesh.spiffe import SpiffeId
-
-DEFAULT_TRUST_DOMAIN = "cluster.local"
-
-
-def identity_of(workload: mesh_pb2.Workload) -> SpiffeId:
-    return SpiffeId(
-        workload.trust_domain or DEFAULT_TRUST_DOMAIN,
-        workload.namespace,
-        workload.service_account or "default",
-    )
 
 
 @dataclass(frozen=True)

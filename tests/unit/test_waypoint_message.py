@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from mesh.api import mesh_pb2
+from mesh.spiffe import identity_of
 from tests.waypoint.rig import HOST, base_resources, routes
 from waypoint.headers import Headers
 from waypoint.message import BytesBody, ReplayableBody
-from waypoint.state import WaypointState, identity_of
+from waypoint.state import WaypointState
 
 
 class Chunks:
