@@ -102,7 +102,11 @@ async def run(args: argparse.Namespace) -> None:
     def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
         loop.call_soon_threadsafe(waypoint.update_state, version, dict(resources))
 
-    push = access.push_client(on_update)
+    def on_connected() -> None:
+        # The controller is (back) up: renewals waiting out a backoff may try now.
+        loop.call_soon_threadsafe(certs.retry_now)
+
+    push = access.push_client(on_update, on_connected)
     push.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
