@@ -59,11 +59,14 @@ class H1Server:
         initial: bytes = b"",
         *,
         idle_timeout: float = IDLE_TIMEOUT,
+        closing: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`closing()` true: answer the next request with `Connection: close` (draining)."""
         self.duplex = duplex
         self._handler = handler
         self._reader = H1Reader(duplex, H1Parser(requests=True), initial)
         self._idle_timeout = idle_timeout
+        self._closing = closing
         self.responding = False
 
     async def run(self) -> None:
@@ -143,7 +146,7 @@ class H1Server:
                 response,
                 method=head.method,
                 version=head.version,
-                keep_alive=head.keep_alive and not head.upgrade,
+                keep_alive=head.keep_alive and not head.upgrade and not self._closing(),
                 trailers=head.version == "1.1" and "trailers" in h.tokens(head.headers, "te"),
             )
             return keep_alive

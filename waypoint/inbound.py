@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable
 from functools import partial
 
+from h2.errors import ErrorCodes
+
 from mesh.api import mesh_pb2
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
@@ -43,8 +45,22 @@ class Inbound:
         self._state = state
         self._proxy = proxy
         self._sniff_timeout = sniff_timeout
+        self.draining = False
+        self.live = 0  # tunnels being served
 
     async def handle(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        if self.draining:
+            # Not processed: the ztunnel's pool retries on a fresh connection, which only
+            # another waypoint instance accepts (RFC 9113 8.7).
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        self.live += 1
+        try:
+            await self._serve(stream, request, peer)
+        finally:
+            self.live -= 1
+
+    async def _serve(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
         state = self._state()
         target = resolve(state, self._waypoint, request.authority_host, request.authority_port)
         if target is None:
@@ -64,7 +80,7 @@ class Inbound:
         client = PrefixedDuplex(stream, first)
         handler = partial(self._proxy.handle, downstream)
         if protocol is Protocol.HTTP1:
-            await H1Server(stream, handler, first).run()
+            await H1Server(stream, handler, first, closing=lambda: self.draining).run()
         elif protocol is Protocol.HTTP2:
             await serve_h2(stream, handler, first)
         else:

@@ -29,6 +29,8 @@ from waypoint.server import Waypoint
 log = logging.getLogger("waypoint")
 
 CERT_TTL_SECONDS = 24 * 3600
+# Envoy waypoints drain for terminationGracePeriodSeconds (30 s by default on Kubernetes).
+DRAIN_SECONDS = 30.0
 CERT_RETRY_SECONDS = 2.0
 
 
@@ -46,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--admin-port", type=int, default=15000, help="admin view, localhost only")
     p.add_argument(
         "--otlp-endpoint", default="", help="host:port of an OTLP/gRPC collector for spans"
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DRAIN_SECONDS,
+        help="on SIGTERM, serve the tunnels in flight this long at most (SIGINT cuts)",
     )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -81,8 +89,11 @@ async def run(args: argparse.Namespace) -> None:
         exporter=exporter,
     )
     have_cert = asyncio.Event()
+    stop = asyncio.Event()
 
     def ready() -> str | None:
+        if stop.is_set():
+            return "draining"
         if not waypoint.synced:
             return "no configuration from the controller yet"
         return None if have_cert.is_set() else f"no certificate for {sid} yet"
@@ -108,9 +119,13 @@ async def run(args: argparse.Namespace) -> None:
 
     push = access.push_client(on_update, on_connected)
     push.start()
-    stop = asyncio.Event()
+    cut = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        (cut if stop.is_set() and sig == signal.SIGINT else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         cert_wait = asyncio.create_task(first_certificate(certs, sid))
         stopped = asyncio.create_task(stop.wait())
@@ -131,6 +146,7 @@ async def run(args: argparse.Namespace) -> None:
             args.readiness_port,
         )
         await stopped
+        await waypoint.drain(args.drain_seconds, cut)
     finally:
         await asyncio.gather(*(asyncio.to_thread(stop_serving, s) for s in http_servers))
         push.stop(2.0)

@@ -4,6 +4,7 @@ certificates come from: `main` feeds it from the controller, tests feed it direc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -25,6 +26,8 @@ from waypoint.telemetry import RequestMetrics
 from waypoint.upstream import ContextFn, IdleSet, Tunnels, no_delay
 
 log = logging.getLogger(__name__)
+
+DRAIN_POLL_SECONDS = 0.2
 
 
 class Waypoint:
@@ -67,6 +70,21 @@ class Waypoint:
         server = await serve(sock, server_context, self.inbound.handle, limits=self._limits)
         self._servers.append(server)
         return server
+
+    async def drain(self, deadline_seconds: float, stop_early: asyncio.Event) -> None:
+        """Stop taking tunnels (new ones are refused unprocessed, so callers retry on
+        another instance), close keep-alive HTTP/1.1 after the response in flight, and wait
+        for the tunnels being served until the deadline or ``stop_early``."""
+        self.inbound.draining = True
+        for server in self._servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_seconds
+        while self.inbound.live and not stop_early.is_set() and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_early.wait(), DRAIN_POLL_SECONDS)
+        if self.inbound.live:
+            log.warning("drain ended with %d tunnels open; closing them", self.inbound.live)
 
     async def close(self) -> None:
         for server in self._servers:
