@@ -8,20 +8,18 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
-from collections.abc import Mapping
 from functools import partial
 
 import uvloop
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from mesh.api import mesh_pb2
 from mesh.cert_manager import CertManager
 from mesh.hbone.protocol import HBONE_PORT
 from mesh.http_endpoints import serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
+from mesh.proxy_process import drain_signals, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
 from waypoint.admin import routes
 from waypoint.server import Waypoint
@@ -71,7 +69,6 @@ async def first_certificate(certs: CertManager, sid: SpiffeId) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
     access = ControllerAccess.from_args(args)
     sid = SpiffeId(args.trust_domain, args.namespace, args.service_account or args.name)
     certs = CertManager(lambda sid: access.fetch_identity(sid, CERT_TTL_SECONDS))
@@ -89,7 +86,7 @@ async def run(args: argparse.Namespace) -> None:
         exporter=exporter,
     )
     have_cert = asyncio.Event()
-    stop = asyncio.Event()
+    stop, cut = drain_signals()
 
     def ready() -> str | None:
         if stop.is_set():
@@ -110,22 +107,7 @@ async def run(args: argparse.Namespace) -> None:
         serve_in_thread(("127.0.0.1", args.admin_port), admin),
     ]
 
-    def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
-        loop.call_soon_threadsafe(waypoint.update_state, version, dict(resources))
-
-    def on_connected() -> None:
-        # The controller is (back) up: renewals waiting out a backoff may try now.
-        loop.call_soon_threadsafe(certs.retry_now)
-
-    push = access.push_client(on_update, on_connected)
-    push.start()
-    cut = asyncio.Event()
-
-    def on_signal(sig: signal.Signals) -> None:
-        (cut if stop.is_set() and sig == signal.SIGINT else stop).set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    push = start_push(access, waypoint.update_state, certs)
     try:
         cert_wait = asyncio.create_task(first_certificate(certs, sid))
         stopped = asyncio.create_task(stop.wait())

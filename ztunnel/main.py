@@ -6,19 +6,17 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import uvloop
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from mesh.api import mesh_pb2
 from mesh.cert_manager import CertManager
 from mesh.cert_metrics import CertCollector
 from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
+from mesh.proxy_process import drain_signals, start_push
 from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
@@ -67,7 +65,6 @@ def _positive_int(text: str) -> int:
 
 
 async def run(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
     access = ControllerAccess.from_args(args)
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
@@ -90,24 +87,8 @@ async def run(args: argparse.Namespace) -> None:
         serve_in_thread(("127.0.0.1", args.admin_port), admin_routes(ztunnel)),
     ]
 
-    def on_update(version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:
-        loop.call_soon_threadsafe(ztunnel.update_state, version, dict(resources))
-
-    def on_connected() -> None:
-        # A (re)connected push stream: the controller, and so its CA, answers again.
-        loop.call_soon_threadsafe(certs.retry_now)
-
-    push = access.push_client(on_update, on_connected)
-    push.start()
-    stop, cut = asyncio.Event(), asyncio.Event()
-
-    def on_signal(sig: signal.Signals) -> None:
-        # SIGTERM (kubelet, a rolling update) drains, however often it comes; an
-        # operator's SIGINT during the drain cuts the remaining connections.
-        (cut if stop.is_set() and sig == signal.SIGINT else stop).set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    push = start_push(access, ztunnel.update_state, certs)
+    stop, cut = drain_signals()
     inpod_task = asyncio.create_task(inpod.run())
     log.info(
         "ztunnel for %s up (pid %d): metrics :%d, readiness :%d",
