@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from mesh.hbone.protocol import HboneError
 from mesh.hbone.relay import Duplex, relay
 from waypoint import headers as h
 from waypoint.h1io import H1Body, H1Reader, PrefixedDuplex, write_body
@@ -27,6 +28,9 @@ from waypoint.http1 import (
 from waypoint.message import BytesBody, Request, Response
 
 log = logging.getLogger(__name__)
+
+# What ends a response in the middle of its body.
+_CUT = (TimeoutError, HboneError, OSError)
 
 Handler = Callable[[Request], Awaitable[Response]]
 # A keep-alive connection without a request for this long is closed (Envoy: 1 h).
@@ -71,8 +75,15 @@ class H1Server:
 
     async def run(self) -> None:
         """Serve until the client closes, asks to close, or something breaks framing."""
-        while await self._serve_one():
-            pass
+        try:
+            while await self._serve_one():
+                pass
+        except _CUT as exc:
+            # A response cut short (the upstream failed or timed out mid-body, or the
+            # client went away): the client must not take it for complete.
+            log.info("HTTP/1.1 response cut: %s", exc or type(exc).__name__)
+            self.duplex.close()
+            return
         self.duplex.write_eof()
         await self.duplex.drain()
 

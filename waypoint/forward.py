@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from waypoint.circuit import Overflow
 from waypoint.clusters import Cluster
 from waypoint.flags import ResponseFlag
+from waypoint.headers import Headers
 from waypoint.message import Body, BytesBody, ReplayableBody, Request, Response
 from waypoint.retry import TIMEOUT, RetryPolicy
 from waypoint.upstream import Endpoint, IdleSet, Tunnels, UpstreamError
@@ -91,12 +92,12 @@ class Forwarder:
                     ResponseFlag.UPSTREAM_REQUEST_TIMEOUT in outcome.flags
                 )
                 if timed_out or len(tried) > retry.attempts or not self._retriable(plan, outcome):
-                    return self._finish(plan, outcome, tried)
+                    return self._finish(plan, outcome, tried, deadline)
                 if retrying:
                     cluster.circuit.exit_retry()
                     retrying = False
                 if not cluster.circuit.try_retry():
-                    return self._finish(plan, outcome, tried)
+                    return self._finish(plan, outcome, tried, deadline)
                 retrying = True
                 if isinstance(outcome, Response):
                     outcome.body.close()
@@ -165,7 +166,10 @@ class Forwarder:
 
     @staticmethod
     def _finish(
-        plan: ForwardPlan, outcome: Response | UpstreamError, tried: list[Endpoint]
+        plan: ForwardPlan,
+        outcome: Response | UpstreamError,
+        tried: list[Endpoint],
+        deadline: float | None = None,
     ) -> Response:
         if isinstance(outcome, UpstreamError):
             flags = [outcome.flag]
@@ -179,6 +183,8 @@ class Forwarder:
                 response.upstream, response.upstream_uid = tried[-1].authority, tried[-1].uid
         else:
             response = outcome
+            if deadline is not None:
+                response.body = _DeadlineBody(response.body, deadline, response)
         response.attempts = len(tried)
         replay = plan.replay
         if replay is not None:  # once the response is out, a body kept for replay goes
@@ -253,6 +259,40 @@ class Forwarder:
         self.idle.close()
         self.h2.close()
         self.tunnels.close()
+
+
+class RouteTimeout(TimeoutError):
+    """The route's timeout ran out while the response body was still coming."""
+
+
+class _DeadlineBody:
+    """The route timeout bounds the whole response, as Envoy's does: a body still
+    streaming at the deadline is cut (the client sees the stream reset) and flagged UT."""
+
+    def __init__(self, body: Body, deadline: float, response: Response) -> None:
+        self._body = body
+        self._deadline = deadline
+        self._response = response
+
+    @property
+    def length(self) -> int | None:
+        return self._body.length
+
+    @property
+    def trailers(self) -> Headers:
+        return self._body.trailers
+
+    async def read(self) -> bytes:
+        try:
+            async with asyncio.timeout(max(0.0, self._deadline - time.monotonic())):
+                return await self._body.read()
+        except TimeoutError:
+            if ResponseFlag.UPSTREAM_REQUEST_TIMEOUT not in self._response.flags:
+                self._response.flags.append(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
+            raise RouteTimeout("upstream request timeout in the response body") from None
+
+    def close(self) -> None:
+        self._body.close()
 
 
 def _remaining(deadline: float | None) -> float | None:

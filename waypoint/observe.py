@@ -13,6 +13,7 @@ from mesh.spiffe import identity_of
 from waypoint import headers as h
 from waypoint.context import Downstream
 from waypoint.flags import ResponseFlag
+from waypoint.forward import RouteTimeout
 from waypoint.headers import Headers
 from waypoint.message import Body, Request, Response
 from waypoint.state import WaypointState
@@ -85,7 +86,7 @@ class Observer:
         request, downstream = seen.request, seen.downstream
         destination = state.workloads.get(response.upstream_uid)
         flags = list(response.flags)
-        if error is not None and not sent:
+        if error is not None and not sent and not isinstance(error, RouteTimeout):
             # Nothing of the body got out: the caller (or the tunnel to it) went away.
             flags.append(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
         grpc = (h.get(request.headers, "content-type") or "").startswith("application/grpc")

@@ -207,6 +207,16 @@ class Pod:
             status = int(path.split("/")[2])
         if path.startswith("/delay/"):
             await asyncio.sleep(int(path.split("/")[2]) / 1000)
+        if path.startswith("/trickle/"):  # /trickle/<ms>/<pieces>: a slow, chunked body
+            pause, pieces = (int(x) for x in path.split("/")[2:4])
+            stream.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(pieces):
+                await asyncio.sleep(pause / 1000)
+                stream.write(b"5\r\npiece\r\n")
+                await stream.drain()
+            stream.write(b"0\r\n\r\n")
+            await stream.drain()
+            return
         if path.startswith("/bytes/"):
             total = int(path.split("/")[2])
             stream.write(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())

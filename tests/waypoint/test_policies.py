@@ -73,6 +73,20 @@ async def test_route_timeout_answers_504_ut() -> None:
         assert sample(rig, "istio_requests_total", response_code="504", response_flags="UT") == 1.0
 
 
+async def test_route_timeout_also_bounds_the_response_body() -> None:
+    """Envoy's route timeout covers the whole response: a body still trickling at the
+    deadline is cut, and the request is counted with flag UT."""
+    async with Rig() as rig:
+        rig.configure(routes(mesh_pb2.HttpRouteRule(backends=[backend()], timeout_seconds=0.5)))
+        client = await rig.h1()
+        with pytest.raises(ConnectionError):
+            await client.request("GET", "/trickle/200/20")  # a 4 s body
+        await asyncio.sleep(0.1)
+        assert sample(rig, "istio_requests_total", response_code="200", response_flags="UT") == 1.0
+        fast = await (await rig.h1()).request("GET", "/trickle/10/3")
+        assert (fast.status, fast.body) == (200, b"piece" * 3)
+
+
 async def test_circuit_breaker_overflow_is_503_uo() -> None:
     async with Rig() as rig:
         policy = mesh_pb2.DestinationPolicy(
