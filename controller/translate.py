@@ -1,6 +1,6 @@
 """Kubernetes-style objects -> mesh resources, with no I/O.
 
-Both sources (the YAML directory, later the Kubernetes API) hand the same plain dicts to
+Both sources (the YAML directory and the Kubernetes API) hand the same plain dicts to
 :func:`translate`, so one table of tests covers what users write. A malformed object of a
 kind we understand is a :class:`ConfigError` naming where it came from, which object and
 which field; the caller then keeps the last good configuration.
@@ -16,9 +16,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import authz, destinationrule, httproute, ratelimit, virtualservice, waypoints
+from controller import (
+    authz,
+    destinationrule,
+    endpoints,
+    httproute,
+    ratelimit,
+    virtualservice,
+    waypoints,
+)
 from controller.addresses import Claim, conflict
-from controller.fields import as_tuple, expected_name, port_number, string_map, tname
+from controller.fields import (
+    ConfigObject,
+    as_tuple,
+    expected_name,
+    port_number,
+    string_map,
+    tname,
+)
 from controller.hosts import ServiceIndex
 from controller.l7 import L7Objects, l7_resources
 from controller.quoting import clip, quote
@@ -158,6 +173,7 @@ def translate(
     policies: list[_Obj] = []
     authorization_policies: list[_Obj] = []
     gateways: list[_Obj] = []
+    slices: list[_Obj] = []
     l7 = L7Objects()
     seen: dict[tuple[str, str, str], str] = {}
 
@@ -181,6 +197,8 @@ def translate(
             policies.append(obj)
         elif obj.kind == waypoints.KIND:
             gateways.append(obj)
+        elif obj.kind == endpoints.KIND:
+            slices.append(obj)
         else:
             _l7_list(l7, obj.kind).append(obj)
     declared = {wp.key: wp for g in gateways if (wp := waypoints.declared(g)) is not None}
@@ -197,9 +215,15 @@ def translate(
             claims += _claims(pod.obj, key, pod.workload.addresses, "status.podIP", host_network)
     by_key: dict[tuple[str, str], mesh_pb2.Service] = {}
     selectors: dict[tuple[str, str], dict[str, str]] = {}
+    slices_of = endpoints.by_service(slices)
     for svc in services:
         service, selector = _service(
-            svc, pods, namespaces.get(svc.namespace, {}), settings, declared
+            svc,
+            pods,
+            slices_of.get((svc.namespace, svc.name)),
+            namespaces.get(svc.namespace, {}),
+            settings,
+            declared,
         )
         key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
         out[key] = mesh_pb2.Resource(key=key, service=service)
@@ -274,6 +298,7 @@ def _identify(sourced: SourcedObject) -> _Obj | None:
         (api_version == "v1" and kind in ("Namespace", "Pod", "Service"))
         or (kind == "PeerAuthentication" and api_version in PEER_AUTHENTICATION_API_VERSIONS)
         or (kind == authz.KIND and api_version in authz.API_VERSIONS)
+        or (kind == endpoints.KIND and api_version in endpoints.API_VERSIONS)
         or api_version in _L7_KINDS.get(str(kind), ())
     )
     if not known:
@@ -409,18 +434,26 @@ def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
 def _service(
     obj: _Obj,
     pods: list[_Pod],
+    slices: list[ConfigObject] | None,
     ns_labels: Mapping[str, str],
     settings: Settings,
     declared: Mapping[tuple[str, str], waypoints.Declared],
 ) -> tuple[mesh_pb2.Service, dict[str, str]]:
+    """The Service; its endpoints come from its EndpointSlices when it has any (see
+    :mod:`controller.endpoints`), else from its selector."""
     selector = string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
-    selected = [
-        p
-        for p in pods
-        if selector
-        and p.obj.namespace == obj.namespace
-        and all(p.labels.get(k) == v for k, v in selector.items())
-    ]
+    if slices is not None:
+        by_key = {(p.obj.namespace, p.obj.name): p for p in pods}
+        uids = {key: p.uid for key, p in by_key.items()}
+        selected = [by_key[key] for key in endpoints.endpoint_pods(slices, uids)]
+    else:
+        selected = [
+            p
+            for p in pods
+            if selector
+            and p.obj.namespace == obj.namespace
+            and all(p.labels.get(k) == v for k, v in selector.items())
+        ]
     candidates: list[tuple[str, Any]] = [("spec.clusterIP", obj.get("spec.clusterIP", str, ""))]
     for index, ip in enumerate(obj.get("spec.clusterIPs", list, [])):
         candidates.append((f"spec.clusterIPs[{index}]", ip))
