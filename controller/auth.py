@@ -1,8 +1,9 @@
 """Node authentication: which node is calling, from its gRPC metadata.
 
-Today a node proves itself with a join token (``authorization: Bearer <token>``) listed
-in a tokens file; Kubernetes projected service-account tokens will be another
-:class:`NodeAuthenticator`, and the services only ever see that protocol.
+A node proves itself with a bearer token (``authorization: Bearer <token>``): a join token
+listed in a tokens file (hosts outside Kubernetes), or on Kubernetes its projected
+service-account token, checked with a TokenReview (:mod:`controller.tokenreview`). The
+services only ever see :class:`NodeAuthenticator` and the :class:`Caller` it proves.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hmac
 import logging
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,9 +34,22 @@ class TokensFileError(Exception):
 Metadata = Iterable[tuple[str, str | bytes]]
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who proved themselves: a node, or one pod's identity on a node.
+
+    ``identity`` is None for a node's own agent and ztunnel, which may obtain certificates
+    for every pod on ``node``; a pod that is not a node agent (a waypoint) is limited to
+    its own ``(namespace, service account)`` there.
+    """
+
+    node: str
+    identity: tuple[str, str] | None = None
+
+
 class NodeAuthenticator(Protocol):
-    def authenticate(self, metadata: Metadata) -> str:
-        """The node name the caller proved, or :class:`AuthError`."""
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        """Who the caller proved to be, or :class:`AuthError`."""
         ...
 
 
@@ -47,19 +62,23 @@ class TokenAuthenticator:
         self._tokens: dict[str, bytes] = {}
         self._reload(initial=True)
 
-    def authenticate(self, metadata: Metadata) -> str:
-        self._reload(initial=False)
-        presented = _bearer(metadata)
-        node = None
-        # Compare against every token so timing does not reveal which prefix matched.
-        for name, token in self._tokens.items():
-            if hmac.compare_digest(token, presented):
-                node = name
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        node = self.node_of(bearer(metadata))
         if node is None:
             raise AuthError(
                 "unknown node token: check that the node's join token matches its entry "
                 f"in the controller's tokens file ({self._path.name})"
             )
+        return Caller(node)
+
+    def node_of(self, presented: bytes) -> str | None:
+        """The node whose join token ``presented`` is, if any."""
+        self._reload(initial=False)
+        node = None
+        # Compare against every token so timing does not reveal which prefix matched.
+        for name, token in self._tokens.items():
+            if hmac.compare_digest(token, presented):
+                node = name
         return node
 
     def _reload(self, *, initial: bool) -> None:
@@ -101,13 +120,27 @@ def _parse_tokens(path: Path, text: str) -> dict[str, bytes]:
     return tokens
 
 
-def _bearer(metadata: Metadata) -> bytes:
+class JoinTokensFirst:
+    """Join tokens (checked locally), then ``other`` (e.g. a TokenReview) for the rest: on a
+    cluster, hosts outside it can still join with a token from ``ambimesh token create``."""
+
+    def __init__(self, join: TokenAuthenticator, other: NodeAuthenticator) -> None:
+        self._join = join
+        self._other = other
+
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        node = self._join.node_of(bearer(metadata))
+        return Caller(node) if node is not None else await self._other.authenticate(metadata)
+
+
+def bearer(metadata: Metadata) -> bytes:
+    """The token of the ``authorization: Bearer <token>`` metadata."""
     for key, value in metadata:
         if key.lower() != "authorization":
             continue
         text = value.decode() if isinstance(value, bytes) else value
         scheme, _, token = text.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("the authorization metadata must be 'Bearer <join token>'")
+            raise AuthError("the authorization metadata must be 'Bearer <token>'")
         return token.strip().encode()
-    raise AuthError("missing authorization metadata: the node must send 'Bearer <join token>'")
+    raise AuthError("missing authorization metadata: the node must send 'Bearer <token>'")

@@ -1,5 +1,6 @@
 """``CertificateAuthority.CreateCertificate``: a node gets certificates only for identities
-of pods scheduled on it, as the current configuration snapshot says."""
+of pods scheduled on it, as the current configuration snapshot says; a pod that is not a
+node agent (a waypoint, authenticated by its own service-account token) only for its own."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class CertificateService(mesh_pb2_grpc.CertificateAuthorityServicer):
         self, request: mesh_pb2.CreateCertificateRequest, context: Context
     ) -> mesh_pb2.CreateCertificateResponse:
         try:
-            node = self._auth.authenticate(context.invocation_metadata() or ())
+            caller = await self._auth.authenticate(context.invocation_metadata() or ())
         except AuthError as e:
             log.warning("certificate request from %s refused: %s", context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
@@ -55,11 +56,19 @@ class CertificateService(mesh_pb2_grpc.CertificateAuthorityServicer):
             spiffe_id = csr_spiffe_id(load_csr(csr_pem))
         except (CsrError, UnicodeEncodeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad CSR: {e}")
+        node = caller.node
         if spiffe_id not in self.identities_on(node):
             message = (
                 f"node {node} may not obtain a certificate for {spiffe_id.uri}: no pod with "
                 f"that identity is scheduled on node {node} in configuration version "
                 f"{self._store.current.version}"
+            )
+            log.warning("%s", message)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        if caller.identity not in (None, (spiffe_id.namespace, spiffe_id.service_account)):
+            message = (
+                f"a pod of service account {'/'.join(caller.identity or ())} on node {node} "
+                f"may obtain a certificate for its own identity only, not {spiffe_id.uri}"
             )
             log.warning("%s", message)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)

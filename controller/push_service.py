@@ -61,7 +61,7 @@ class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
         self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Context
     ) -> AsyncIterator[mesh_pb2.DiscoveryResponse]:
         try:
-            node = self._auth.authenticate(context.invocation_metadata() or ())
+            node = (await self._auth.authenticate(context.invocation_metadata() or ())).node
         except AuthError as e:
             log.warning("push stream from %s refused: %s", context.peer(), e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
