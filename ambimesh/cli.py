@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ambimesh.install import command as install_command
 from ambimesh.lab import demo
 from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError, example_names
 from ambimesh.lab.topology import PlanError
@@ -16,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambimesh", description="ambient service mesh")
     p.add_argument("--log-level", default="WARNING")
     sub = p.add_subparsers(dest="command", required=True)
+    install_command.add_parsers(sub)
     lab = sub.add_parser("lab", help="the local lab mesh (network namespaces on this machine)")
     lab.add_argument("--name", default=DEFAULT_LAB, help="lab name (prefix of its namespaces)")
     lab_sub = lab.add_subparsers(dest="action", required=True)
@@ -46,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "install":
+        sys.exit(install_command.run_install(args))
+    if args.command == "uninstall":
+        sys.exit(install_command.run_uninstall(args))
     lab = Lab(args.name)
     try:
         if args.action == "up":

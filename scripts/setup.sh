@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=0
 [ "${1:-}" = "--bench" ] && bench=1
+# --image (`make image`): podman, buildah and debootstrap build the container image.
+image=0
+[ "${1:-}" = "--image" ] && image=1
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -26,6 +29,7 @@ fi
 
 apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv curl)
 [ "$bench" = 1 ] && apt_pkgs+=(iperf3 wrk nginx-light)
+[ "$image" = 1 ] && apt_pkgs+=(podman buildah debootstrap fuse-overlayfs uidmap)
 nginx_before=$(command -v nginx || true)
 missing=()
 for p in "${apt_pkgs[@]}"; do
