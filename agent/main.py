@@ -18,12 +18,14 @@ from agent.ztunnel_link import ZtunnelLink
 from bpf.loader import DEFAULT_PIN_DIR, BpfError, MeshBpf
 from mesh.api import mesh_pb2
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
+from mesh.version import add_version_flag
 
 log = logging.getLogger("agent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-agent", description=__doc__)
+    add_version_flag(p)
     add_controller_flags(p)
     p.add_argument("--socket", required=True, type=Path, help="Unix socket ztunnel connects to")
     p.add_argument("--metrics-port", type=int, default=15014)

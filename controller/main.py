@@ -22,6 +22,7 @@ from controller.store import Store
 from controller.translate import ConfigError, Settings, SourcedObject, translate
 from mesh.api import mesh_pb2_grpc
 from mesh.keepalive import KEEPALIVE, Keepalive
+from mesh.version import add_version_flag
 
 log = logging.getLogger("controller")
 
@@ -36,6 +37,7 @@ class StartupError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-controller", description=__doc__)
+    add_version_flag(p)
     p.add_argument(
         "--config-dir", required=True, type=Path, help="directory of Kubernetes-style YAML"
     )

@@ -21,6 +21,7 @@ from mesh.http_endpoints import serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.proxy_process import drain_signals, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.version import add_version_flag
 from waypoint.admin import routes
 from waypoint.server import Waypoint
 
@@ -34,6 +35,7 @@ CERT_RETRY_SECONDS = 2.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-waypoint", description=__doc__)
+    add_version_flag(p)
     add_controller_flags(p)
     p.add_argument("--name", required=True, help="the Gateway this waypoint serves")
     p.add_argument("--namespace", required=True, help="the Gateway's namespace")

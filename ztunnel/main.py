@@ -17,6 +17,7 @@ from mesh.cert_metrics import CertCollector
 from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.proxy_process import drain_signals, start_push
+from mesh.version import add_version_flag
 from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
@@ -34,6 +35,7 @@ DRAIN_SECONDS = 3600.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-ztunnel", description=__doc__)
+    add_version_flag(p)
     add_controller_flags(p)
     p.add_argument("--agent-socket", required=True, type=Path, help="the node agent's socket")
     p.add_argument("--metrics-port", type=int, default=15020)
