@@ -1,4 +1,5 @@
-"""``ambimesh-controller``: config store + file source + CA + push API on one gRPC port."""
+"""``ambimesh-controller``: config store + one source (a YAML directory or the Kubernetes
+API) + CA + push API on one gRPC port."""
 
 from __future__ import annotations
 
@@ -8,17 +9,30 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 
-from controller.auth import NodeAuthenticator, TokenAuthenticator, TokensFileError
+from controller.auth import (
+    JoinTokensFirst,
+    NodeAuthenticator,
+    TokenAuthenticator,
+    TokensFileError,
+)
 from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
 from controller.ca_service import CertificateService
 from controller.push_service import DiscoveryService
 from controller.quoting import quote
 from controller.sources.files import DirectoryWatcher
+from controller.sources.kubernetes import KubernetesSource
+from controller.sources.kubernetes_api import KubeApi
 from controller.store import Store
+from controller.tokenreview import (
+    DEFAULT_AUDIENCE,
+    DEFAULT_NODE_ACCOUNTS,
+    TokenReviewAuthenticator,
+)
 from controller.translate import ConfigError, Settings, SourcedObject, translate
 from mesh.api import mesh_pb2_grpc
 from mesh.keepalive import KEEPALIVE, Keepalive
@@ -39,23 +53,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ambimesh-controller", description=__doc__)
     add_version_flag(p)
     p.add_argument(
-        "--config-dir", required=True, type=Path, help="directory of Kubernetes-style YAML"
+        "--source",
+        choices=["files", "kubernetes"],
+        default="files",
+        help="where the configuration comes from (one at a time; default: files)",
+    )
+    p.add_argument(
+        "--config-dir", type=Path, help="directory of Kubernetes-style YAML (--source files)"
+    )
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig for --source kubernetes (default: in-cluster config inside a pod, "
+        "else $KUBECONFIG or ~/.kube/config)",
     )
     p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="CA material")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT for push + CA gRPC")
     p.add_argument(
         "--serving-hosts",
-        type=lambda s: [h.strip() for h in s.split(",") if h.strip()],
+        type=_comma_list,
         help="comma-separated DNS names/IPs for the serving certificate (default: the listen host)",
     )
     p.add_argument(
-        "--tokens", required=True, type=Path, help="YAML mapping node name -> join token"
+        "--tokens",
+        type=Path,
+        help="YAML mapping node name -> join token (required with --source files; on "
+        "Kubernetes, for hosts outside the cluster)",
+    )
+    p.add_argument(
+        "--token-audience",
+        default=DEFAULT_AUDIENCE,
+        help="audience of the nodes' projected service-account tokens (--source kubernetes)",
+    )
+    p.add_argument(
+        "--node-service-accounts",
+        type=_comma_list,
+        default=list(DEFAULT_NODE_ACCOUNTS),
+        help="comma-separated NAMESPACE/NAME of the node DaemonSet's service accounts: they "
+        "act for their node (--source kubernetes)",
     )
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--root-namespace", default="istio-system")
     p.add_argument("--cluster-domain", default="cluster.local")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.source == "files" and (args.config_dir is None or args.tokens is None):
+        p.error("--source files needs --config-dir and --tokens")
+    return args
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -93,32 +141,101 @@ def grpc_server(
 
 
 async def serve(args: argparse.Namespace) -> None:
-    if not args.config_dir.is_dir():
-        raise StartupError(
-            f"config directory {args.config_dir} does not exist: create it or fix --config-dir"
-        )
     host, _ = split_host_port(args.listen)
-    try:
-        authenticator = TokenAuthenticator(args.tokens)
-    except TokensFileError as e:
-        raise StartupError(f"{e} (--tokens)") from None
     try:
         ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
     except (CAError, OSError) as e:
         raise StartupError(f"CA state in {args.state_dir}: {e}") from None
-
     store = Store()
     settings = Settings(args.trust_domain, args.root_namespace, args.cluster_domain)
 
     def apply(objects: list[SourcedObject]) -> None:
         store.replace(translate(objects, settings, store.current.resources))
 
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    api = await _kube_api(args) if args.source == "kubernetes" else None
+    try:
+        authenticator = _authenticator(args, api)
+        if api is None:
+            watch = asyncio.create_task(_files_source(args, apply).run())
+        else:
+            source = KubernetesSource(api, apply)
+            watch = asyncio.create_task(source.run())
+            log.info("waiting for a first valid configuration from the API server")
+            if not await _first(source.applied.wait(), stopping.wait(), watch):
+                return
+        try:
+            await _serve_grpc(args, host, store, authenticator, ca, stopping)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+    finally:
+        if api is not None:
+            await api.close()
+
+
+async def _kube_api(args: argparse.Namespace) -> KubeApi:
+    try:
+        return await KubeApi.connect(args.kubeconfig)
+    except Exception as e:  # kubernetes-asyncio's config errors have no common base
+        where = args.kubeconfig or "in-cluster config, $KUBECONFIG or ~/.kube/config"
+        raise StartupError(f"cannot load Kubernetes API access from {where}: {e}") from None
+
+
+def _authenticator(args: argparse.Namespace, api: KubeApi | None) -> NodeAuthenticator:
+    try:
+        join = TokenAuthenticator(args.tokens) if args.tokens is not None else None
+    except TokensFileError as e:
+        raise StartupError(f"{e} (--tokens)") from None
+    if api is None:
+        assert join is not None  # parse_args requires --tokens with --source files
+        return join
+    review = TokenReviewAuthenticator(api, args.token_audience, args.node_service_accounts)
+    return review if join is None else JoinTokensFirst(join, review)
+
+
+def _files_source(
+    args: argparse.Namespace, apply: Callable[[list[SourcedObject]], None]
+) -> DirectoryWatcher:
+    if not args.config_dir.is_dir():
+        raise StartupError(
+            f"config directory {args.config_dir} does not exist: create it or fix --config-dir"
+        )
     watcher = DirectoryWatcher(args.config_dir, apply)
     try:
         watcher.load_once()
     except ConfigError as e:
         raise StartupError(f"initial configuration rejected: {e}") from None
+    return watcher
 
+
+async def _first(
+    ready: Awaitable[object], stopping: Awaitable[object], source: asyncio.Task[None]
+) -> bool:
+    """Whether ``ready`` came before a stop request or the end of ``source`` (a bug)."""
+    waits = [asyncio.ensure_future(ready), asyncio.ensure_future(stopping)]
+    await asyncio.wait([*waits, source], return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if source.done():
+        source.result()  # raises what ended it
+    return waits[0].done() and not waits[0].cancelled()
+
+
+async def _serve_grpc(
+    args: argparse.Namespace,
+    host: str,
+    store: Store,
+    authenticator: NodeAuthenticator,
+    ca: CertificateAuthority,
+    stopping: asyncio.Event,
+) -> None:
+    """Serves push + CA until ``stopping``; never before a valid configuration is in
+    ``store`` (an empty one would have every node drop its pods)."""
     serving = ca.serving_cert(serving_hosts(host, args.serving_hosts))
     discovery = DiscoveryService(store, authenticator)
     server = grpc_server(store, authenticator, ca, discovery=discovery)
@@ -136,19 +253,10 @@ async def serve(args: argparse.Namespace) -> None:
         bound,
         args.state_dir / ROOT_CERT_FILE,
     )
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    watch = asyncio.create_task(watcher.run())
     try:
         await stopping.wait()
         log.info("shutting down")
     finally:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
         discovery.close()
         await server.stop(grace=1.0)
 

@@ -102,10 +102,6 @@ class KubernetesSource:
             for _, obj in sorted(reflector.objects.items())
         ]
 
-    def node(self, name: str) -> bool:
-        """Whether Node ``name`` exists (as far as the watch has seen)."""
-        return any(r.kind.kind == "Node" and ("", name) in r.objects for r in self.reflectors)
-
     async def run(self) -> None:
         tasks = [asyncio.create_task(r.run(), name=str(r)) for r in self.reflectors]
         try:
