@@ -89,7 +89,7 @@ class TokenAuthenticator:
                 return
             if stat.S_IMODE(st.st_mode) & 0o077:
                 log.warning("%s is readable by others: chmod 600 it", self._path)
-            tokens = _parse_tokens(self._path, self._path.read_text())
+            tokens = parse_tokens(self._path, self._path.read_text())
         except (OSError, TokensFileError) as e:
             message = e if isinstance(e, TokensFileError) else f"cannot read tokens file: {e}"
             if initial:
@@ -101,7 +101,8 @@ class TokenAuthenticator:
         log.info("loaded join tokens for %d nodes from %s", len(tokens), self._path)
 
 
-def _parse_tokens(path: Path, text: str) -> dict[str, bytes]:
+def parse_tokens(path: Path, text: str) -> dict[str, bytes]:
+    """The tokens file's mapping of node name -> token; :class:`TokensFileError` if malformed."""
     try:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an int of 5000 digits
