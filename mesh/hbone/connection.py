@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame
 
 from mesh.hbone.guard import FrameGuard, FrameViolation
 from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
@@ -60,6 +61,17 @@ Handler = Callable[["HboneStream", ConnectRequest, SpiffeId], Awaitable[None]]
 
 # RFC 9113 6.9.2: every connection starts with this window.
 _DEFAULT_WINDOW = 65535
+
+
+def _data_body_repr(frame: DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# h2 formats every received frame for its trace log (`repr(frame)` in
+# `H2Connection._receive_frame`) before calling the no-op logger, and hyperframe's DATA
+# repr re-serializes and hex-encodes the whole payload: a third of the receiving loop's
+# time under bulk load (docs/performance.md). The size is all a trace line would need.
+DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
 
 
 def error_name(code: int | None) -> str:
@@ -257,10 +269,14 @@ class _HboneConnection(asyncio.Protocol):
         self._streams: dict[int, HboneStream] = {}
         self._write_paused = False
         self._read_paused = False
+        # Frames h2 queued since the last write, and whether that write is scheduled.
+        self._unwritten = 0
+        self._write_scheduled = False
         self._lost: BaseException | None = None
         # Set once we stop serving (GOAWAY sent, connection lost): no more frames in or out.
         self._closing = False
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
         self._goaway = False
         self._preface_done = False
         self._state_waiters: list[asyncio.Future[None]] = []
@@ -310,7 +326,7 @@ class _HboneConnection(asyncio.Protocol):
         self._h2.decoder.max_header_list_size = self._limits.max_header_list_size
         if self._limits.connection_window > _DEFAULT_WINDOW:
             self._h2.increment_flow_control_window(self._limits.connection_window - _DEFAULT_WINDOW)
-        self._flush()
+        self._write_out()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -366,7 +382,7 @@ class _HboneConnection(asyncio.Protocol):
             return
         if error_code is not None:
             self._h2.close_connection(error_code)
-        self._flush()
+        self._write_out()
         self._closing = True
         self._fail_all(HboneConnectionClosed(reason))
         self._transport.close()
@@ -483,8 +499,11 @@ class _HboneConnection(asyncio.Protocol):
                 stream._send.popleft()
             self._h2.send_data(sid, chunk)
             stream._send_size -= len(chunk)
-            # Written frame by frame so pause_writing stops us at the high-water mark.
-            self._flush()
+            self._unwritten += len(chunk)
+            if self._unwritten >= self._limits.write_high_water:
+                # Written now, so pause_writing stops us at the transport's high-water mark
+                # and h2's own buffer never holds more than that.
+                self._write_out()
         if not stream._send and stream._send_eof_pending and not stream._send_closed:
             self._h2.end_stream(sid)
             stream._send_closed = True
@@ -572,6 +591,20 @@ class _HboneConnection(asyncio.Protocol):
         await waiter
 
     def _flush(self) -> None:
+        """Write what h2 queued, once per event-loop iteration.
+
+        Everything the connection produces while the loop runs this iteration's callbacks
+        (DATA of several streams, WINDOW_UPDATEs, HEADERS, answers to PING and SETTINGS) goes
+        out as one TLS write: one encryption call and one syscall instead of one per frame.
+        The write runs before the loop next waits for I/O, so nothing waits longer.
+        """
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._write_scheduled = False
+        self._unwritten = 0
         data = self._h2.data_to_send()
         transport = self._transport
         if not data or transport is None or transport.is_closing():
