@@ -283,7 +283,11 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
                             "imagePullPolicy": v["image"]["pullPolicy"],
                             "command": ["ambimesh-controller"],
                             "args": [
-                                "--config-dir=/etc/ambimesh/config",
+                                # Configuration from the Kubernetes API; nodes prove
+                                # themselves with their projected token (TokenReview).
+                                "--source=kubernetes",
+                                f"--token-audience={v['node']['tokenAudience']}",
+                                f"--node-service-accounts={namespace}/{NODE}",
                                 "--state-dir=/var/lib/ambimesh/ca",
                                 "--tokens=/var/lib/ambimesh/tokens.yaml",
                                 f"--listen=0.0.0.0:{CONTROLLER_PORT}",
@@ -302,11 +306,6 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
                             "securityContext": _RESTRICTED,
                             "volumeMounts": [
                                 {"name": "state", "mountPath": "/var/lib/ambimesh"},
-                                {
-                                    "name": "config",
-                                    "mountPath": "/etc/ambimesh/config",
-                                    "readOnly": True,
-                                },
                             ],
                         }
                     ],
@@ -324,10 +323,6 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
                                 "defaultMode": 0o440,
                             },
                         },
-                        {
-                            "name": "config",
-                            "configMap": {"name": v["configMap"], "optional": True},
-                        },
                     ],
                 },
             },
@@ -335,38 +330,37 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
     }
 
 
-# Capabilities of the node containers, each for a kernel check it passes (Linux 6.x;
-# docs/install.md has the call sites). Both run as uid 0 without privileged: true.
+# Capabilities of the node containers: the fewest with which every kernel call they make
+# passes, measured on Linux 6.18 by tests/integration/test_node_capabilities.py (which also
+# shows each one is needed). Both run as uid 0 without privileged: true.
 AGENT_CAPABILITIES = [
-    # bpf(): load programs, create maps, pin (BPF_OBJ_PIN), link sk_lookup to a netns.
+    # bpf(): create maps, load programs, pin them, link sk_lookup to a netns, read
+    # program and link info (also BPF_PROG_GET_FD_BY_ID to find a dead agent's programs).
     "BPF",
-    # Program types CGROUP_SOCK_ADDR, SOCK_OPS, CGROUP_SOCKOPT and the SOCKHASH map are
-    # "net admin" types (bpf_net_capable()); BPF_PROG_QUERY on a cgroup needs it too.
+    # The "net admin" BPF types: CGROUP_SOCK_ADDR, SOCK_OPS and CGROUP_SOCKOPT programs and
+    # the SOCKHASH map need CAP_NET_ADMIN (bpf_net_capable()), as does BPF_PROG_QUERY.
     "NET_ADMIN",
-    # BPF_PROG_GET_FD_BY_ID: to find and detach a dead agent's programs on a pod's cgroup
-    # (and for `ambimesh uninstall`), the kernel allows it to CAP_SYS_ADMIN only.
-    "SYS_ADMIN",
-    # Opening /proc/<pid>/ns/net of pod processes of other users (ptrace access check).
+    # Opening /proc/<pid>/ns/net of pod processes owned by other users (ptrace access).
     "SYS_PTRACE",
 ]
 ZTUNNEL_CAPABILITIES = [
-    # setns(CLONE_NEWNET) into a pod's netns to open its listeners and upstream sockets.
+    # setns(CLONE_NEWNET) into each pod's netns to open its listeners and upstream
+    # sockets. (Its netns sysctl, tcp_migrate_req, needs only uid 0 there.)
     "SYS_ADMIN",
-    # net.ipv4.tcp_migrate_req=1 in each pod netns (handover), a netns sysctl write.
-    "NET_ADMIN",
 ]
 
 
 def _node_security(capabilities: list[str]) -> Obj:
     return {
         "privileged": False,
-        "allowPrivilegeEscalation": True,  # implied by CAP_SYS_ADMIN; stated, not hidden
+        # The API refuses false beside CAP_SYS_ADMIN (ztunnel); both run as uid 0 anyway.
+        "allowPrivilegeEscalation": True,
         "readOnlyRootFilesystem": True,
         "runAsUser": 0,
         "runAsGroup": 0,
         "capabilities": {"drop": ["ALL"], "add": capabilities},
-        # The runtime's default profile (containerd's, Docker's) allows bpf() and setns()
-        # to a process holding CAP_BPF / CAP_SYS_ADMIN, so it need not be Unconfined.
+        # The runtime's default profile (containerd's, Docker's) allows bpf() to a process
+        # holding CAP_BPF and setns() to one holding CAP_SYS_ADMIN: no Unconfined needed.
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
