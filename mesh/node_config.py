@@ -33,6 +33,8 @@ class ControllerAccess:
     target: str
     root_pem: bytes
     token: str = field(repr=False)
+    # Re-read for every use: the kubelet rotates projected service-account tokens.
+    token_file: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ControllerAccess:
@@ -43,13 +45,24 @@ class ControllerAccess:
             raise NodeConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
         if not token:
             raise NodeConfigError(f"{args.token_file} is empty: it must hold this node's token")
-        return cls(args.node, args.controller, root, token)
+        return cls(args.node, args.controller, root, token, Path(args.token_file))
+
+    def current_token(self) -> str:
+        """The token file's content now; the one read at start if it cannot be read."""
+        if self.token_file is not None:
+            try:
+                token = self.token_file.read_text().strip()
+            except OSError:
+                return self.token
+            if token:
+                return token
+        return self.token
 
     def fetch_identity(self, sid: SpiffeId, ttl_seconds: int) -> TlsIdentity:
         """A fresh key and a certificate for ``sid`` from the controller's CA (blocking)."""
         key_pem, csr_pem = make_key_and_csr(sid)
         chain, root_pem = request_certificate(
-            self.target, self.root_pem, self.token, csr_pem, ttl_seconds
+            self.target, self.root_pem, self.current_token(), csr_pem, ttl_seconds
         )
         return TlsIdentity(b"".join(chain), key_pem, root_pem)
 
@@ -59,5 +72,10 @@ class ControllerAccess:
         on_connected: Callable[[], None] | None = None,
     ) -> PushClient:
         return PushClient(
-            self.target, self.root_pem, self.token, self.node, on_update, on_connected=on_connected
+            self.target,
+            self.root_pem,
+            self.current_token,
+            self.node,
+            on_update,
+            on_connected=on_connected,
         )

@@ -43,7 +43,7 @@ class PushClient:
         self,
         target: str,
         root_cert_pem: bytes,
-        token: str,
+        token: str | Callable[[], str],
         node: str,
         on_update: OnUpdate,
         *,
@@ -54,7 +54,8 @@ class PushClient:
     ) -> None:
         self._target = target
         self._credentials = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        # A callable is asked at every (re)connect: a rotated token is picked up.
+        self._token = token if callable(token) else lambda: token
         self._node = node
         self._on_update = on_update
         self._on_connected = on_connected
@@ -132,7 +133,8 @@ class PushClient:
 
         with grpc.secure_channel(self._target, self._credentials, self._channel_options) as channel:
             stub = mesh_pb2_grpc.DiscoveryStub(channel)
-            call = stub.Stream(requests(), metadata=self._metadata)
+            metadata = (("authorization", f"Bearer {self._token()}"),)
+            call = stub.Stream(requests(), metadata=metadata)
             with self._lock:
                 self._call = call
             if self._stopping.is_set():

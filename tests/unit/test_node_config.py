@@ -58,3 +58,18 @@ def test_missing_or_empty_files_are_named(
 ) -> None:
     with pytest.raises(NodeConfigError, match=message):
         parse(tmp_path, token, root)
+
+
+def test_a_rotated_token_is_read_at_each_use_and_a_vanished_one_falls_back(
+    tmp_path: Path,
+) -> None:
+    """The kubelet rotates projected service-account tokens (hourly by default): a node
+    that kept the first one would stop authenticating."""
+    access = parse(tmp_path, token="first")
+    assert access.current_token() == "first"
+    (tmp_path / "token").write_text("second\n")
+    assert access.current_token() == "second"
+    (tmp_path / "token").write_text("")  # caught mid-rotation
+    assert access.current_token() == "first"
+    (tmp_path / "token").unlink()
+    assert access.current_token() == "first"
