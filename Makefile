@@ -1,7 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both run setup first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration proto down clean bench bench-quick deploy image image-smoke
+.PHONY: setup demo test lint unit integration proto down clean bench bench-quick deploy image image-smoke test-vagrant
 
 setup:
 	@scripts/setup.sh
@@ -51,3 +51,9 @@ image:
 
 image-smoke: image
 	deploy/image/smoke.sh
+
+# Three Debian 12 VMs (controller, node-1, node-2) under libvirt with software emulation:
+# builds the box if missing, checks a cross-VM call over mTLS and the node metrics, then
+# destroys everything, also on failure (vagrant/README.md). Slow: run it before a release.
+test-vagrant: setup
+	vagrant/scripts/run-test.sh

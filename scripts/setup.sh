@@ -9,6 +9,10 @@ bench=0
 # --image (`make image`): podman, buildah and debootstrap build the container image.
 image=0
 [ "${1:-}" = "--image" ] && image=1
+# --vagrant (`make test-vagrant`): vagrant + vagrant-libvirt, libvirt/QEMU (software emulation)
+# and the box build's tools (vagrant/README.md). Without recommends, as verified here.
+vagrant=0
+[ "${1:-}" = "--vagrant" ] && vagrant=1
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -30,6 +34,9 @@ fi
 apt_pkgs=(python3-bpfcc libbpf1 iproute2 tcpdump python3-venv curl)
 [ "$bench" = 1 ] && apt_pkgs+=(iperf3 wrk nginx-light)
 [ "$image" = 1 ] && apt_pkgs+=(podman buildah debootstrap fuse-overlayfs uidmap)
+[ "$vagrant" = 1 ] && apt_pkgs+=(vagrant vagrant-libvirt libvirt-daemon-system
+    libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils debootstrap
+    extlinux syslinux-common dnsmasq-base iptables fdisk)
 nginx_before=$(command -v nginx || true)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -44,7 +51,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null || die "apt-get update failed"
-    apt-get install -y -q "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    recommends=()
+    [ "$vagrant" = 1 ] && recommends=(--no-install-recommends)
+    apt-get install -y -q "${recommends[@]}" "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 else
     say "apt packages present: ${apt_pkgs[*]}"
 fi
