@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from pyroute2 import NetNS, netns
 
 from ambimesh.lab import cgroups, network, procs
 from ambimesh.lab.topology import LabPlan, NodePlan, PodPlan, documents_of, plan
+from mesh.cgroups import CgroupError
 from mesh.netns import Netns, write_sysctl
 
 LAB = "vm"
@@ -103,9 +105,9 @@ def _node(lab_plan: LabPlan, name: str) -> NodePlan:
 
 
 def _attach_root_netns(node: NodePlan) -> None:
-    """Name this machine's own netns ``node.netns`` so build_pod plugs veths into it."""
+    """Name the netns this runs in (the VM's own) ``node.netns``: build_pod plugs into it."""
     if node.netns not in netns.listnetns():
-        subprocess.run(["ip", "netns", "attach", node.netns, "1"], check=True)
+        subprocess.run(["ip", "netns", "attach", node.netns, str(os.getpid())], check=True)
 
 
 def build_node_network(lab_plan: LabPlan, node: NodePlan, addresses: dict[str, str]) -> None:
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not command:
                 raise PodVmError("exec needs a command after --")
             return exec_in_pod(lab_plan, args.pod, command, args.timeout)
-    except (PodVmError, OSError, ValueError, subprocess.CalledProcessError) as e:
+    except (PodVmError, CgroupError, OSError, ValueError, subprocess.CalledProcessError) as e:
         print(f"podvm: {e}", file=sys.stderr)
         return 1
     return 0
