@@ -6,7 +6,10 @@
 #       (`ambimesh install --create-ca`; the controller VM gets the key, nodes the cert)
 #       and one join token per node (`ambimesh token create`; the controller VM gets
 #       tokens.yaml, each node only its own token).
-# Idempotent: rebuilds the bundle only when HEAD moved. Needs the host's .venv (make setup).
+# Idempotent: rebuilds the bundle only when HEAD moved, and never with
+# AMBIMESH_BUNDLE_FROZEN=1 once one exists (vagrant runs inside libvirt's network
+# namespace, where pip reaches no index: run-test.sh makes the bundle first, outside).
+# Needs the host's .venv (make setup).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -20,6 +23,8 @@ flock -w 600 9 || die "another bundle.sh held $work/bundle.lock for 10 min"
 head=$(git rev-parse HEAD)
 if [ -s "$work/bundle/ambimesh-bundle.tar" ] && [ "$(cat "$work/bundle/HEAD" 2>/dev/null)" = "$head" ]; then
     say "bundle of $head present"
+elif [ -s "$work/bundle/ambimesh-bundle.tar" ] && [ "${AMBIMESH_BUNDLE_FROZEN:-0}" = 1 ]; then
+    say "bundle of $(cat "$work/bundle/HEAD") kept (AMBIMESH_BUNDLE_FROZEN=1; HEAD is $head)"
 else
     say "bundle: git archive $head + pip wheel (log: $work/bundle/wheels.log)"
     rm -rf "$work/bundle/src" "$work/bundle/wheels" "$work/bundle/ambimesh-bundle.tar"

@@ -38,7 +38,11 @@ total=$SECONDS
 [ "$(id -u)" -eq 0 ] || die "must run as root (libvirt, network namespaces)"
 "$repo/scripts/setup.sh" --vagrant
 "$vdir/scripts/build-box.sh"
-step "setup and box"
+# The bundle is made here, on the host's network; vagrant (in the namespace) keeps it.
+"$vdir/scripts/bundle.sh"
+export AMBIMESH_BUNDLE_FROZEN=1
+say "provisioning from commit $(cat "$work/bundle/HEAD")"
+step "setup, box and bundle"
 
 if ip netns list | grep -qw "$ns"; then
     die "network namespace $ns exists: an earlier run is still up or was not cleaned (ip netns del $ns after checking)"
