@@ -63,7 +63,10 @@ mount -t proc proc "$rootfs/proc"
 mount -t sysfs sys "$rootfs/sys"
 cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" 2>/dev/null || true
 say "chroot: kernel, headers, bcc, libbpf, python3-venv, tcpdump (log: $work/chroot.log)"
-chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -ec '
+# A clean environment in the chroot: the host's PIP_*/proxy settings mean nothing there.
+clean_env=(/usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+    DEBIAN_FRONTEND=noninteractive)
+chroot "$rootfs" "${clean_env[@]}" sh -ec '
     apt-get update -q
     apt-get install -y -q --no-install-recommends linux-image-amd64 linux-headers-amd64 \
         initramfs-tools python3 python3-venv python3-bpfcc libbpf1 iproute2 tcpdump curl \
@@ -76,7 +79,7 @@ step "kernel and packages"
 "$repo/vagrant/scripts/bundle.sh"
 mkdir -p "$rootfs/tmp/wheels"
 tar -C "$rootfs/tmp/wheels" --strip-components=1 -xf "$work/bundle/ambimesh-bundle.tar" wheels
-chroot "$rootfs" sh -ec '
+chroot "$rootfs" "${clean_env[@]}" sh -ec '
     python3 -m venv /opt/ambimesh
     /opt/ambimesh/bin/pip install -q --no-index --find-links /tmp/wheels ambimesh
     /opt/ambimesh/bin/pip uninstall -q -y ambimesh
