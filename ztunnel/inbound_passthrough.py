@@ -4,11 +4,10 @@ unless L4 authorization denies them (evaluated without a peer identity)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mesh.api import mesh_pb2
-from mesh.hbone.relay import StreamDuplex
+from mesh.hbone.tcp import TcpDuplex
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
@@ -17,12 +16,9 @@ from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(
-    ctx: ProxyContext, pod: LocalPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    client = StreamDuplex(reader, writer)
-    dst_ip, dst_port = writer.get_extra_info("sockname")[:2]
-    src_ip, src_port = writer.get_extra_info("peername")[:2]
+async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
+    dst_ip, dst_port = client.get_extra_info("sockname")[:2]
+    src_ip, src_port = client.get_extra_info("peername")[:2]
     state = ctx.state
     workload = pod.workload(state)
     if dst_port in PROXY_PORTS:

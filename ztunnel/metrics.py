@@ -6,7 +6,8 @@ connection authorization refused (its open is counted with ``-``, as in Istio).
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -41,8 +42,21 @@ class ConnectionLabels:
     response_flags: str = NO_FLAGS
 
 
+class _CloseChildren(NamedTuple):
+    closed: Counter
+    sent: Counter
+    received: Counter
+
+
 class TcpMetrics:
+    """The four counters. Each label combination's children are looked up once and kept
+    (prometheus-client keeps them for the process's life too): `labels()` and turning the
+    label record into values cost more than the increments of a short connection. A
+    combination's close series appear with its first close, as before."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._opened: dict[ConnectionLabels, Counter] = {}
+        self._closes: dict[ConnectionLabels, _CloseChildren] = {}
         self.opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened.", LABELS, registry=registry
         )
@@ -63,10 +77,24 @@ class TcpMetrics:
         )
 
     def open(self, labels: ConnectionLabels) -> None:
-        self.opened.labels(*astuple(labels)).inc()
+        child = self._opened.get(labels)
+        if child is None:
+            child = self._opened[labels] = self.opened.labels(*_values(labels))
+        child.inc()
 
     def close(self, labels: ConnectionLabels, sent: int, received: int) -> None:
-        values = astuple(labels)
-        self.closed.labels(*values).inc()
-        self.sent.labels(*values).inc(sent)
-        self.received.labels(*values).inc(received)
+        children = self._closes.get(labels)
+        if children is None:
+            values = _values(labels)
+            children = self._closes[labels] = _CloseChildren(
+                self.closed.labels(*values),
+                self.sent.labels(*values),
+                self.received.labels(*values),
+            )
+        children.closed.inc()
+        children.sent.inc(sent)
+        children.received.inc(received)
+
+
+def _values(labels: ConnectionLabels) -> list[str]:
+    return [getattr(labels, name) for name in LABELS]

@@ -3,13 +3,12 @@ on as HBONE (mesh destinations) or plain TCP (everything else)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 
 from mesh.hbone.connection import HboneClientConnection, HboneStream
 from mesh.hbone.protocol import HboneError
-from mesh.hbone.relay import StreamDuplex
+from mesh.hbone.tcp import TcpDuplex
 from mesh.tls import TlsError
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
@@ -19,12 +18,9 @@ from ztunnel.sockets import open_upstream, original_destination, upstream_socket
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(
-    ctx: ProxyContext, pod: LocalPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    client = StreamDuplex(reader, writer)
+async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
     try:
-        dst_ip, dst_port = original_destination(writer.get_extra_info("socket"))
+        dst_ip, dst_port = original_destination(client.get_extra_info("socket"))
     except OSError as exc:
         log.warning(
             "outbound from %s: no original destination (%s); is the BPF getsockopt "
@@ -52,7 +48,7 @@ async def handle(
         decision.service,
         mtls,
     )
-    upstream: HboneStream | StreamDuplex
+    upstream: HboneStream | TcpDuplex
     try:
         if mtls:
             assert decision.expected_identity is not None
@@ -81,7 +77,7 @@ async def handle(
         )
         client.close()
         return
-    _, client_port = writer.get_extra_info("peername")[:2]
+    _, client_port = client.get_extra_info("peername")[:2]
     source_ip = pod.info.addresses[0] if pod.info.addresses else "127.0.0.1"
     info = ConnectionInfo(
         direction="outbound",

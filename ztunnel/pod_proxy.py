@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from h2.errors import ErrorCodes
@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from mesh.hbone.connection import HboneServerProtocol, HboneStream, server_factory
 from mesh.hbone.limits import DEFAULT_LIMITS
 from mesh.hbone.protocol import ConnectRequest, Status
+from mesh.hbone.tcp import TcpDuplex
 from mesh.netns import socket_in, write_sysctl
 from mesh.spiffe import SpiffeId
 from ztunnel import inbound, inbound_passthrough, outbound
@@ -28,9 +29,7 @@ from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
 
 log = logging.getLogger(__name__)
 
-Reader = asyncio.StreamReader
-Writer = asyncio.StreamWriter
-StreamHandler = Callable[[ProxyContext, LocalPod, Reader, Writer], Awaitable[None]]
+TcpHandler = Callable[[ProxyContext, LocalPod, TcpDuplex], Coroutine[Any, Any, None]]
 
 BACKLOG = 1024
 CERT_ATTEMPTS = 60
@@ -55,7 +54,7 @@ class PodProxy:
         self.outbound_sock, self.inbound_sock, self.hbone_sock = bound
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._tunnels: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self.serving = False
         self.draining = False
@@ -69,31 +68,29 @@ class PodProxy:
         # When an older ztunnel closes its listeners, the kernel hands connections still in
         # their accept queues to ours instead of resetting them.
         write_sysctl(self.pod.netns, "net.ipv4.tcp_migrate_req", "1")
+        loop = asyncio.get_running_loop()
         for handler, sock in (
             (outbound.handle, self.outbound_sock),
             (inbound_passthrough.handle, self.inbound_sock),
         ):
-            # start_server listen()s again: pass our backlog, or it falls back to 100.
-            server = await asyncio.start_server(self._tracked(handler), sock=sock, backlog=BACKLOG)
+            # create_server listen()s again: pass our backlog, or it falls back to 100.
+            server = await loop.create_server(self._tracked(handler), sock=sock, backlog=BACKLOG)
             self._servers.append(server)
         self._hbone_task = asyncio.create_task(self._serve_hbone())
 
-    def _tracked(self, handler: StreamHandler) -> Callable[[Reader, Writer], Awaitable[None]]:
-        """The handler, run as a task this pod can cancel when it is released."""
+    def _tracked(self, handler: TcpHandler) -> Callable[[], TcpDuplex]:
+        """A protocol factory running ``handler`` per connection, as a task this pod can
+        cancel when it is released."""
 
-        async def run(reader: Reader, writer: Writer) -> None:
+        def start(client: TcpDuplex) -> None:
             if self.closed:
-                writer.transport.abort()
+                client.abort()
                 return
-            task = asyncio.current_task()
-            assert task is not None
+            task = asyncio.get_running_loop().create_task(handler(self.ctx, self.pod, client))
             self._handlers.add(task)
-            try:
-                await handler(self.ctx, self.pod, reader, writer)
-            finally:
-                self._handlers.discard(task)
+            task.add_done_callback(self._handlers.discard)
 
-        return run
+        return lambda: TcpDuplex(on_connect=start)
 
     def _hbone_protocol(self) -> HboneServerProtocol:
         protocol = server_factory(self._inbound)()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 
 from mesh.hbone.connection import connect_socket
-from mesh.hbone.relay import StreamDuplex
+from mesh.hbone.tcp import TcpDuplex, connect_tcp
 from mesh.netns import Netns, socket_in
 
 SO_ORIGINAL_DST = 80
@@ -35,13 +34,12 @@ def upstream_socket(netns: Netns, source: str | None = None) -> socket.socket:
 
 async def open_upstream(
     netns: Netns, address: tuple[str, int], source: str | None = None
-) -> StreamDuplex:
+) -> TcpDuplex:
     """A plain TCP connection from inside the pod's netns; the socket is closed on failure."""
     sock = upstream_socket(netns, source)
     try:
         await connect_socket(sock, address)
-        reader, writer = await asyncio.open_connection(sock=sock)
+        return await connect_tcp(sock)
     except BaseException:
         sock.close()
         raise
-    return StreamDuplex(reader, writer)

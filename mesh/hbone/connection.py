@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Self, cast
 
@@ -26,6 +27,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
 
+from mesh.hbone import heap
 from mesh.hbone.guard import FrameGuard, FrameViolation
 from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from mesh.hbone.protocol import (
@@ -41,6 +43,7 @@ from mesh.hbone.protocol import (
     parse_connect_request,
     parse_response_status,
 )
+from mesh.hbone.relay import PushSource
 from mesh.spiffe import SpiffeId
 from mesh.tls import ALPN_H2, PeerIdentityError, TlsError, peer_identity
 
@@ -72,6 +75,8 @@ def _data_body_repr(frame: DataFrame) -> str:
 # repr re-serializes and hex-encodes the whole payload: a third of the receiving loop's
 # time under bulk load (docs/performance.md). The size is all a trace line would need.
 DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
+# Every process relaying HBONE (ztunnel, the waypoint) wants this; see mesh.hbone.heap.
+heap.tune()
 
 
 def error_name(code: int | None) -> str:
@@ -108,8 +113,8 @@ class HboneTimeout(HboneError, TimeoutError):
     """The peer did not answer in time."""
 
 
-class HboneStream:
-    """One CONNECT tunnel: a byte duplex with HTTP/2 flow control."""
+class HboneStream(PushSource):
+    """One CONNECT tunnel: a byte duplex with HTTP/2 flow control (a `PushDuplex`)."""
 
     def __init__(
         self, conn: _HboneConnection, stream_id: int, request: ConnectRequest, peer: SpiffeId
@@ -127,6 +132,7 @@ class HboneStream:
         self._error: BaseException | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._unblocked: list[Callable[[], None]] = []
         self._response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._responded = False
 
@@ -186,6 +192,18 @@ class HboneStream:
         if self._error is not None:
             raise self._error
 
+    @property
+    def write_blocked(self) -> bool:
+        return self._send_size > self._conn._limits.stream_send_buffer
+
+    def when_unblocked(self, callback: Callable[[], None]) -> None:
+        self._unblocked.append(callback)
+
+    def eof_sent(self) -> bool:
+        if self._error is not None:
+            raise self._error
+        return self._send_closed
+
     def write_eof(self) -> None:
         """Half-close: END_STREAM once queued data is sent."""
         if self._error is not None or self._send_eof_pending or self._send_closed:
@@ -228,10 +246,19 @@ class HboneStream:
     def _wake_reader(self) -> None:
         if self._read_waiter is not None and not self._read_waiter.done():
             self._read_waiter.set_result(None)
+        if self._push is not None:
+            self._deliver()
+
+    def _released(self, size: int) -> None:
+        self._conn._consumed(self, size)
 
     def _wake_writer(self) -> None:
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        if self._unblocked:
+            callbacks, self._unblocked = self._unblocked, []
+            for callback in callbacks:
+                callback()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
@@ -250,9 +277,27 @@ class HboneStream:
         self._wake_writer()
 
 
-class _HboneConnection(asyncio.Protocol):
+_READ_BUFFER_SIZE = 256 * 1024
+_read_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """This thread's buffer that TLS decrypts into, shared by all its connections:
+    `data_received` is done with it (h2 and `_held` copy) before the loop reads again."""
+    buffer: memoryview | None = getattr(_read_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _read_buffers.buffer = memoryview(bytearray(_READ_BUFFER_SIZE))
+    return buffer
+
+
+class _HboneConnection(asyncio.BufferedProtocol):
     """What client and server share: the h2 state machine, flow control, stream table,
-    limits and deadlines."""
+    limits and deadlines.
+
+    A `BufferedProtocol`: TLS decrypts straight into `_read_buffer()`. As a plain Protocol,
+    each TLS record was read into a fresh 256 KiB bytes object (a big allocation, page
+    faults, a shrinking copy) and the records of one read were joined (another copy).
+    """
 
     def __init__(self, *, client_side: bool, limits: HboneLimits, idle_timeout: float) -> None:
         self._limits = limits
@@ -266,6 +311,8 @@ class _HboneConnection(asyncio.Protocol):
             max_header_block=limits.max_header_list_size,
         )
         self._transport: asyncio.Transport | None = None
+        # Received bytes of a frame whose end has not arrived (see _whole_frames).
+        self._held: list[bytes] = []
         self._streams: dict[int, HboneStream] = {}
         self._write_paused = False
         self._read_paused = False
@@ -328,7 +375,13 @@ class _HboneConnection(asyncio.Protocol):
             self._h2.increment_flow_control_window(self._limits.connection_window - _DEFAULT_WINDOW)
         self._write_out()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._closing:
             return
         try:
@@ -339,8 +392,11 @@ class _HboneConnection(asyncio.Protocol):
             return
         if self._guard.in_header_block != (self._headers_deadline is not None):
             self._time_header_block()
+        whole = self._whole_frames(data)
+        if whole is None:
+            return
         try:
-            events = self._h2.receive_data(data)
+            events = self._h2.receive_data(whole)
         except h2.exceptions.ProtocolError as exc:
             log.warning("HBONE peer %s broke HTTP/2, closing the connection: %s", self.peer, exc)
             # h2 has queued its GOAWAY already.
@@ -349,6 +405,23 @@ class _HboneConnection(asyncio.Protocol):
         for event in events:
             self._dispatch(event)
         self._flush()
+
+    def _whole_frames(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """The received bytes up to the last complete frame; the rest is held back.
+
+        h2 appends what it gets to a bytearray, and while a large frame arrives piece by
+        piece every append reallocates and copies the part already there (many copies per
+        byte for 256 KiB frames). Handing it whole frames only keeps that to one.
+        """
+        incomplete = self._guard.incomplete
+        if not self._held and not incomplete:
+            return data
+        if incomplete >= sum(map(len, self._held)) + len(data):
+            self._held.append(bytes(data))
+            return None
+        buffer = memoryview(b"".join([*self._held, data]) if self._held else data)
+        self._held = [bytes(buffer[len(buffer) - incomplete :])] if incomplete else []
+        return buffer[: len(buffer) - incomplete]
 
     def eof_received(self) -> bool | None:
         return None
@@ -485,6 +558,18 @@ class _HboneConnection(asyncio.Protocol):
         """Move queued bytes into HTTP/2 DATA frames as far as windows and the transport allow."""
         if self._closing or stream._error is not None:
             return
+        try:
+            self._send_queued(stream)
+        except h2.exceptions.StreamClosedError:
+            # h2 took the peer's RST_STREAM in the same batch of bytes as the WINDOW_UPDATE
+            # that brought us here; its StreamReset event, dispatched next, fails the stream.
+            return
+        if stream._send_size <= self._limits.stream_send_buffer:
+            stream._wake_writer()
+        if flush:
+            self._flush()
+
+    def _send_queued(self, stream: HboneStream) -> None:
         sid = stream.stream_id
         frame_size = min(self._h2.max_outbound_frame_size, self._limits.max_frame_size)
         while stream._send and not self._write_paused:
@@ -508,10 +593,6 @@ class _HboneConnection(asyncio.Protocol):
             self._h2.end_stream(sid)
             stream._send_closed = True
             self._forget_if_done(stream)
-        if stream._send_size <= self._limits.stream_send_buffer:
-            stream._wake_writer()
-        if flush:
-            self._flush()
 
     def _send_headers(
         self, stream: HboneStream, headers: list[Header], *, end_stream: bool

@@ -34,6 +34,7 @@ class FrameGuard:
         self._max_header_block = max_header_block
         self._settings_seen = False
         self._payload_left = 0
+        self._frame_length = 0
         self._partial_header = b""
         # Encoded bytes of the header block under way, None between blocks.
         self._header_block: int | None = None
@@ -42,7 +43,14 @@ class FrameGuard:
     def in_header_block(self) -> bool:
         return self._header_block is not None
 
-    def feed(self, data: bytes) -> None:
+    @property
+    def incomplete(self) -> int:
+        """How many of the bytes fed so far belong to a frame whose end has not arrived."""
+        if self._payload_left:
+            return _FRAME_HEADER + self._frame_length - self._payload_left
+        return len(self._partial_header)
+
+    def feed(self, data: bytes | memoryview) -> None:
         """Account for `data`; raises `FrameViolation` at the first header breaking a limit."""
         pos, end = 0, len(data)
         if self._preface:
@@ -66,7 +74,7 @@ class FrameGuard:
                 self._frame(data, pos)
                 pos += _FRAME_HEADER
 
-    def _frame(self, buf: bytes, at: int) -> None:
+    def _frame(self, buf: bytes | memoryview, at: int) -> None:
         length = buf[at] << 16 | buf[at + 1] << 8 | buf[at + 2]
         kind, flags = buf[at + 3], buf[at + 4]
         if not self._settings_seen:
@@ -89,4 +97,4 @@ class FrameGuard:
                     f"header block of over {self._max_header_block} bytes",
                 )
             self._header_block = None if flags & _END_HEADERS else block
-        self._payload_left = length
+        self._payload_left = self._frame_length = length

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeGuard
 
 log = logging.getLogger(__name__)
 
@@ -12,7 +14,8 @@ CHUNK_SIZE = 64 * 1024
 
 
 class Duplex(Protocol):
-    """What `relay` needs from each side; `HboneStream` and `StreamDuplex` provide it."""
+    """What `relay` needs from each side; `HboneStream`, `TcpDuplex` and `StreamDuplex`
+    provide it."""
 
     async def read(self, max_bytes: int) -> bytes: ...
 
@@ -23,6 +26,27 @@ class Duplex(Protocol):
     def write_eof(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class PushDuplex(Duplex, Protocol):
+    """A duplex that can hand what it receives straight to a sink from its protocol
+    callbacks (`HboneStream`, `TcpDuplex`), so relaying a chunk wakes no task."""
+
+    def start_push(self, push: Push) -> None:
+        """From now on deliver received bytes, EOF and errors to ``push`` (buffered ones first)."""
+
+    def stop_push(self) -> None: ...
+
+    @property
+    def write_blocked(self) -> bool:
+        """Whether written bytes above its buffer limit wait (`drain()` would wait)."""
+
+    def when_unblocked(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when written bytes were taken or the duplex failed."""
+
+    def eof_sent(self) -> bool:
+        """Whether a `write_eof()` went out (for HBONE: END_STREAM handed to the connection);
+        raises the duplex's error if it failed."""
 
 
 class StreamDuplex:
@@ -52,6 +76,53 @@ class StreamDuplex:
         await self.writer.wait_closed()
 
 
+class Push:
+    """One direction of a push relay: the source calls `feed` for each chunk it received,
+    in order, then `end` at EOF or `fail`; the sink's buffer limit pushes back on the source."""
+
+    def __init__(
+        self,
+        sink: PushDuplex,
+        counts: list[int],
+        index: int,
+        finished: Callable[[BaseException | None], None],
+    ) -> None:
+        self.sink = sink
+        self._counts = counts
+        self._index = index
+        self._finished = finished
+
+    def feed(self, data: bytes) -> bool:
+        """Write ``data`` to the sink; False when the sink is full: the source then holds
+        what it receives (and stops reading) until `sink.when_unblocked` calls it back."""
+        self.sink.write(data)
+        self._counts[self._index] += len(data)
+        return not self.sink.write_blocked
+
+    def end(self) -> None:
+        """The source reached EOF after its last `feed`: half-close the sink."""
+        try:
+            self.sink.write_eof()
+        except Exception as exc:
+            self._finished(exc)
+            return
+        self._check_eof()
+
+    def fail(self, error: BaseException) -> None:
+        self._finished(error)
+
+    def _check_eof(self) -> None:
+        try:
+            sent = self.sink.eof_sent()
+        except Exception as exc:
+            self._finished(exc)
+            return
+        if sent:
+            self._finished(None)
+        else:
+            self.sink.when_unblocked(self._check_eof)
+
+
 async def _pump(
     source: Duplex, sink: Duplex, counts: list[int], index: int, chunk_size: int
 ) -> None:
@@ -76,8 +147,50 @@ async def relay(
     aborts the other. Returns the bytes copied (a->b, b->a), also after an error, so
     callers can account for partial transfers; a caller that may cancel the relay passes
     ``counts`` ([0, 0]) and reads it afterwards, since a cancelled call returns nothing.
+
+    Two `PushDuplex` sides are joined in their protocol callbacks (no task per direction,
+    no task wake-up per chunk); any other pair is pumped by two tasks.
     """
     counts = [0, 0] if counts is None else counts
+    if _pushable(a) and _pushable(b):
+        await _push_relay(a, b, counts)
+    else:
+        await _task_relay(a, b, counts, chunk_size)
+    return counts[0], counts[1]
+
+
+def _pushable(duplex: Duplex) -> TypeGuard[PushDuplex]:
+    return hasattr(duplex, "start_push")
+
+
+async def _push_relay(a: PushDuplex, b: PushDuplex, counts: list[int]) -> None:
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    finished = [False, False]
+
+    def direction_done(index: int, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+            return
+        finished[index] = True
+        if all(finished):
+            done.set_result(None)
+
+    try:
+        a.start_push(Push(b, counts, 0, lambda error: direction_done(0, error)))
+        b.start_push(Push(a, counts, 1, lambda error: direction_done(1, error)))
+        await done
+    except Exception as exc:
+        log.debug("relay ended by error: %r", exc)
+    finally:
+        a.stop_push()
+        b.stop_push()
+        a.close()
+        b.close()
+
+
+async def _task_relay(a: Duplex, b: Duplex, counts: list[int], chunk_size: int) -> None:
     tasks = [
         asyncio.ensure_future(_pump(a, b, counts, 0, chunk_size)),
         asyncio.ensure_future(_pump(b, a, counts, 1, chunk_size)),
@@ -96,4 +209,57 @@ async def relay(
         await asyncio.gather(*tasks, return_exceptions=True)
         a.close()
         b.close()
-    return counts[0], counts[1]
+
+
+class PushSource:
+    """The receiving half of a `PushDuplex`: received chunks wait in ``_recv`` (in order)
+    until a relay's `Push` takes them; what the sink cannot take yet stays there, and the
+    subclass's `_released` hook (acknowledge to the HTTP/2 peer, resume reading) runs only
+    for what was handed on, so flow control works as with `read()`."""
+
+    _recv: collections.deque[bytes]
+    _recv_eof: bool
+    _error: BaseException | None
+    _push: Push | None = None
+    _push_held = False
+    _eof_pushed = False
+
+    def start_push(self, push: Push) -> None:
+        self._push = push
+        self._deliver()
+
+    def stop_push(self) -> None:
+        self._push = None
+
+    def _released(self, size: int) -> None:
+        """``size`` received bytes left this duplex."""
+
+    def _deliver(self) -> None:
+        push = self._push
+        if push is None or self._push_held:
+            return
+        if self._error is not None:
+            self._push = None
+            push.fail(self._error)
+            return
+        recv = self._recv
+        while recv:
+            chunk = recv.popleft()
+            try:
+                more = push.feed(chunk)
+            except Exception as exc:
+                self._push = None
+                push.fail(exc)
+                return
+            self._released(len(chunk))
+            if not more:
+                self._push_held = True
+                push.sink.when_unblocked(self._unhold)
+                return
+        if self._recv_eof and not self._eof_pushed:
+            self._eof_pushed = True
+            push.end()
+
+    def _unhold(self) -> None:
+        self._push_held = False
+        self._deliver()

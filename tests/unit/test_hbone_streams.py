@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, HboneError
@@ -29,6 +31,18 @@ from tests.unit.hbone_rig import (
 @pytest.fixture(scope="module")
 def pki() -> Pki:
     return make_pki()
+
+
+@contextmanager
+def loop_failures() -> Iterator[list[dict[str, object]]]:
+    """What reaches the loop's exception handler (a failed callback or task) meanwhile."""
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    try:
+        yield failures
+    finally:
+        loop.set_exception_handler(None)
 
 
 class App:
@@ -165,10 +179,7 @@ async def test_peer_ending_a_stream_oddly_ends_the_handler_quietly(
             outcome.set_result("cancelled")
             raise
 
-    loop = asyncio.get_running_loop()
-    failures: list[dict[str, object]] = []
-    loop.set_exception_handler(lambda _, context: failures.append(context))
-    try:
+    with loop_failures() as failures:
         async with running_server(pki.server, handler) as srv:
             peer = await RawPeer.open(srv, pki.client)
             peer.send(PREFACE, peer.connect(1))
@@ -180,7 +191,55 @@ async def test_peer_ending_a_stream_oddly_ends_the_handler_quietly(
                 "HboneConnectionClosed",
             }
             peer.close()
-    finally:
-        loop.set_exception_handler(None)
     assert failures == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_reset_arriving_with_a_window_update_fails_only_its_stream(pki: Pki) -> None:
+    """WINDOW_UPDATE and RST_STREAM for a stream with queued data, in one read: h2 has
+    closed the stream before we act on the window, so sending must stop quietly; the
+    stream fails, the connection and its other streams go on (found by the bench)."""
+    outcome: asyncio.Future[str] = asyncio.Future()
+    blocked = asyncio.Event()
+
+    async def handler(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        await stream.accept()
+        if request.authority != "10.0.0.7:80":
+            outcome_other = await stream.read()  # the second stream: echo one chunk
+            stream.write(outcome_other)
+            await stream.drain()
+            return
+        try:
+            stream.write(b"x" * 200_000)  # more than the peer's 65535-byte window
+            blocked.set()
+            await stream.drain()
+            await stream.read()
+            outcome.set_result("served")
+        except HboneError as exc:
+            outcome.set_result(type(exc).__name__)
+
+    with loop_failures() as failures:
+        async with running_server(pki.server, handler) as srv:
+            peer = await RawPeer.open(srv, pki.client)
+            peer.send(PREFACE, peer.connect(1))
+            await asyncio.wait_for(blocked.wait(), TIMEOUT)
+            peer.send(
+                WindowUpdateFrame(0, window_increment=1_000_000),
+                WindowUpdateFrame(1, window_increment=100_000),
+                RstStreamFrame(1, 8),
+            )
+            assert await asyncio.wait_for(outcome, TIMEOUT) == "HboneStreamReset"
+            peer.send(peer.connect(3, "10.0.0.8:80"))
+            async with asyncio.timeout(TIMEOUT):
+                while 3 not in peer.responses:  # DATA may only follow the answer
+                    assert await peer.next_frame() is not None, "the connection closed"
+            assert peer.responses[3][b":status"] == b"200"
+            peer.send(DataFrame(3, b"still here"))
+            async with asyncio.timeout(TIMEOUT):
+                while not (
+                    isinstance(frame := await peer.next_frame(), DataFrame) and frame.stream_id == 3
+                ):
+                    assert frame is not None, "the connection closed"
+            assert frame.data == b"still here"
+            peer.close()
+    assert failures == []
