@@ -25,7 +25,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from mesh.hbone import heap
 from mesh.hbone.guard import FrameGuard, FrameViolation
@@ -66,15 +66,17 @@ Handler = Callable[["HboneStream", ConnectRequest, SpiffeId], Awaitable[None]]
 _DEFAULT_WINDOW = 65535
 
 
-def _data_body_repr(frame: DataFrame) -> str:
+def _payload_repr(frame: DataFrame | HeadersFrame | ContinuationFrame) -> str:
     return f"<{len(frame.data)} bytes>"
 
 
 # h2 formats every received frame for its trace log (`repr(frame)` in
-# `H2Connection._receive_frame`) before calling the no-op logger, and hyperframe's DATA
-# repr re-serializes and hex-encodes the whole payload: a third of the receiving loop's
-# time under bulk load (docs/performance.md). The size is all a trace line would need.
-DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
+# `H2Connection._receive_frame`) before calling the no-op logger, and hyperframe's repr of
+# these frames re-serializes and hex-encodes the whole payload: for DATA a third of the
+# receiving loop's time under bulk load (docs/performance.md), for HEADERS a few µs per
+# tunnel. The size is all a trace line would need.
+for _frame_type in (DataFrame, HeadersFrame, ContinuationFrame):
+    _frame_type._body_repr = _payload_repr  # type: ignore[method-assign,assignment]
 # Every process relaying HBONE (ztunnel, the waypoint) wants this; see mesh.hbone.heap.
 heap.tune()
 
@@ -303,7 +305,16 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._limits = limits
         self._idle_timeout = idle_timeout
         self._h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+            h2.config.H2Configuration(
+                client_side=client_side,
+                header_encoding="utf-8",
+                # Every header block we send is built and checked by mesh.hbone.protocol
+                # (fixed pseudo-headers, extra headers as lowercase tokens with clean values),
+                # so h2 checking it again only costs: ~20 % of a HEADERS send. What the peer
+                # sends is still validated and normalized by h2.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self._guard = FrameGuard(
             server=not client_side,

@@ -6,6 +6,7 @@ authority is the original destination `ip:port` (IPv6 in brackets).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -131,7 +132,9 @@ def parse_authority(authority: str, *, allow_hostname: bool = False) -> tuple[st
     return host, port
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(text: str, *, version: int) -> bool:
+    """Cached: a tunnel's authority is parsed up to three times, and peers repeat."""
     try:
         return ipaddress.ip_address(text).version == version
     except ValueError:
@@ -151,6 +154,8 @@ def _check_extra_headers(headers: Iterable[Header]) -> tuple[Header, ...]:
             )
         if any(c in value for c in "\r\n\0"):
             raise HboneProtocolError(f"header {name!r} value contains CR, LF or NUL")
+        if value != value.strip(" \t"):
+            raise HboneProtocolError(f"header {name!r} value starts or ends with whitespace")
         checked.append((name, value))
     return tuple(checked)
 

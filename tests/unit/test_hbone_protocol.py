@@ -86,6 +86,8 @@ def test_build_connect_request_is_classic_connect() -> None:
         (("Baggage", "x"), "lowercase"),
         (("connection", "close"), "connection-specific"),
         (("forwarded", "a\r\nb"), "CR, LF"),
+        (("baggage", " k=v"), "whitespace"),
+        (("baggage", "k=v\t"), "whitespace"),
     ],
 )
 def test_build_connect_request_rejects_bad_extra_headers(
