@@ -19,6 +19,12 @@ from ztunnel.state import MeshState
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_SECONDS = 0.5
+# How long a pod handed over before the first config waits for it (the agent then retries).
+CONFIG_WAIT_SECONDS = 5.0
+
+
+class ZtunnelNotReady(RuntimeError):
+    """The pod cannot be served yet; the agent is answered with an error and retries."""
 
 
 class Ztunnel:
@@ -43,6 +49,15 @@ class Ztunnel:
         )
 
     async def add_pod(self, info: node_pb2.PodInfo, netns_fd: int) -> int:
+        """Serve the pod, once the mesh state is known: with an empty state every
+        destination looks like one outside the mesh and would be sent in plaintext."""
+        try:
+            await asyncio.wait_for(self.config_synced.wait(), CONFIG_WAIT_SECONDS)
+        except TimeoutError:
+            raise ZtunnelNotReady(
+                f"no configuration from the controller after {CONFIG_WAIT_SECONDS:.0f}s; "
+                f"pod {info.namespace}/{info.name} is not served yet"
+            ) from None
         existing = self.pods.get(info.uid)
         if existing is not None:
             if existing.pod.netns.inode == os.fstat(netns_fd).st_ino:

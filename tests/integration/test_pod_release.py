@@ -27,10 +27,11 @@ from mesh.netns import Netns, NetnsClosed, socket_in
 from mesh.spiffe import SpiffeId
 from tests.integration.privileged import require_privileged
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
+from ztunnel import proxy as proxy_module
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
 from ztunnel.metrics import TcpMetrics
-from ztunnel.proxy import Ztunnel
+from ztunnel.proxy import Ztunnel, ZtunnelNotReady
 
 pytestmark = pytest.mark.privileged
 
@@ -158,6 +159,7 @@ async def rig(pair: Pair) -> AsyncIterator[Rig]:
         app.handle, sock=socket_in(pair.pod, bind=(POD_IP, APP_PORT), listen=16)
     )
     ztunnel = Ztunnel(ctx)
+    ztunnel.update_state("1", {})  # the controller's (empty) first snapshot
     try:
         yield Rig(ca, ztunnel, app)
     finally:
@@ -285,3 +287,29 @@ async def test_a_peer_of_another_trust_domain_is_refused(rig: Rig, pair: Pair) -
     assert refused.value.status == Status.UNAUTHENTICATED
     assert rig.app.open == 0
     conn.close()
+
+
+async def test_no_pod_is_served_before_the_first_config(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no mesh state every destination would look outside the mesh and leave in
+    plaintext (seen in a handover): the pod is refused until the state is there."""
+    monkeypatch.setattr(proxy_module, "CONFIG_WAIT_SECONDS", 0.2)
+    ca = make_ca()
+    ztunnel = Ztunnel(
+        ProxyContext(
+            certs=CertManager(lambda sid: make_leaf(ca, sid)),
+            connections=ConnectionTable(TcpMetrics(CollectorRegistry())),
+        )
+    )
+    info = node_pb2.PodInfo(uid="u", name="server", namespace="demo", addresses=[POD_IP])
+    try:
+        with Netns.open(pair.pod_path) as borrowed:
+            with pytest.raises(ZtunnelNotReady, match="no configuration"):
+                await ztunnel.add_pod(info, borrowed.fileno())
+            assert ztunnel.pods == {}
+            ztunnel.update_state("1", {})
+            await ztunnel.add_pod(info, borrowed.fileno())
+        assert set(ztunnel.pods) == {"u"}
+    finally:
+        await ztunnel.close()
