@@ -79,7 +79,7 @@ def waypoint_metrics(lab: Lab, pod_ref: str) -> list[str]:
     return [line for line in body.splitlines() if line.startswith("istio_requests_total")]
 
 
-def run_canary(lab: Lab, calls: int = 100) -> int:
+def run_canary(lab: Lab, calls: int = 200) -> int:
     """The seed's VirtualService at work: `calls` requests, counted by answering pod."""
     say(f"{CLIENT_POD} -> {CANARY_URL} x{calls} (VirtualService my-service: 90% v1, 10% v2)")
     seen = split_calls(lab, CLIENT_POD, CANARY_URL, calls)
