@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2
+from mesh.mesh_index import MeshIndex
 from mesh.spiffe import SpiffeId, identity_of
 
 
@@ -39,25 +40,16 @@ class WaypointState:
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> WaypointState:
-        workloads: dict[str, mesh_pb2.Workload] = {}
-        by_address: dict[str, mesh_pb2.Workload] = {}
-        by_vip: dict[str, mesh_pb2.Service] = {}
+        index = MeshIndex.build(resources)
         by_host: dict[str, mesh_pb2.Service] = {}
         routes: dict[tuple[str, int], mesh_pb2.HttpRouteTable] = {}
         destinations: dict[str, mesh_pb2.DestinationPolicy] = {}
         rate_limits: dict[str, mesh_pb2.RateLimit] = {}
         authz: list[mesh_pb2.HttpAuthorizationPolicy] = []
-        waypoints: dict[str, mesh_pb2.Waypoint] = {}
         for res in resources.values():
             kind = res.WhichOneof("kind")
-            if kind == "workload":
-                workloads[res.workload.uid] = res.workload
-                for addr in res.workload.addresses:
-                    by_address[addr] = res.workload
-            elif kind == "service":
+            if kind == "service":
                 by_host[res.service.hostname] = res.service
-                for vip in res.service.addresses:
-                    by_vip[vip] = res.service
             elif kind == "http_routes":
                 routes[(res.http_routes.service, res.http_routes.port)] = res.http_routes
             elif kind == "destination_policy":
@@ -66,20 +58,18 @@ class WaypointState:
                 rate_limits[res.rate_limit.service] = res.rate_limit
             elif kind == "http_authorization_policy":
                 authz.append(res.http_authorization_policy)
-            elif kind == "waypoint":
-                waypoints[f"{res.waypoint.namespace}/{res.waypoint.name}"] = res.waypoint
         authz.sort(key=lambda p: (p.namespace, p.name))
         return cls(
             version,
-            workloads,
-            by_address,
-            by_vip,
+            index.workloads,
+            index.by_address,
+            index.services_by_vip,
             by_host,
             routes,
             destinations,
             rate_limits,
             tuple(authz),
-            waypoints,
+            index.waypoints,
         )
 
     def route_table(self, service: str, port: int) -> mesh_pb2.HttpRouteTable | None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2
+from mesh.mesh_index import MeshIndex
 
 
 @dataclass(frozen=True)
@@ -25,35 +26,29 @@ class MeshState:
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> MeshState:
-        workloads: dict[str, mesh_pb2.Workload] = {}
-        by_address: dict[str, mesh_pb2.Workload] = {}
-        services: dict[str, mesh_pb2.Service] = {}
+        index = MeshIndex.build(resources)
         policies = []
         authorizations: dict[str, list[mesh_pb2.AuthorizationPolicy]] = {}
-        waypoints: dict[str, mesh_pb2.Waypoint] = {}
         for res in resources.values():
             kind = res.WhichOneof("kind")
-            if kind == "workload":
-                workloads[res.workload.uid] = res.workload
-                for addr in res.workload.addresses:
-                    by_address[addr] = res.workload
-            elif kind == "service":
-                for vip in res.service.addresses:
-                    services[vip] = res.service
-            elif kind == "peer_authentication":
+            if kind == "peer_authentication":
                 policies.append(res.peer_authentication)
             elif kind == "authorization_policy":
                 ap = res.authorization_policy
                 ns = "" if ap.scope == mesh_pb2.MESH else ap.namespace
                 authorizations.setdefault(ns, []).append(ap)
-            elif kind == "waypoint":
-                waypoints[f"{res.waypoint.namespace}/{res.waypoint.name}"] = res.waypoint
         by_namespace = {
             ns: tuple(sorted(aps, key=lambda ap: (ap.namespace, ap.name)))
             for ns, aps in authorizations.items()
         }
         return cls(
-            version, workloads, by_address, services, tuple(policies), by_namespace, waypoints
+            version,
+            index.workloads,
+            index.by_address,
+            index.services_by_vip,
+            tuple(policies),
+            by_namespace,
+            index.waypoints,
         )
 
     def waypoint_for(
