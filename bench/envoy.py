@@ -51,15 +51,17 @@ def argv(binary: Path, config: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _admin() -> Config:
-    return {"address": _address("127.0.0.1", ADMIN_PORT)}
+def admin() -> Config:
+    return {"address": socket_address("127.0.0.1", ADMIN_PORT)}
 
 
-def _address(host: str, port: int) -> Config:
+def socket_address(host: str, port: int) -> Config:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _tls_context(tls: TlsFiles, peer: str) -> Config:
+def tls_context(tls: TlsFiles, peer: str, match: str = "exact") -> Config:
+    """TLS 1.3 only, ALPN h2, our certificate; the peer's URI SAN must ``match`` (Envoy's
+    string matcher kind: ``exact``, or ``prefix`` for a whole trust domain) ``peer``."""
     return {
         "tls_params": {
             "tls_minimum_protocol_version": "TLSv1_3",
@@ -74,21 +76,44 @@ def _tls_context(tls: TlsFiles, peer: str) -> Config:
         ],
         "validation_context": {
             "trusted_ca": {"filename": str(tls.ca)},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer}}],
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {match: peer}}],
         },
     }
 
 
-def _static_cluster(name: str, host: str, port: int) -> Config:
+def static_cluster(name: str, host: str, port: int) -> Config:
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}
+            ],
         },
     }
+
+
+def hbone_cluster(server_ip: str, tls: TlsFiles, server_identity: str) -> Config:
+    """Cluster ``hbone``: HTTP/2 over mTLS 1.3 to ``server_ip``:15008, whose certificate
+    must name ``server_identity``; ``tunneling_config`` streams share its connection."""
+    hbone = static_cluster("hbone", server_ip, HBONE_PORT)
+    hbone["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    hbone["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+            ".UpstreamTlsContext",
+            "common_tls_context": tls_context(tls, server_identity),
+        },
+    }
+    return hbone
 
 
 def client_config(
@@ -98,7 +123,7 @@ def client_config(
     listeners = [
         {
             "name": f"outbound_{port}",
-            "address": _address("127.0.0.1", port),
+            "address": socket_address("127.0.0.1", port),
             "filter_chains": [
                 {
                     "filters": [
@@ -119,24 +144,10 @@ def client_config(
         }
         for port, authority in sorted(tunnels.items())
     ]
-    hbone = _static_cluster("hbone", server_ip, HBONE_PORT)
-    hbone["typed_extension_protocol_options"] = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
-    hbone["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-            ".UpstreamTlsContext",
-            "common_tls_context": _tls_context(tls, server_identity),
-        },
-    }
+    hbone = hbone_cluster(server_ip, tls, server_identity)
     return {
         "node": {"id": "bench-hbone-client", "cluster": "bench"},
-        "admin": _admin(),
+        "admin": admin(),
         "static_resources": {"listeners": listeners, "clusters": [hbone]},
     }
 
@@ -181,7 +192,7 @@ def server_config(
     }
     listener = {
         "name": "hbone_inbound",
-        "address": _address(listen_ip, HBONE_PORT),
+        "address": socket_address(listen_ip, HBONE_PORT),
         "filter_chains": [
             {
                 "transport_socket": {
@@ -190,7 +201,7 @@ def server_config(
                         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
                         ".DownstreamTlsContext",
                         "require_client_certificate": True,
-                        "common_tls_context": _tls_context(tls, client_identity),
+                        "common_tls_context": tls_context(tls, client_identity),
                     },
                 },
                 "filters": [
@@ -199,9 +210,9 @@ def server_config(
             }
         ],
     }
-    clusters = [_static_cluster(f"backend_{port}", ip, port) for ip, port in backends]
+    clusters = [static_cluster(f"backend_{port}", ip, port) for ip, port in backends]
     return {
         "node": {"id": "bench-hbone-server", "cluster": "bench"},
-        "admin": _admin(),
+        "admin": admin(),
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }

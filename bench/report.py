@@ -29,7 +29,7 @@ class Row:
     test: str | None  # None: every test of the variant
     key: str
     digits: int = 0
-    added: bool = False  # a proxy's value minus direct's (direct shows its own)
+    added: bool = False  # minus the baseline's, the first variant (which shows its own)
     peak: bool = False  # the largest value instead of the median
 
 
@@ -85,15 +85,19 @@ def _value(runs: list[Run], variant: str, row: Row) -> float | None:
     return max(values) if row.peak else statistics.median(values)
 
 
-def summarize(runs: list[Run]) -> list[Line]:
+def summarize(
+    runs: list[Run], rows: tuple[Row, ...] = ROWS, variants: tuple[str, ...] = VARIANTS
+) -> list[Line]:
+    """One line per row; an ``added`` row subtracts the first variant's (the baseline's)
+    value from the others'."""
     lines = []
-    for row in ROWS:
-        values = {v: _value(runs, v, row) for v in VARIANTS}
-        direct = values["direct"]
-        if row.added and direct is not None:
-            for variant in VARIANTS[1:]:
+    for row in rows:
+        values = {v: _value(runs, v, row) for v in variants}
+        base = values[variants[0]]
+        if row.added and base is not None:
+            for variant in variants[1:]:
                 own = values[variant]
-                values[variant] = None if own is None else own - direct
+                values[variant] = None if own is None else own - base
         lines.append(Line(row.label, values, row.digits))
     return lines
 
@@ -102,12 +106,12 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def format_table(lines: list[Line]) -> str:
-    header = ["metric", *VARIANTS, "ambimesh/envoy"]
+def format_table(lines: list[Line], variants: tuple[str, ...] = VARIANTS) -> str:
+    header = ["metric", *variants, "ambimesh/envoy"]
     rows = [
         [
             line.label,
-            *(_cell(line.values[v], line.digits) for v in VARIANTS),
+            *(_cell(line.values[v], line.digits) for v in variants),
             "-" if line.ratio is None else f"{line.ratio:.2f}x",
         ]
         for line in lines
@@ -126,10 +130,12 @@ def format_table(lines: list[Line]) -> str:
     return "\n".join(out)
 
 
-def noise_summary(runs: list[Run]) -> dict[str, dict[str, float]]:
+def noise_summary(
+    runs: list[Run], variants: tuple[str, ...] = VARIANTS
+) -> dict[str, dict[str, float]]:
     """Per variant: the median and worst CPU used outside the lab, and steal, in % of a CPU."""
     out = {}
-    for variant in VARIANTS:
+    for variant in variants:
         measured = [r.noise for r in runs if r.variant == variant and r.noise]
         if not measured:
             continue
@@ -143,14 +149,14 @@ def noise_summary(runs: list[Run]) -> dict[str, dict[str, float]]:
     return out
 
 
-def format_footer(runs: list[Run]) -> str:
+def format_footer(runs: list[Run], variants: tuple[str, ...] = VARIANTS) -> str:
     lines = []
-    for variant in VARIANTS:
+    for variant in variants:
         latency = [r.values for r in runs if r.variant == variant and r.test == "latency"]
         rates = ", ".join(f"{v['rps']:.0f}" for v in latency)
         errors = sum(int(r.values.get("errors", 0)) for r in runs if r.variant == variant)
         lines.append(f"{variant}: achieved rate in latency runs {rates} req/s; errors {errors}")
-    for variant, noise in noise_summary(runs).items():
+    for variant, noise in noise_summary(runs, variants).items():
         median, worst = noise["foreign_pct_median"], noise["foreign_pct_max"]
         lines.append(
             f"{variant}: CPU outside the lab during runs median {median:.0f}%, max {worst:.0f}%"

@@ -198,7 +198,7 @@ def format_profile(title: str, p: LoopProfile) -> str:
     return "\n".join(lines)
 
 
-def _stop_on_signals() -> None:
+def stop_on_signals() -> None:
     """SIGTERM/SIGHUP unwind through the ``finally`` that removes the lab, like Ctrl-C.
 
     Only in this process: pyroute2 forks children (netns creation) that inherit the
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else FULL
     if args.rounds:
         s = dataclasses.replace(s, rounds=args.rounds)
-    _stop_on_signals()
+    stop_on_signals()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     bed = Testbed(Lab(args.lab))
     runs: list[Run] = []
