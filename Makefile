@@ -1,7 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both run setup first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration proto down clean bench bench-quick deploy image image-smoke test-vagrant
+.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick deploy image image-smoke test-vagrant
 
 setup:
 	@scripts/setup.sh
@@ -37,6 +37,16 @@ bench:
 bench-quick:
 	@scripts/setup.sh --bench
 	$(PY) -m bench --quick $(BENCH_ARGS)
+
+# ambimesh's waypoint vs Envoy as the waypoint, between the same ztunnels (docs/performance.md,
+# "Waypoint vs Envoy"). Extra flags: make bench-waypoint BENCH_ARGS="--profile"
+bench-waypoint:
+	@scripts/setup.sh --bench
+	$(PY) -m bench.waypoint_bench $(BENCH_ARGS)
+
+bench-waypoint-quick:
+	@scripts/setup.sh --bench
+	$(PY) -m bench.waypoint_bench --quick $(BENCH_ARGS)
 
 # The Helm chart and plain manifests in deploy/ are generated from ambimesh/install
 # (docs/install.md); a unit test fails while they are stale.
