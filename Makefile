@@ -7,7 +7,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	$(PY) -m ambimesh lab up --example canary
+	$(PY) -m ambimesh lab up
 	$(PY) -m ambimesh lab demo
 
 down: setup

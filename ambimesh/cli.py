@@ -30,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=example_names(),
-        help="add an example configuration (repeatable), e.g. canary: the seed's 90/10 "
-        "canary through a waypoint",
+        help="add an example configuration (repeatable), e.g. seed-canary: the seed's "
+        "VirtualService and DestinationRule verbatim, in namespace default",
     )
     lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
     lab_sub.add_parser("status", help="nodes, pods, services and readiness")

@@ -13,11 +13,12 @@ from controller.quoting import quote
 from mesh.api import mesh_pb2
 
 # Istio's default for a route that says nothing about retries (istiod retry.DefaultPolicy:
-# num_retries 2, retry_on connect-failure,refused-stream,unavailable,cancelled,
-# retriable-status-codes with 503), applied by waypoints as by sidecars.
+# num_retries 2 on connect-failure,refused-stream,unavailable,cancelled), applied by
+# waypoints as by sidecars. Since Istio 1.24 an application's 503 is not retried by default
+# (istio/istio#52111, EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY): a 503 may have done its work.
 DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled")
 DEFAULT_RETRY_ATTEMPTS = 2
-DEFAULT_RETRIABLE_CODES = (503,)
+DEFAULT_RETRIABLE_CODES: tuple[int, ...] = ()
 # Envoy's retry back-off: 25 ms base, at most 10 times that.
 BACKOFF_BASE_SECONDS = 0.025
 BACKOFF_MAX_SECONDS = 0.25

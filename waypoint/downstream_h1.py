@@ -35,6 +35,10 @@ _CUT = (TimeoutError, HboneError, OSError)
 Handler = Callable[[Request], Awaitable[Response]]
 # A keep-alive connection without a request for this long is closed (Envoy: 1 h).
 IDLE_TIMEOUT = 3600.0
+# From a request's first byte to the end of its head (Envoy's request_headers_timeout,
+# which Envoy leaves off; 60 s as nginx's client_header_timeout, so a client sending its
+# head byte by byte cannot hold a connection and its memory for the idle hour).
+HEADERS_TIMEOUT = 60.0
 
 
 class _RequestBody(H1Body):
@@ -63,6 +67,7 @@ class H1Server:
         initial: bytes = b"",
         *,
         idle_timeout: float = IDLE_TIMEOUT,
+        headers_timeout: float = HEADERS_TIMEOUT,
         closing: Callable[[], bool] = lambda: False,
     ) -> None:
         """`closing()` true: answer the next request with `Connection: close` (draining)."""
@@ -70,6 +75,7 @@ class H1Server:
         self._handler = handler
         self._reader = H1Reader(duplex, H1Parser(requests=True), initial)
         self._idle_timeout = idle_timeout
+        self._headers_timeout = headers_timeout
         self._closing = closing
         self.responding = False
 
@@ -90,8 +96,16 @@ class H1Server:
     async def _serve_one(self) -> bool:
         try:
             async with asyncio.timeout(self._idle_timeout):
+                if not await self._reader.wait_data():
+                    return False
+        except TimeoutError:
+            return False
+        try:
+            async with asyncio.timeout(self._headers_timeout):
                 event = await self._reader.next()
         except TimeoutError:
+            log.info("request head not complete after %.0f s: 408", self._headers_timeout)
+            await self._respond_error(408, "request headers not received in time")
             return False
         except H1Error as exc:
             await self._respond_error(exc.status, str(exc))

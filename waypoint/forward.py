@@ -101,6 +101,7 @@ class Forwarder:
                 retrying = True
                 if isinstance(outcome, Response):
                     outcome.body.close()
+                    outcome.complete(0, None)  # lets go of the attempt's in-flight counts
                 delay = retry.backoff(len(tried) - 1, self._rng)
                 remaining = _remaining(deadline)
                 if remaining is not None and delay >= remaining:

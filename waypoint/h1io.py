@@ -38,6 +38,20 @@ class H1Reader:
         """Events or bytes already received and not consumed."""
         return bool(self._events or self._pending)
 
+    async def wait_data(self) -> bool:
+        """Until part of the next message is here; False once the peer closed instead."""
+        if self._events or self._pending:
+            return True
+        if self.at_eof:
+            return False
+        data = await self.duplex.read(READ_SIZE)
+        if not data:
+            self.at_eof = True
+            self._events.extend(self.parser.eof())
+            return bool(self._events)
+        self._pending = data
+        return True
+
     async def next(self) -> Event | None:
         """The next event; None once the peer closed between messages."""
         while not self._events:

@@ -16,7 +16,7 @@ from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.spiffe import SpiffeId
 from waypoint.context import Downstream, resolve
-from waypoint.downstream_h1 import H1Server
+from waypoint.downstream_h1 import HEADERS_TIMEOUT, H1Server
 from waypoint.downstream_h2 import serve_h2
 from waypoint.h1io import READ_SIZE, PrefixedDuplex
 from waypoint.proxy import Proxy
@@ -40,11 +40,13 @@ class Inbound:
         proxy: Proxy,
         *,
         sniff_timeout: float = SNIFF_TIMEOUT,
+        headers_timeout: float = HEADERS_TIMEOUT,
     ) -> None:
         self._waypoint = waypoint
         self._state = state
         self._proxy = proxy
         self._sniff_timeout = sniff_timeout
+        self._headers_timeout = headers_timeout
         self.draining = False
         self.live = 0  # tunnels being served
 
@@ -80,7 +82,13 @@ class Inbound:
         client = PrefixedDuplex(stream, first)
         handler = partial(self._proxy.handle, downstream)
         if protocol is Protocol.HTTP1:
-            await H1Server(stream, handler, first, closing=lambda: self.draining).run()
+            await H1Server(
+                stream,
+                handler,
+                first,
+                headers_timeout=self._headers_timeout,
+                closing=lambda: self.draining,
+            ).run()
         elif protocol is Protocol.HTTP2:
             await serve_h2(stream, handler, first)
         else:

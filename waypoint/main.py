@@ -23,6 +23,7 @@ from mesh.proxy_process import drain_signals, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.version import add_version_flag
 from waypoint.admin import routes
+from waypoint.downstream_h1 import HEADERS_TIMEOUT
 from waypoint.server import Waypoint
 
 log = logging.getLogger("waypoint")
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DRAIN_SECONDS,
         help="on SIGTERM, serve the tunnels in flight this long at most (SIGINT cuts)",
     )
+    p.add_argument(
+        "--request-headers-timeout",
+        type=float,
+        default=HEADERS_TIMEOUT,
+        help="seconds from a request's first byte to the end of its head; then 408",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -86,6 +93,7 @@ async def run(args: argparse.Namespace) -> None:
         partial(certs.client_context, sid),
         registry=registry,
         exporter=exporter,
+        headers_timeout=args.request_headers_timeout,
     )
     have_cert = asyncio.Event()
     stop, cut = drain_signals()

@@ -90,6 +90,9 @@ class Response:
     body: Body = field(default_factory=empty)
     # Envoy's response flags (UT, UO, NR, ...) for metrics and the access log.
     flags: list[ResponseFlag] = field(default_factory=list)
+    # Envoy's %RESPONSE_CODE_DETAILS% where the waypoint answered itself for a reason worth
+    # naming (which policy denied).
+    details: str = ""
     # The endpoint ("ip:port") and workload uid of the last attempt, and how many were made.
     upstream: str = ""
     upstream_uid: str = ""

@@ -178,7 +178,10 @@ class Proxy:
             downstream.peer,
             decision.policy or "default deny (ALLOW policies in scope)",
         )
-        return local_reply(authz.DENIED_STATUS, authz.DENIED_BODY.decode())
+        denied = local_reply(authz.DENIED_STATUS, authz.DENIED_BODY.decode())
+        # Envoy's RBAC filter names the policy so: rbac_access_denied_matched_policy[...].
+        denied.details = f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]"
+        return denied
 
     def _upstream(self, request: Request, seen: Observation) -> Request:
         """The request as the endpoint gets it: our span as its trace parent, a request id."""

@@ -17,6 +17,7 @@ from mesh.api import mesh_pb2
 from mesh.hbone.connection import serve
 from mesh.hbone.limits import DEFAULT_LIMITS, HboneLimits
 from mesh.hbone.protocol import HBONE_PORT
+from waypoint.downstream_h1 import HEADERS_TIMEOUT
 from waypoint.forward import Forwarder
 from waypoint.inbound import SNIFF_TIMEOUT, Inbound
 from waypoint.observe import Exporter, Observer
@@ -40,6 +41,7 @@ class Waypoint:
         limits: HboneLimits = DEFAULT_LIMITS,
         rng: random.Random | None = None,
         sniff_timeout: float = SNIFF_TIMEOUT,
+        headers_timeout: float = HEADERS_TIMEOUT,
         registry: CollectorRegistry | None = None,
         exporter: Exporter | None = None,
     ) -> None:
@@ -54,7 +56,13 @@ class Waypoint:
         self.forwarder = Forwarder(tunnels, IdleSet(), rng)
         observer = Observer(RequestMetrics(registry) if registry is not None else None, exporter)
         self.proxy = Proxy(ref, lambda: self.state, self.forwarder, observer, rng)
-        self.inbound = Inbound(ref, lambda: self.state, self.proxy, sniff_timeout=sniff_timeout)
+        self.inbound = Inbound(
+            ref,
+            lambda: self.state,
+            self.proxy,
+            sniff_timeout=sniff_timeout,
+            headers_timeout=headers_timeout,
+        )
         self._servers: list[asyncio.Server] = []
 
     def update_state(self, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> None:

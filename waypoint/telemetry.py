@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -178,6 +178,7 @@ class RequestRecord:
     start_time: float = field(default_factory=time.time)  # epoch seconds
     trace_id: str = ""
     route: str = ""  # the route rule's name
+    details: str = ""  # Envoy's response code details, e.g. which policy denied
     user_agent: str = ""
     request_id: str = ""  # x-request-id
 
@@ -192,6 +193,9 @@ def labels(record: RequestRecord) -> dict[str, str]:
     grpc_status = record.grpc_status if record.grpc else None
     values["grpc_response_status"] = "" if grpc_status is None else str(grpc_status)
     return {name: values[name] for name in LABELS}
+
+
+_Children = tuple[Counter, Histogram, Histogram, Histogram]
 
 
 class RequestMetrics:
@@ -218,13 +222,31 @@ class RequestMetrics:
             buckets=BUCKETS,
             registry=registry,
         )
+        self._by_labels: dict[Hashable, _Children] = {}
 
     def record(self, record: RequestRecord) -> None:
-        values = tuple(labels(record).values())
-        self.requests.labels(*values).inc()
-        self.duration.labels(*values).observe(record.duration_seconds * 1000.0)
-        self.request_bytes.labels(*values).observe(record.bytes_received)
-        self.response_bytes.labels(*values).observe(record.bytes_sent)
+        requests, duration, request_bytes, response_bytes = self._children(record)
+        requests.inc()
+        duration.observe(record.duration_seconds * 1000.0)
+        request_bytes.observe(record.bytes_received)
+        response_bytes.observe(record.bytes_sent)
+
+    def _children(self, record: RequestRecord) -> _Children:
+        """The four series of the record's label set, found once per label set: building
+        the labels (``asdict`` of the peers) and four ``labels()`` lookups cost ~8 % of a
+        request's CPU. Holds no more entries than the metrics themselves hold series."""
+        grpc_status = record.grpc_status if record.grpc else None
+        key = (record.peers, record.grpc, tuple(record.flags), record.status, grpc_status)
+        children = self._by_labels.get(key)
+        if children is None:
+            values = tuple(labels(record).values())
+            children = self._by_labels[key] = (
+                self.requests.labels(*values),
+                self.duration.labels(*values),
+                self.request_bytes.labels(*values),
+                self.response_bytes.labels(*values),
+            )
+        return children
 
 
 def access_log(record: RequestRecord) -> str:
@@ -241,6 +263,7 @@ def access_log(record: RequestRecord) -> str:
             "protocol": record.protocol,
             "response_code": record.status,
             "response_flags": join(record.flags),
+            "response_code_details": record.details or None,
             "bytes_received": record.bytes_received,
             "bytes_sent": record.bytes_sent,
             "duration": round(record.duration_seconds * 1000.0),

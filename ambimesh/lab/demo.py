@@ -1,6 +1,6 @@
 """`ambimesh lab demo`: one call across nodes through the mesh, proven three ways —
 the answer, a capture of the wire between the nodes, and the metrics both ztunnels kept;
-with the canary example, also the seed's 90/10 split through the waypoint."""
+then the seed's 90/10 canary, counted over 200 calls through waypoint demo/waypoint."""
 
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ for i in range(calls):
         seen.append(repr(exc))
 print(json.dumps(seen))
 """
-CANARY_URL = "http://my-service.default/canary"
-CANARY_WAYPOINT = "default/waypoint"
+CANARY_URL = "http://server/canary"
+CANARY_WAYPOINT = "demo/waypoint"
+CANARY_PODS = {"server", "server-v2"}
 
 
 def split_calls(lab: Lab, pod_ref: str, url: str, calls: int) -> list[str]:
@@ -81,7 +82,7 @@ def waypoint_metrics(lab: Lab, pod_ref: str) -> list[str]:
 
 def run_canary(lab: Lab, calls: int = 200) -> int:
     """The seed's VirtualService at work: `calls` requests, counted by answering pod."""
-    say(f"{CLIENT_POD} -> {CANARY_URL} x{calls} (VirtualService my-service: 90% v1, 10% v2)")
+    say(f"{CLIENT_POD} -> {CANARY_URL} x{calls} (VirtualService server: 90% v1, 10% v2)")
     seen = split_calls(lab, CLIENT_POD, CANARY_URL, calls)
     counts = {name: seen.count(name) for name in sorted(set(seen))}
     for name, count in counts.items():
@@ -89,7 +90,7 @@ def run_canary(lab: Lab, calls: int = 200) -> int:
     say(f"metrics of waypoint {CANARY_WAYPOINT} (:{METRICS_PORT}/metrics):")
     for line in waypoint_metrics(lab, CANARY_WAYPOINT):
         print(f"  {line}")
-    return 0 if set(counts) <= {"my-service-v1", "my-service-v2"} else 1
+    return 0 if set(counts) <= CANARY_PODS else 1
 
 
 def run(lab: Lab) -> int:
@@ -129,6 +130,12 @@ def run_l4(lab: Lab) -> int:
         f"ztunnel on {server.node} authenticated the caller of {SERVER_POD} as: "
         + (", ".join(sorted(principals)) or "NOBODY (no mTLS connection was metered)")
     )
+    if any(p.ref == CANARY_WAYPOINT for p in plan.pods):
+        print(
+            f"  (Service server uses waypoint {CANARY_WAYPOINT}: the call went client -> "
+            "waypoint -> server, each hop over mTLS; the waypoint's metrics below name the "
+            "client)"
+        )
     cli = Path(sys.executable).parent / "ambimesh"
     say("poke at it:")
     print(f"  {cli} lab exec client -- curl -s {URL}")

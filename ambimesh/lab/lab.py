@@ -80,11 +80,17 @@ def example_file(name: str) -> Path:
 
 class Lab:
     def __init__(
-        self, name: str = DEFAULT_LAB, state_root: Path = STATE_ROOT, cert_ttl: int | None = None
+        self,
+        name: str = DEFAULT_LAB,
+        state_root: Path = STATE_ROOT,
+        cert_ttl: int | None = None,
+        ztunnel_workers: int | None = None,
     ) -> None:
         """``cert_ttl`` (default: $AMBIMESH_LAB_CERT_TTL, else ztunnel's 24 h): the workload
         certificate lifetime of the ztunnels this object starts; short ones let tests see
-        renewals."""
+        renewals. ``ztunnel_workers`` (default: $AMBIMESH_LAB_ZTUNNEL_WORKERS, else 1): each
+        node's ztunnel ``--workers``; one, because the lab's nodes share one machine's few
+        cores, unless a test or the benchmark asks for more."""
         if not (name.isascii() and name.isalnum()) or len(name) > 12:
             # No dashes: `down` sweeps namespaces named "<lab>-*", which must not reach another lab.
             raise LabError(f"lab name {name!r}: use up to 12 letters or digits")
@@ -92,6 +98,8 @@ class Lab:
         self.state = state_root / name
         env_ttl = os.environ.get("AMBIMESH_LAB_CERT_TTL")
         self.cert_ttl = cert_ttl or (int(env_ttl) if env_ttl else None)
+        env_workers = os.environ.get("AMBIMESH_LAB_ZTUNNEL_WORKERS")
+        self.ztunnel_workers = ztunnel_workers or (int(env_workers) if env_workers else 1)
 
     # paths -------------------------------------------------------------------------
     @property
@@ -185,6 +193,7 @@ class Lab:
                         **p,
                         "commands": tuple(map(tuple, p["commands"])),
                         "ports": tuple(p["ports"]),
+                        "waypoint_args": tuple(p.get("waypoint_args", ())),
                     }
                 )
                 for p in raw["pods"]
@@ -279,7 +288,10 @@ class Lab:
                 f"ztunnel {ready}  (netns {node.netns})"
             )
         for pod in lab_plan.pods:
-            lines.append(f"  pod {pod.ref:<22} {pod.address:<14} on {pod.node}  uid {pod.uid}")
+            role = f"  waypoint {pod.namespace}/{pod.waypoint}" if pod.waypoint else ""
+            lines.append(
+                f"  pod {pod.ref:<22} {pod.address:<14} on {pod.node}  uid {pod.uid}{role}"
+            )
         for svc in lab_plan.services:
             ports = ", ".join(f"{p}->{t}" for p, t in svc.ports)
             lines.append(f"  service {svc.namespace}/{svc.name:<14} {svc.vip:<14} {ports}")
@@ -312,6 +324,7 @@ class Lab:
             "--name", pod.waypoint,
             "--namespace", pod.namespace,
             "--service-account", pod.service_account,
+            *pod.waypoint_args,
         ]  # fmt: skip
         procs.spawn(
             argv,
@@ -374,7 +387,7 @@ class Lab:
         if component == "agent":
             argv += ["--socket", sock, "--bpf-pin-dir", str(self.bpf_pins / node)]
         elif component == "ztunnel":
-            argv += ["--agent-socket", sock]
+            argv += ["--agent-socket", sock, "--workers", str(self.ztunnel_workers)]
             if self.cert_ttl:
                 argv += ["--cert-ttl", str(self.cert_ttl)]
         else:

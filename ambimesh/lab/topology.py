@@ -54,8 +54,10 @@ class PodPlan:
     commands: tuple[tuple[str, ...], ...]
     ports: tuple[int, ...] = ()
     service_account: str = "default"
-    # The Gateway this pod is an instance of: the lab runs the waypoint proxy in it.
+    # The Gateway this pod is an instance of: the lab runs the waypoint proxy in it, with
+    # its container's `args` appended to the proxy's command line.
     waypoint: str = ""
+    waypoint_args: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -242,7 +244,17 @@ def _plan_pod(
         ports=tuple(ports),
         service_account=spec.get("serviceAccountName") or "default",
         waypoint=waypoint,
+        waypoint_args=_waypoint_args(source, doc) if waypoint else (),
     )
+
+
+def _waypoint_args(source: str, doc: Document) -> tuple[str, ...]:
+    containers = (doc.get("spec") or {}).get("containers") or [{}]
+    first = containers[0] if isinstance(containers, list) else None
+    args = (first.get("args") or []) if isinstance(first, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise PlanError(f"{_where(source, doc)}: spec.containers[0].args must be a list of strings")
+    return tuple(args)
 
 
 def _plan_service(source: str, doc: Document, default_vip: str) -> ServicePlan:

@@ -4,25 +4,38 @@ reading metrics and logs."""
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from ambimesh.lab.lab import Lab
+from ambimesh.lab.lab import Lab, bundled_config_dir
 from tests.integration.privileged import require_privileged
 
 WAIT_SECONDS = 30.0
+# The bundled lab's waypoint layer: server-v2, waypoint demo/waypoint and the canary routes.
+WAYPOINT_LAYER = "waypoint-canary.yaml"
 
 
 @contextlib.contextmanager
-def running_lab(
-    name: str, config: Path | None = None, examples: Sequence[str] = ()
-) -> Iterator[Lab]:
-    """A lab built for one test module and removed after it, also when the build fails."""
+def running_lab(name: str, examples: Sequence[str] = (), *, l4_only: bool = False) -> Iterator[Lab]:
+    """A lab built for one test module and removed after it, also when the build fails.
+
+    ``l4_only``: the bundled lab without its waypoint layer, so that Service server reaches
+    demo/server directly (its use-waypoint label then names no Gateway: traffic goes direct,
+    as in Istio) -- what the L4 modules assert about."""
     require_privileged()
     lab = Lab(name)
     try:
-        lab.up(config, examples=examples)
+        with tempfile.TemporaryDirectory(prefix=f"{name}-config-") as tmp:
+            config = None
+            if l4_only:
+                config = Path(tmp)
+                for path in bundled_config_dir().glob("*.yaml"):
+                    if path.name != WAYPOINT_LAYER:
+                        shutil.copy(path, config / path.name)
+            lab.up(config, examples=examples)
         yield lab
     finally:
         lab.down(quiet=True)

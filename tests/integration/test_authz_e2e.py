@@ -30,7 +30,7 @@ ADMIN_PORT = 15000
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with running_lab(LAB_NAME) as built:
+    with running_lab(LAB_NAME, l4_only=True) as built:
         yield built
 
 

@@ -33,7 +33,7 @@ LEGACY_SA = "spiffe://cluster.local/ns/legacy/sa/default"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with running_lab(LAB_NAME) as built:
+    with running_lab(LAB_NAME, l4_only=True) as built:
         yield built
 
 

@@ -144,6 +144,32 @@ def test_bundled_pods(lab_plan: LabPlan) -> None:
             commands=(("sleep", "infinity"),),
             ports=(),
         ),
+        PodPlan(
+            name="server-v2",
+            namespace="demo",
+            uid=uid(4),
+            node="node-1",
+            netns="lab-demo.server-v2",
+            address="198.19.1.12",
+            host_veth="vpde12",
+            commands=(("python", "-m", "ambimesh.lab.demo_app", "--port", "8080"),),
+            ports=(8080,),
+            service_account="server",
+        ),
+        PodPlan(
+            name="waypoint",
+            namespace="demo",
+            uid=uid(5),
+            node="node-2",
+            netns="lab-demo.waypoint",
+            address="198.19.2.11",
+            host_veth="vpde21",
+            commands=(),
+            ports=(),
+            service_account="waypoint",
+            waypoint="waypoint",
+            waypoint_args=("--request-headers-timeout", "10"),
+        ),
     )
 
 
@@ -160,14 +186,21 @@ def test_pod_addresses_lie_in_their_node_cidr_and_are_unique(lab_plan: LabPlan) 
 
 
 def test_bundled_services(lab_plan: LabPlan) -> None:
-    assert lab_plan.services == (ServicePlan("server", "demo", "198.18.128.10", ((80, 8080),)),)
+    assert lab_plan.services == (
+        ServicePlan("server", "demo", "198.18.128.10", ((80, 8080), (9090, 9090))),
+    )
 
 
 def test_runtime_documents_carry_pod_status_uid_and_cluster_ip(lab_plan: LabPlan) -> None:
     runtime = lab_plan.runtime_documents
     assert sorted(runtime) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-    pods = {d["metadata"]["name"]: d for d in runtime["pods.yaml"] if d["kind"] == "Pod"}
-    assert set(pods) == {"client", "server", "legacy-client"}
+    pods = {
+        d["metadata"]["name"]: d
+        for name in ("pods.yaml", "waypoint-canary.yaml")
+        for d in runtime[name]
+        if d["kind"] == "Pod"
+    }
+    assert set(pods) == {"client", "server", "legacy-client", "server-v2", "waypoint"}
     for planned in lab_plan.pods:
         doc = pods[planned.name]
         assert doc["metadata"]["uid"] == planned.uid
@@ -209,6 +242,8 @@ def test_lab_name_prefixes_every_namespace(bundled_docs: dict[str, list[Document
         "x9-demo.client",
         "x9-demo.server",
         "x9-legacy.legacy-client",
+        "x9-demo.server-v2",
+        "x9-demo.waypoint",
     ]
 
 

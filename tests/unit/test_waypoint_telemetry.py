@@ -163,6 +163,38 @@ def test_metrics_names_buckets_and_values() -> None:
     assert BUCKETS[0] == 0.5 and BUCKETS[-1] == 3_600_000
 
 
+def test_metrics_keep_each_label_set_apart() -> None:
+    """Series are looked up once per label set; every field the labels come from tells
+    them apart (status, flags, gRPC status, peers)."""
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry)
+    base = RequestRecord(PEERS, "GET", "reviews:9080", "/", 200)
+    other_peers = RequestPeers.between(CLIENT, None, REVIEWS, None, SERVICE)
+    variants = [
+        base,
+        RequestRecord(PEERS, "GET", "reviews:9080", "/", 503),
+        RequestRecord(
+            PEERS,
+            "GET",
+            "reviews:9080",
+            "/",
+            200,
+            flags=[ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED],
+        ),
+        RequestRecord(PEERS, "POST", "reviews:9080", "/", 200, grpc=True, grpc_status=0),
+        RequestRecord(PEERS, "POST", "reviews:9080", "/", 200, grpc=True, grpc_status=14),
+        RequestRecord(other_peers, "GET", "reviews:9080", "/", 200),
+        RequestRecord(PEERS, "GET", "other:9080", "/x", 200),  # same labels as base
+    ]
+    for record in variants:
+        metrics.record(record)
+    get = registry.get_sample_value
+    assert get("istio_requests_total", labels(base)) == 2
+    for record in variants[1:-1]:
+        assert get("istio_requests_total", labels(record)) == 1
+    assert len({tuple(labels(r).values()) for r in variants}) == 6
+
+
 def test_access_log_line() -> None:
     record = RequestRecord(
         PEERS,
@@ -180,6 +212,7 @@ def test_access_log_line() -> None:
         start_time=1_700_000_000.25,
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
         route="VirtualService/demo/reviews#0",
+        details="rbac_access_denied_matched_policy[demo/no-admin]",
     )
     line = access_log(record)
     assert "\n" not in line
@@ -191,6 +224,7 @@ def test_access_log_line() -> None:
         "protocol": "HTTP/2",
         "response_code": 503,
         "response_flags": "URX",
+        "response_code_details": "rbac_access_denied_matched_policy[demo/no-admin]",
         "bytes_received": 10,
         "bytes_sent": 20,
         "duration": 250,

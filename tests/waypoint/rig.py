@@ -23,6 +23,8 @@ from mesh.tls import TlsIdentity, client_context, server_context
 from tests.unit.certs import make_ca, make_leaf
 from waypoint.server import Waypoint
 
+# Short, so that the stalled-client test waits little; well under TIMEOUT.
+HEADERS_TIMEOUT = 1.0
 TIMEOUT = 10.0
 WAYPOINT_ID = SpiffeId("cluster.local", "demo", "waypoint")
 CLIENT_ID = SpiffeId("cluster.local", "demo", "sleep")
@@ -373,6 +375,7 @@ class Rig:
             own_context,  # type: ignore[arg-type]
             upstream_hbone_port=self.hbone_port,
             sniff_timeout=0.5,
+            headers_timeout=HEADERS_TIMEOUT,
             registry=self.registry,
         )
         self.waypoint.update_state("1", self.resources)

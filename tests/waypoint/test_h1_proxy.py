@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from mesh.hbone.protocol import HboneStreamRefused
-from tests.waypoint.rig import HOST, PORT, TIMEOUT, VIP, Rig
+from tests.waypoint.rig import HOST, PORT, TIMEOUT, VIP, H1Client, Rig
 
 pytestmark = pytest.mark.asyncio
 
@@ -177,3 +177,17 @@ async def test_plain_tcp_is_relayed_to_an_endpoint() -> None:
                 data += chunk
         assert data == b"\x16\x03\x01 NOT HTTP AT ALL\n"
         assert sum(p.tunnels for p in rig.pods.values()) == 1
+
+
+async def test_a_client_stalling_in_its_head_gets_408_and_others_are_served() -> None:
+    async with Rig() as rig:
+        stalled = await rig.tunnel()
+        stalled.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        await stalled.drain()
+        other = await rig.h1()
+        for i in range(5):
+            assert (await other.request("GET", f"/meanwhile/{i}")).status == 200
+        answer = await H1Client(stalled).response()
+        assert answer.status == 408
+        assert await asyncio.wait_for(stalled.read(1024), TIMEOUT) == b"", "then it closes"
+        assert "/slow" not in [seen.path for seen in rig.seen()]

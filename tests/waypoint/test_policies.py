@@ -5,6 +5,8 @@ rate limits, fault injection, L7 authorization, and the metrics they leave behin
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 
 import pytest
@@ -36,6 +38,26 @@ async def test_5xx_is_retried_on_the_other_endpoint() -> None:
             assert response.status == 200
             assert response.json()["pod"] == "reviews-v2"
         assert rig.pods["reviews-v1"].seen, "the failing endpoint was never tried"
+
+
+async def test_the_retry_budget_caps_retries_in_an_outage() -> None:
+    """One call at a time, every retry is within the budget's floor (3 in flight); 40 at
+    once, at most 20 % of the active requests may be retries. Calls whose failed attempts
+    were retried must not stay counted as active (which would lift the cap)."""
+    async with Rig() as rig:
+        for pod in rig.pods.values():
+            pod.override = 503
+        retry = mesh_pb2.HttpRetry(attempts=3, retry_on=["5xx"])
+        rig.configure(routes(mesh_pb2.HttpRouteRule(backends=[backend()], retry=retry)))
+        client = await rig.h1()
+        for _ in range(50):
+            assert (await client.request("GET", "/alone")).status == 503
+        assert len(rig.seen()) == 50 * 4
+        clients = [await rig.h1() for _ in range(40)]
+        answers = await asyncio.gather(*(c.request("GET", "/crowd") for c in clients))
+        assert {a.status for a in answers} == {503}
+        crowd = len(rig.seen()) - 50 * 4
+        assert crowd < 2 * len(clients), f"{crowd} attempts for {len(clients)} calls"
 
 
 async def test_5xx_without_retry_policy_is_answered_as_is() -> None:
@@ -131,7 +153,8 @@ async def test_fault_abort_and_delay() -> None:
         assert sample(rig, "istio_requests_total", response_code="200", response_flags="DI") == 1
 
 
-async def test_l7_authorization_denies_with_403() -> None:
+async def test_l7_authorization_denies_with_403(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="waypoint.access")
     async with Rig() as rig:
         deny = mesh_pb2.HttpAuthorizationPolicy(
             name="no-admin",
@@ -160,6 +183,11 @@ async def test_l7_authorization_denies_with_403() -> None:
         assert (denied.status, denied.body) == (403, b"RBAC: access denied")
         assert (await client.request("GET", "/public")).status == 200
         assert [s.path for s in rig.seen()] == ["/public"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "waypoint.access"]
+    assert [(x["path"], x["response_code_details"]) for x in lines] == [
+        ("/admin/users", "rbac_access_denied_matched_policy[demo/no-admin]"),
+        ("/public", None),
+    ]
 
 
 async def test_metrics_name_both_workloads() -> None:
