@@ -141,6 +141,7 @@ class Observer:
             start_time=seen.wall,
             trace_id=seen.trace.trace_id,
             route=seen.route,
+            details=response.details,
             user_agent=h.get(request.headers, "user-agent") or "",
             request_id=h.get(request.headers, "x-request-id") or "",
         )

@@ -178,6 +178,7 @@ class RequestRecord:
     start_time: float = field(default_factory=time.time)  # epoch seconds
     trace_id: str = ""
     route: str = ""  # the route rule's name
+    details: str = ""  # Envoy's response code details, e.g. which policy denied
     user_agent: str = ""
     request_id: str = ""  # x-request-id
 
@@ -262,6 +263,7 @@ def access_log(record: RequestRecord) -> str:
             "protocol": record.protocol,
             "response_code": record.status,
             "response_flags": join(record.flags),
+            "response_code_details": record.details or None,
             "bytes_received": record.bytes_received,
             "bytes_sent": record.bytes_sent,
             "duration": round(record.duration_seconds * 1000.0),

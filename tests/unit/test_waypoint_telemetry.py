@@ -212,6 +212,7 @@ def test_access_log_line() -> None:
         start_time=1_700_000_000.25,
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
         route="VirtualService/demo/reviews#0",
+        details="rbac_access_denied_matched_policy[demo/no-admin]",
     )
     line = access_log(record)
     assert "\n" not in line
@@ -223,6 +224,7 @@ def test_access_log_line() -> None:
         "protocol": "HTTP/2",
         "response_code": 503,
         "response_flags": "URX",
+        "response_code_details": "rbac_access_denied_matched_policy[demo/no-admin]",
         "bytes_received": 10,
         "bytes_sent": 20,
         "duration": 250,
