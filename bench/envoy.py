@@ -40,12 +40,13 @@ def envoy_binary() -> Path:
     return path
 
 
-def argv(binary: Path, config: Path) -> list[str]:
-    """One worker; no hot-restart shared memory, which two Envoys on one host would share."""
+def argv(binary: Path, config: Path, concurrency: int = 1) -> list[str]:
+    """``concurrency`` workers (ztunnel's ``--workers``); no hot-restart shared memory,
+    which two Envoys on one host would share."""
     return [
         str(binary),
         "-c", str(config),
-        "--concurrency", "1",
+        "--concurrency", str(concurrency),
         "--disable-hot-restart",
         "--log-level", "warning",
     ]  # fmt: skip

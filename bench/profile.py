@@ -44,6 +44,7 @@ def profile_during(
             "--native",  # C frames too: OpenSSL, uvloop, the h2 parser's helpers
             "--format", "raw",
             "--output", str(out),
+            *(["--subprocesses"] if proxy.others else []),  # a ztunnel's workers
         ]  # fmt: skip
         recorders[proxy.side] = (out, subprocess.Popen(argv, stdout=subprocess.DEVNULL))
     try:

@@ -226,6 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--lab", default=LAB_NAME, help=f"lab name (default {LAB_NAME})")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="ztunnel --workers and Envoy --concurrency on both sides (default 1)",
+    )
     return p.parse_args(argv)
 
 
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         s = dataclasses.replace(s, rounds=args.rounds)
     stop_on_signals()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    bed = Testbed(Lab(args.lab))
+    bed = Testbed(Lab(args.lab, ztunnel_workers=args.workers))
     runs: list[Run] = []
     profiles: dict[str, dict[str, LoopProfile]] = {}
     try:
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "started": stamp,
         "mode": "quick" if args.quick else "full",
+        "workers": args.workers,
         "settings": dataclasses.asdict(s),
         "machine": facts,
         "table": [dataclasses.asdict(line) | {"ratio": line.ratio} for line in lines],
@@ -272,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     print()
-    print(f"ambimesh vs Envoy {facts['envoy']} HBONE pair, medians of {s.rounds} rounds")
+    print(
+        f"ambimesh vs Envoy {facts['envoy']} HBONE pair, {args.workers} worker(s) each, "
+        f"medians of {s.rounds} rounds"
+    )
     print(format_table(lines))
     print(format_footer(runs))
     for test, sides in profiles.items():

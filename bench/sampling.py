@@ -26,27 +26,55 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Proxy:
-    """One tunnel process: ``side`` is "client" (sends HBONE) or "server" (terminates it)."""
+    """One tunnel: ``side`` is "client" (sends HBONE) or "server" (terminates it); ``pid``
+    its process, ``others`` the rest of a multi-process one (ztunnel ``--workers N``)."""
 
     side: str
     pid: int
+    others: tuple[int, ...] = ()
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.pid, *self.others)
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """(user, system) CPU seconds so far."""
-        user, system = parse_pid_stat_ticks(Path(f"/proc/{self.pid}/stat").read_text())
+        """(user, system) CPU seconds so far, all processes together."""
+        user = system = 0
+        for pid in self.pids:
+            u, s = parse_pid_stat_ticks(Path(f"/proc/{pid}/stat").read_text())
+            user, system = user + u, system + s
         return user / CLOCK_TICKS, system / CLOCK_TICKS
 
     def rss_mib(self) -> float:
-        return self._status_kib("VmRSS") / 1024
+        """VmRSS; for several processes their PSS summed (forked workers share most pages,
+        which VmRSS would count once per process)."""
+        if not self.others:
+            return _status_kib(self.pid, "VmRSS") / 1024
+        return sum(_pss_kib(pid) for pid in self.pids) / 1024
 
     def peak_mib(self) -> float:
-        return self._status_kib("VmHWM") / 1024
+        """VmHWM; for several processes each one's PSS plus its growth to its peak."""
+        if not self.others:
+            return _status_kib(self.pid, "VmHWM") / 1024
+        return (
+            sum(
+                _pss_kib(pid) + _status_kib(pid, "VmHWM") - _status_kib(pid, "VmRSS")
+                for pid in self.pids
+            )
+            / 1024
+        )
 
     def reset_peak(self) -> None:
-        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        for pid in self.pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
-    def _status_kib(self, field: str) -> int:
-        return parse_status_kib(Path(f"/proc/{self.pid}/status").read_text(), field)
+
+def _status_kib(pid: int, field: str) -> int:
+    return parse_status_kib(Path(f"/proc/{pid}/status").read_text(), field)
+
+
+def _pss_kib(pid: int) -> int:
+    return parse_status_kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss")
 
 
 @dataclass(frozen=True)

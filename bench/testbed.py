@@ -104,7 +104,9 @@ class Testbed:
     """Builds the lab and everything the variants need; ``down`` removes all of it."""
 
     def __init__(self, lab: Lab) -> None:
+        """The proxies run ``lab.ztunnel_workers`` workers each (Envoy: ``--concurrency``)."""
         self.lab = lab
+        self.workers = lab.ztunnel_workers
         self.work = lab.state / "bench"  # removed with the lab's state dir
 
     def up(self, config_dir: Path) -> tuple[Variant, ...]:
@@ -151,9 +153,11 @@ class Testbed:
 
     def _ztunnel(self, side: str, pod: PodPlan) -> Proxy:
         pids = cgroups.pids(cgroups.component_cgroup(self.lab.name, pod.node, "ztunnel"))
-        if len(pids) != 1:
-            raise LabError(f"expected one ztunnel on {pod.node}, found pids {pids}")
-        return Proxy(side, pids[0])
+        # One process, or a master, a supervisor and the workers.
+        expected = 1 if self.workers == 1 else self.workers + 2
+        if len(pids) != expected:
+            raise LabError(f"expected {expected} ztunnel processes on {pod.node}, found {pids}")
+        return Proxy(side, pids[0], tuple(pids[1:]))
 
     def _start_backends(self, pod: PodPlan) -> None:
         workdir = self.work / f"nginx-{pod.namespace}-{pod.name}"
@@ -190,7 +194,8 @@ class Testbed:
         ):
             path = self.work / f"envoy-{side}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            pids.append(self._start(pod, f"envoy-{side}", envoy.argv(binary, path), *ports))
+            command = envoy.argv(binary, path, self.workers)
+            pids.append(self._start(pod, f"envoy-{side}", command, *ports))
         return Proxy("client", pids[1]), Proxy("server", pids[0])
 
     def _start(self, pod: PodPlan, name: str, argv: list[str], *ports: int) -> int:

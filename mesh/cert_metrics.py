@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mesh.cert_manager import CertManager
+from mesh.cert_manager import CertStatus
+
+
+class CertSource(Protocol):
+    def status(self) -> list[CertStatus]: ...
 
 
 class CertCollector(Collector):
-    def __init__(self, certs: CertManager) -> None:
+    def __init__(self, certs: CertSource) -> None:
         self.certs = certs
 
     def collect(self) -> Iterator[Metric]:

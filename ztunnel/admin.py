@@ -11,11 +11,13 @@ from google.protobuf.json_format import MessageToDict
 
 from mesh.http_endpoints import Response, Route
 from ztunnel.proxy import Ztunnel
+from ztunnel.state import MeshState
 
 
-def readiness_routes(ready: Callable[[], bool]) -> dict[str, Route]:
-    """The body names the process: during a handover both generations answer here."""
-    pid = os.getpid()
+def readiness_routes(ready: Callable[[], bool], pid: int | None = None) -> dict[str, Route]:
+    """The body names the process (``pid``: the one started, when workers serve for it):
+    during a handover both generations answer here."""
+    pid = pid or os.getpid()
 
     def healthz() -> Response:
         ok = ready()
@@ -28,35 +30,48 @@ def readiness_routes(ready: Callable[[], bool]) -> dict[str, Route]:
     return {"/healthz/ready": healthz}
 
 
+def as_json(data: object) -> Response:
+    return 200, "application/json", json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+def state_dump(state: MeshState) -> dict[str, object]:
+    """The mesh as this process sees it (a worker's part of the node's config dump)."""
+    return {
+        "version": state.version,
+        "workloads": [MessageToDict(w) for w in state.workloads.values()],
+        "services": [MessageToDict(s) for s in state.services_by_vip.values()],
+        "peer_authentications": [MessageToDict(p) for p in state.peer_authentications],
+    }
+
+
 def admin_routes(ztunnel: Ztunnel) -> dict[str, Route]:
-    def as_json(data: object) -> Response:
-        return 200, "application/json", json.dumps(data, indent=1, sort_keys=True).encode()
+    def config_dump() -> object:
+        return {
+            **state_dump(ztunnel.ctx.state),
+            "local_pods": [
+                {
+                    "uid": uid,
+                    "pod": p.pod.ref,
+                    "identity": p.pod.identity.uri,
+                    "addresses": list(p.pod.info.addresses),
+                    "hbone_serving": p.serving,
+                }
+                for uid, p in list(ztunnel.pods.items())
+            ],
+            "certificates": {
+                sid.uri: expiry.isoformat() for sid, expiry in ztunnel.ctx.certs.expiries()
+            },
+        }
 
-    def config_dump() -> Response:
-        state = ztunnel.ctx.state
-        return as_json(
-            {
-                "version": state.version,
-                "workloads": [MessageToDict(w) for w in state.workloads.values()],
-                "services": [MessageToDict(s) for s in state.services_by_vip.values()],
-                "peer_authentications": [MessageToDict(p) for p in state.peer_authentications],
-                "local_pods": [
-                    {
-                        "uid": uid,
-                        "pod": p.pod.ref,
-                        "identity": p.pod.identity.uri,
-                        "addresses": list(p.pod.info.addresses),
-                        "hbone_serving": p.serving,
-                    }
-                    for uid, p in list(ztunnel.pods.items())
-                ],
-                "certificates": {
-                    sid.uri: expiry.isoformat() for sid, expiry in ztunnel.ctx.certs.expiries()
-                },
-            }
-        )
+    return admin_routes_of(config_dump, ztunnel.ctx.connections.live)
 
-    def connections() -> Response:
-        return as_json(ztunnel.ctx.connections.live())
 
-    return {"/config_dump": config_dump, "/connections": connections}
+def admin_routes_of(
+    config_dump: Callable[[], object], connections: Callable[[], object]
+) -> dict[str, Route]:
+    """The admin view's routes, whoever assembles the data (one process, or a supervisor
+    asking its workers)."""
+    return {
+        "/config_dump": lambda: as_json(config_dump()),
+        "/connections": lambda: as_json(connections()),
+    }

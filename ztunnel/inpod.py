@@ -9,6 +9,7 @@ agent no longer sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -36,13 +37,29 @@ DelPod = Callable[[str], Awaitable[None]]
 
 class InpodClient:
     def __init__(
-        self, path: Path, add: AddPod, delete: DelPod, known: Callable[[], set[str]]
+        self,
+        path: Path,
+        add: AddPod,
+        delete: DelPod,
+        known: Callable[[], set[str]],
+        owns_listener_fds: bool = False,
     ) -> None:
+        """``owns_listener_fds``: ``add`` returns an fd of its own (the supervisor of several
+        workers passes one worker's on), closed once the ack carried it."""
         self.path = path
         self._add = add
         self._delete = delete
         self._known = known
+        self._owns_listener_fds = owns_listener_fds
+        self._channel: Channel | None = None
         self.synced = asyncio.Event()
+
+    def resync(self) -> None:
+        """End the session (the agent sees a reconnect and re-sends every pod); for a
+        supervisor whose worker died with the listener the agent was given."""
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.sock.shutdown(socket.SHUT_RDWR)
 
     async def run(self) -> None:
         """Connect, sync, serve; on any disconnect, reconnect (bounded pace, forever)."""
@@ -65,7 +82,7 @@ class InpodClient:
         except OSError:
             sock.close()
             raise
-        channel = Channel(sock)
+        channel = self._channel = Channel(sock)
         try:
             await channel.send(hello())
             log.info("connected to agent at %s", self.path)
@@ -74,6 +91,7 @@ class InpodClient:
                 msg, fds = await channel.recv()
                 await self._dispatch(channel, msg, fds, seen)
         finally:
+            self._channel = None
             channel.close()
 
     async def _dispatch(
@@ -92,7 +110,11 @@ class InpodClient:
                     log.warning("cannot serve pod %s/%s: %s", pod.namespace, pod.name, exc)
                     await channel.send(ack(f"ztunnel cannot serve pod: {exc}"))
                     return
-                await channel.send(ack(), (listener_fd,))
+                try:
+                    await channel.send(ack(), (listener_fd,))
+                finally:
+                    if self._owns_listener_fds:
+                        os.close(listener_fd)
             elif kind == "del_workload":
                 await self._delete(msg.del_workload.uid)
                 await channel.send(ack())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import uvloop
@@ -14,7 +17,9 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from mesh.cert_manager import CertManager
 from mesh.cert_metrics import CertCollector
+from mesh.cgroups import CgroupError, cgroup2_mount, cgroup_of
 from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
+from mesh.logfile import add_log_file_flags, configure_logging
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.proxy_process import drain_signals, start_push
 from mesh.version import add_version_flag
@@ -24,6 +29,7 @@ from ztunnel.context import ProxyContext
 from ztunnel.inpod import InpodClient
 from ztunnel.metrics import TcpMetrics
 from ztunnel.proxy import Ztunnel
+from ztunnel.workers import run_master
 
 log = logging.getLogger("ztunnel")
 
@@ -56,13 +62,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="lifetime in seconds asked for workload certificates (renewed at half-life; "
         "the controller caps it at its maximum, 24 h)",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=default_workers(),
+        help="data-path processes, each on its own event loop (default: the CPUs this process "
+        "may run on, fewer under a cgroup CPU limit); with more than one, a supervisor "
+        "process serves the node's ports and the agent link",
+    )
     p.add_argument("--log-level", default="INFO")
+    add_log_file_flags(p)
     return p.parse_args(argv)
+
+
+def default_workers() -> int:
+    """One worker per CPU we may use: the affinity mask, capped by the CPU quota of our
+    cgroup and its ancestors (a DaemonSet's ``limits.cpu``), as a runtime would."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        group = cgroup_of("self")
+        root = cgroup2_mount()
+    except (OSError, CgroupError):
+        return cpus
+    limits = []
+    for path in (group, *group.parents):
+        with contextlib.suppress(OSError):
+            limits.append((path / "cpu.max").read_text())
+        if path == root:
+            break
+    return min(cpus, quota_cpus(limits) or cpus)
+
+
+def quota_cpus(cpu_max_texts: Iterable[str]) -> int | None:
+    """The whole CPUs the tightest ``cpu.max`` ("<quota> <period>" or "max <period>")
+    allows, at least one; None without a limit."""
+    limits = []
+    for text in cpu_max_texts:
+        quota, _, period = text.strip().partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period):
+            limits.append(max(1, math.ceil(int(quota) / int(period))))
+    return min(limits, default=None)
 
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return int(text)
 
 
@@ -112,10 +156,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.workers > 1:
+            ControllerAccess.from_args(args)  # fail here, not in every child
+            sys.exit(run_master(args))
         uvloop.run(run(args))
     except (NodeConfigError, OSError) as exc:
         log.error("%s", exc)
