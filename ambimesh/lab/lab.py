@@ -388,6 +388,8 @@ class Lab:
             argv += ["--socket", sock, "--bpf-pin-dir", str(self.bpf_pins / node)]
         elif component == "ztunnel":
             argv += ["--agent-socket", sock, "--workers", str(self.ztunnel_workers)]
+            # The file the process logs to anyway, size-capped (mesh/logfile.py).
+            argv += ["--log-file", str(self.logs / f"ztunnel-{node}.log")]
             if self.cert_ttl:
                 argv += ["--cert-ttl", str(self.cert_ttl)]
         else:
