@@ -1,20 +1,25 @@
 """The pure parts of ztunnel's multi-worker mode: the supervisor <-> worker link (requests
 both ways, fds beside them, chunked large messages, hang-ups), the node's certificate cache
-(one CA fetch per renewal period for all workers) and the summed metrics (counters never
-go down when a worker dies). The processes themselves: tests/integration/test_workers_e2e.py."""
+(one CA fetch per renewal period for all workers), the summed metrics (counters never
+go down when a worker dies) and the supervisor's pod fan-out. The processes themselves:
+tests/integration/test_workers_e2e.py."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
 import datetime
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from mesh.api import node_pb2
 from mesh.spiffe import SpiffeId
 from mesh.tls import TlsIdentity
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
@@ -22,6 +27,7 @@ from ztunnel.main import default_workers, parse_args, quota_cpus
 from ztunnel.node_certs import NodeCertificates
 from ztunnel.node_metrics import Totals, WorkersCollector, families_of
 from ztunnel.worker_link import Body, LinkClosed, RemoteError, WorkerLink
+from ztunnel.workers import Supervisor
 
 TIMEOUT = 5.0
 SID = SpiffeId("cluster.local", "demo", "client")
@@ -268,3 +274,74 @@ def test_cgroup_cpu_limit_caps_the_default() -> None:
     assert quota_cpus(["max 100000", "150000 100000", "400000 100000"]) == 2  # the tightest
     assert quota_cpus(["1000 100000"]) == 1  # a fraction of a CPU still gets one worker
     assert quota_cpus(["garbage", ""]) is None
+
+
+# -- the supervisor's pod fan-out -----------------------------------------------------
+
+
+class FakeWorker:
+    """A worker's side of the link: serves each pod with a listener (a pipe read end)."""
+
+    def __init__(self) -> None:
+        ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pods: dict[str, int] = {}
+        self.link = WorkerLink(ours, {"add_pod": self.add_pod, "del_pod": self.del_pod})
+        self.task = asyncio.create_task(self.link.run())
+
+    async def add_pod(self, body: Body, fds: list[int]) -> tuple[Body, tuple[int, ...]]:
+        assert len(fds) == 1 and os.readlink(f"/proc/self/fd/{fds[0]}").startswith("net:")
+        uid = node_pb2.PodInfo.FromString(base64.b64decode(body["pod"])).uid
+        if uid not in self.pods:
+            self.pods[uid], w = os.pipe()
+            os.close(w)
+        return {}, (self.pods[uid],)
+
+    async def del_pod(self, body: Body, _fds: list[int]) -> tuple[Body, tuple[int, ...]]:
+        os.close(self.pods.pop(body["uid"]))
+        return {}, ()
+
+    async def die(self) -> None:
+        self.link.close()
+        await self.task
+        for fd in self.pods.values():
+            os.close(fd)
+
+
+async def test_supervisor_gives_every_worker_every_pod_and_resyncs_when_the_acked_one_dies(
+    ca: CertAuthority, tmp_path: Path
+) -> None:
+    args = argparse.Namespace(workers=2, trust_domain="cluster.local", agent_socket=tmp_path)
+    sup = Supervisor(args, NodeCertificates(CountingFetch(ca)))
+    resyncs: list[bool] = []
+    sup.inpod.resync = lambda: resyncs.append(True)  # type: ignore[method-assign]
+    first, second = FakeWorker(), FakeWorker()
+    sup.adopt(0, 100, first.theirs)
+    sup.adopt(1, 101, second.theirs)
+    info = node_pb2.PodInfo(uid="u1", name="client", namespace="demo", service_account="client")
+    with open("/proc/self/ns/net") as netns:
+        listener = await sup.add_pod(info, netns.fileno())
+    try:  # the agent is given the oldest worker's listener (a copy, closed after the ack)
+        assert os.fstat(listener).st_ino == os.fstat(first.pods["u1"]).st_ino
+    finally:
+        os.close(listener)
+    assert set(second.pods) == {"u1"}
+
+    await second.die()  # not the one the agent holds: nothing to re-sync
+    await asyncio.wait_for(_until(lambda: len(sup.workers) == 1), TIMEOUT)
+    assert resyncs == [] and [w.index for w in sup.live()] == [0]
+    await first.die()  # the agent's listener went with it
+    await asyncio.wait_for(_until(lambda: not sup.workers), TIMEOUT)
+    assert resyncs == [True]
+
+    third = FakeWorker()  # re-forked: it is handed every pod by itself
+    sup.adopt(0, 102, third.theirs)
+    await asyncio.wait_for(_until(lambda: "u1" in third.pods), TIMEOUT)
+    await sup.del_pod("u1")
+    assert third.pods == {} and sup.known_pods() == set()
+    sup.close()
+    await third.die()
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
