@@ -73,9 +73,11 @@ SRC_DIR = Path(__file__).resolve().parent / "src"
 SOURCE_FILES = (
     "maps.h",
     "connect4.c",
+    "connect6.c",
     "sockops.c",
     "getsockopt.c",
     "getpeername4.c",
+    "getpeername6.c",
     "sk_lookup.c",
 )
 
@@ -86,8 +88,10 @@ _PROG_CGROUP_SOCKOPT = 25
 _PROG_SK_LOOKUP = 30
 _ATTACH_CGROUP_SOCK_OPS = 3
 _ATTACH_CGROUP_INET4_CONNECT = 10
+_ATTACH_CGROUP_INET6_CONNECT = 11
 _ATTACH_CGROUP_GETSOCKOPT = 21
 _ATTACH_CGROUP_INET4_GETPEERNAME = 29
+_ATTACH_CGROUP_INET6_GETPEERNAME = 30
 _ATTACH_SK_LOOKUP = 36
 _BPF_F_ALLOW_MULTI = 1 << 1
 _BPF_ANY = 0
@@ -98,11 +102,14 @@ _BPF_FS_MAGIC = 0xCAFE4A11
 # bpffs refuses names containing '.'; a key is one path component.
 _PIN_KEY = re.compile(r"[A-Za-z0-9_:-]{1,200}")
 
-# (function, program type, expected attach type) for each program.
+# (function, program type, expected attach type) for each program. connect6 and
+# getpeername6 serve dual-stack AF_INET6 sockets dialing v4-mapped addresses (no connect4).
 _POD_CGROUP_PROGRAMS = (
     ("ambimesh_connect4", _PROG_CGROUP_SOCK_ADDR, _ATTACH_CGROUP_INET4_CONNECT),
+    ("ambimesh_connect6", _PROG_CGROUP_SOCK_ADDR, _ATTACH_CGROUP_INET6_CONNECT),
     ("ambimesh_sockops", _PROG_SOCK_OPS, _ATTACH_CGROUP_SOCK_OPS),
     ("ambimesh_getpeername4", _PROG_CGROUP_SOCK_ADDR, _ATTACH_CGROUP_INET4_GETPEERNAME),
+    ("ambimesh_getpeername6", _PROG_CGROUP_SOCK_ADDR, _ATTACH_CGROUP_INET6_GETPEERNAME),
 )
 _PROXY_PROGRAM = ("ambimesh_getsockopt", _PROG_CGROUP_SOCKOPT, _ATTACH_CGROUP_GETSOCKOPT)
 _SK_LOOKUP_PROGRAM = ("ambimesh_sk_lookup", _PROG_SK_LOOKUP, _ATTACH_SK_LOOKUP)
@@ -533,7 +540,7 @@ class MeshBpf:
         addresses: Sequence[str],
         pin_key: str | None = None,
     ) -> PodAttachment:
-        """Capture a pod: connect4, sockops, getpeername4 on its cgroup; sk_lookup on its netns.
+        """Capture a pod: connect4/6, sockops, getpeername4/6 on its cgroup; sk_lookup on its netns.
 
         With ``pin_key`` (needs ``pin_dir``) the netns link is pinned so inbound capture
         outlives this process, and a link already pinned under that key for this netns

@@ -66,7 +66,7 @@ enum ambimesh_counter {
     BPF_TABLE(type, key, leaf, name, max_entries)
 #endif
 
-/* connect4 -> sockops and getpeername4: the destination the pod's socket asked for. */
+/* connect4/6 -> sockops, getpeername4/6: the IPv4 destination the pod's socket asked for. */
 AMBIMESH_MAP("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
 /* sockops -> getsockopt: the same destination, found from the proxy's accepted socket. */
 AMBIMESH_MAP("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
@@ -90,6 +90,13 @@ static __always_inline int is_local(__u32 ip4_be)
 {
     __u32 ip4 = bpf_ntohl(ip4_be);
     return ip4 == 0 || (ip4 >> 24) == 127;
+}
+
+/* The first three words (network order) of ::ffff:a.b.c.d, how a dual-stack AF_INET6
+ * socket names an IPv4 address. */
+static __always_inline int is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+    return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff);
 }
 
 #endif /* AMBIMESH_MAPS_H */

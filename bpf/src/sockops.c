@@ -2,14 +2,17 @@
  * client address and port are known, so the original destination is also filed under the
  * key the proxy can compute from its accepted socket (see struct peer_key).
  *
- * The cookie entry stays until the socket closes (getpeername4 needs it); the peer entry
- * is left to the LRU, because the proxy may accept and ask only after the client closed. */
+ * The cookie entry stays until the socket closes (getpeername4/6 need it); the peer entry
+ * is left to the LRU, because the proxy may accept and ask only after the client closed.
+ *
+ * Both families: a dual-stack AF_INET6 socket that connect6 redirected runs an IPv4
+ * connection (tcp_v6_connect hands a v4-mapped destination to tcp_v4_connect), so its
+ * local_ip4 and local_port are that connection's, as on an AF_INET socket. Only sockets
+ * connect4/connect6 redirected have a cookie entry. */
 #include "maps.h"
 
 int ambimesh_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->family != AMBIMESH_AF_INET)
-        return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
 
     if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
 from bpf.loader import BpfError, MeshBpf, PodAttachment, cgroup2_mount
 from mesh.netns import Netns, socket_in
@@ -34,8 +34,13 @@ POD_A = "198.18.1.2"
 PEER = "198.18.1.1"
 POD_B = "198.18.2.2"
 REMOTE = ("198.18.9.9", 80)
+# How a dual-stack AF_INET6 socket (gRPC C-core, Java, Node.js) names REMOTE.
+REMOTE_MAPPED = ("::ffff:198.18.9.9", 80)
+POD_A6 = "fd00:a::2"
+PEER6 = "fd00:a::1"
 TIMEOUT = 3.0
 SO_ORIGINAL_DST = 80
+_IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h
 
 _ids = itertools.count()
 
@@ -79,6 +84,35 @@ class Lab:
         handle = self.namespaces[ns]
         (sock,) = self.make_in_cgroup(cgroup, lambda: [socket_in(handle, kind=kind, bind=bind)])
         return sock
+
+    def dual_stack_client(
+        self, ns: str, cgroup: str | None = None, kind: socket.SocketKind = socket.SOCK_STREAM
+    ) -> socket.socket:
+        """An AF_INET6 socket that also reaches IPv4 as ::ffff:a.b.c.d (IPV6_V6ONLY off)."""
+        handle = self.namespaces[ns]
+
+        def make() -> list[socket.socket]:
+            sock = socket_in(handle, family=socket.AF_INET6, kind=kind)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            return [sock]
+
+        (sock,) = self.make_in_cgroup(cgroup, make)
+        return sock
+
+    def add_ipv6(self) -> str | None:
+        """Put POD_A6 and PEER6 on the pod-peer veth; None, or why this netns cannot."""
+        for role, ifname, address in (
+            ("a", f"{self.tag}a", POD_A6),
+            ("peer", f"{self.tag}p", PEER6),
+        ):
+            try:
+                with NetNS(f"{self.tag}-{role}") as ns:
+                    index = ns.link_lookup(ifname=ifname)[0]
+                    # No duplicate address detection: the address is usable at once.
+                    ns.addr("add", index=index, address=address, prefixlen=64, flags=_IFA_F_NODAD)
+            except NetlinkError as exc:  # no IPv6 in this kernel, or disabled in the netns
+                return f"cannot add an IPv6 address in the test netns: {exc}"
+        return None
 
 
 def _sockets_from_child(
@@ -251,6 +285,47 @@ def test_outbound_connect_lands_on_ztunnel_with_original_destination(
     assert counts["original_dst_answered"] == 1
 
 
+def test_dual_stack_connect_to_v4_mapped_address_lands_on_ztunnel(lab: Lab, mesh: MeshBpf) -> None:
+    """gRPC C-core, Java and Node.js dial an IPv4 target from an AF_INET6 socket, which
+    runs connect6, not connect4: uncaptured, it would leave the pod in plaintext."""
+    mesh.attach_proxy(lab.cgroups["proxy"])
+    pod = enroll(lab, mesh, "a", POD_A)
+    app = lab.dual_stack_client("a", cgroup="a")
+    app.connect(REMOTE_MAPPED)
+    with accept(pod.outbound) as conn:
+        assert original_dst(conn) == REMOTE
+        # sockops filed it under the IPv4 client address the proxy sees.
+        assert app.getsockname()[0] == "::ffff:127.0.0.1"
+        assert conn.getpeername() == ("127.0.0.1", app.getsockname()[1])
+        assert app.getpeername() == (*REMOTE_MAPPED, 0, 0)
+        app.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+    counts = mesh.counters()
+    assert counts["outbound_redirected"] == 1
+    assert counts["outbound_established"] == 1
+    assert counts["original_dst_answered"] == 1
+
+
+def test_genuine_ipv6_destination_is_left_alone(lab: Lab, mesh: MeshBpf) -> None:
+    """The mesh is IPv4-only: connect6 passes an IPv6 destination through untouched."""
+    pod = enroll(lab, mesh, "a", POD_A)
+    why_not = lab.add_ipv6()
+    if why_not is not None:
+        pytest.skip(why_not)
+    peer = lab.namespaces["peer"]
+    (remote,) = lab.make_in_cgroup(
+        None, lambda: [socket_in(peer, family=socket.AF_INET6, bind=(PEER6, 80), listen=16)]
+    )
+    app = lab.dual_stack_client("a", cgroup="a")
+    app.connect((PEER6, 80))
+    with accept(remote) as conn:
+        assert conn.getpeername()[:2] == app.getsockname()[:2]
+    assert app.getsockname()[0] == POD_A6
+    assert app.getpeername()[:2] == (PEER6, 80)
+    assert nothing_pending(pod.outbound)
+    assert mesh.counters()["outbound_redirected"] == 0
+
+
 def test_unknown_connection_keeps_kernel_answer(lab: Lab, mesh: MeshBpf) -> None:
     """A connection the programs did not redirect gets the kernel's error, not garbage."""
     mesh.attach_proxy(lab.cgroups["proxy"])
@@ -289,6 +364,10 @@ def test_udp_and_loopback_are_not_redirected(lab: Lab, mesh: MeshBpf) -> None:
     assert udp.getpeername() == (PEER, 53)
     udp.send(b"query")
     assert dns.recvfrom(16) == (b"query", udp.getsockname())
+    udp6 = lab.dual_stack_client("a", cgroup="a", kind=socket.SOCK_DGRAM)
+    udp6.connect((f"::ffff:{PEER}", 53))
+    udp6.send(b"query6")
+    assert dns.recvfrom(16) == (b"query6", (POD_A, udp6.getsockname()[1]))
 
     local = lab.listener("a", ("127.0.0.1", 7000))
     app = lab.client("a", cgroup="a")
@@ -296,6 +375,11 @@ def test_udp_and_loopback_are_not_redirected(lab: Lab, mesh: MeshBpf) -> None:
     with accept(local) as conn:
         assert conn.getpeername() == app.getsockname()
     assert app.getpeername() == ("127.0.0.1", 7000)
+    app6 = lab.dual_stack_client("a", cgroup="a")
+    app6.connect(("::ffff:127.0.0.1", 7000))
+    with accept(local) as conn:
+        assert conn.getpeername() == ("127.0.0.1", app6.getsockname()[1])
+    assert app6.getpeername() == ("::ffff:127.0.0.1", 7000, 0, 0)
     assert nothing_pending(pod.outbound)
     assert mesh.counters()["outbound_redirected"] == 0
 
@@ -358,7 +442,8 @@ def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     assert mesh.attach_proxy(lab.cgroups["proxy"]) is proxy
     assert mesh.attached_programs() == 1
     pod = enroll(lab, mesh, "a", POD_A)
-    assert mesh.attached_programs() == 5  # getsockopt + connect4, sockops, getpeername4, link
+    # getsockopt + connect4/6, sockops, getpeername4/6, link
+    assert mesh.attached_programs() == 7
     with pytest.raises(BpfError, match="already attached"):
         mesh.attach_pod(lab.cgroups["a"], lab.namespaces["a"].fileno(), [POD_A])
     mesh.detach_pod(pod.attachment)
@@ -374,6 +459,11 @@ def test_detach_restores_normal_behaviour(lab: Lab, mesh: MeshBpf) -> None:
     with accept(remote) as conn:
         assert conn.getpeername() == app.getsockname()
     assert app.getpeername() == (PEER, 80)
+    app6 = lab.dual_stack_client("a", cgroup="a")
+    app6.connect((f"::ffff:{PEER}", 80))
+    with accept(remote) as conn:
+        assert conn.getpeername() == (POD_A, app6.getsockname()[1])
+    assert app6.getpeername() == (f"::ffff:{PEER}", 80, 0, 0)
 
     server = lab.listener("a", ("0.0.0.0", 8080))
     outside = lab.client("peer")

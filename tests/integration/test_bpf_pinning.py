@@ -30,6 +30,7 @@ from bpf.loader import (
     ensure_bpffs,
     purge_pins,
 )
+from bpf.sweep import CGROUP_ATTACH_TYPES
 from mesh.netns import Netns
 from tests.integration.privileged import require_privileged
 from tests.integration.test_bpf_datapath import (
@@ -52,7 +53,6 @@ POD_KEY = "pod-a"
 _MAP_HASH = 1
 _MAP_LRU_HASH = 9
 _LINK_TYPE_NETNS = 5
-_ATTACH_CGROUP_INET4_CONNECT = 10
 _ATTACH_CGROUP_GETSOCKOPT = 21
 _ATTACH_SK_LOOKUP = 36
 _MNT_DETACH = 2
@@ -324,7 +324,7 @@ def test_detach_unpin_and_purge_remove_the_pins(lab: Lab, pin_dir: str) -> None:
         assert new.pinned_pods() == set()
         assert len(new.table("enrolled_pods")) == 0
     assert eventually(lambda: sk_lookup_links(lab.namespaces["a"].fileno()) == [])
-    assert cgroup_programs(lab.cgroups["a"], _ATTACH_CGROUP_INET4_CONNECT) == []
+    assert all(cgroup_programs(lab.cgroups["a"], t) == [] for t in CGROUP_ATTACH_TYPES)
 
     # Neither direction is captured any more.
     remote = lab.listener("peer", (PEER, 80))

@@ -107,8 +107,8 @@ def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:
         "via=hbone",
     )
     assert agent_gauge(lab, "node-1", "ambimesh_bpf_outbound_redirected_total") >= 1
-    # one pod: connect4, sockops, getpeername4 and its sk_lookup link; ztunnel's getsockopt
-    assert agent_gauge(lab, "node-1", "ambimesh_bpf_programs_attached") == 5
+    # one pod: connect4/6, sockops, getpeername4/6 and its sk_lookup link; ztunnel's getsockopt
+    assert agent_gauge(lab, "node-1", "ambimesh_bpf_programs_attached") == 7
 
 
 def test_admin_endpoint_dumps_config_on_localhost_only(lab: Lab) -> None:
@@ -266,7 +266,7 @@ def test_agent_crash_keeps_capture_and_a_new_agent_adopts_it(lab: Lab) -> None:
         lab.start_component("node-2", "agent")
     lab.wait_ready()
     assert agent_gauge(lab, "node-2", "ambimesh_enrolled_pods") == 1
-    assert agent_gauge(lab, "node-2", "ambimesh_bpf_programs_attached") == 5
+    assert agent_gauge(lab, "node-2", "ambimesh_bpf_programs_attached") == 7
     assert logged(lab, "agent-node-2", "enrolled pod demo/server")
     assert fetch_in_pod(lab, "demo/client", "http://server/agent-back").returncode == 0
     plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/plain-2")

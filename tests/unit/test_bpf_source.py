@@ -18,7 +18,8 @@ def test_source_is_the_header_then_every_program_in_order() -> None:
     positions = [text.index((SRC_DIR / name).read_text()) for name in SOURCE_FILES]
     assert SOURCE_FILES[0] == "maps.h"
     assert positions == sorted(positions)
-    for program in ("connect4", "sockops", "getsockopt", "getpeername4", "sk_lookup"):
+    programs = ("connect4", "connect6", "sockops", "getsockopt", "getpeername4", "getpeername6")
+    for program in (*programs, "sk_lookup"):
         assert f"int ambimesh_{program}(" in text
         assert f"{program}.c" in SOURCE_FILES
 
