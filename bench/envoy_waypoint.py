@@ -42,8 +42,10 @@ ROUTER = {
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
 MAIN, ORIGINATE = "main_internal", "connect_originate"
-# istiod's retry.DefaultPolicy, which the ambimesh waypoint applies to routes without one.
-ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+# istiod's retry.DefaultPolicy (1.24+: no retry on a 503 of the app), which the controller
+# gives the ambimesh waypoint's routes that set none.
+ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled"
+ISTIO_RETRIES = 2
 # The keys of the ambimesh waypoint's JSON access line that Envoy has a command for.
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
@@ -112,8 +114,7 @@ def _route(route: Route) -> Config:
             "timeout": "0s",  # Istio: no route timeout unless the VirtualService sets one
             "retry_policy": {
                 "retry_on": ISTIO_RETRY_ON,
-                "num_retries": 2,
-                "retriable_status_codes": [503],
+                "num_retries": ISTIO_RETRIES,
                 "retry_host_predicate": [
                     {
                         "name": "envoy.retry_host_predicates.previous_hosts",

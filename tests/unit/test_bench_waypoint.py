@@ -15,7 +15,7 @@ from ambimesh.lab.lab import bundled_config_dir
 from ambimesh.lab.topology import plan
 from bench import certs, envoy, envoy_waypoint
 from bench.envoy import TlsFiles
-from bench.envoy_waypoint import ISTIO_RETRY_ON, Route, Upstream
+from bench.envoy_waypoint import ISTIO_RETRIES, ISTIO_RETRY_ON, Route, Upstream
 from bench.report import Run, format_table, summarize
 from bench.waypoint_lab import (
     ROUTES,
@@ -92,7 +92,8 @@ def test_envoy_routes_in_order_with_istios_default_retries(tmp_path: Path) -> No
     for r in routes:
         assert r["route"]["cluster"] == "backend"
         assert r["route"]["retry_policy"]["retry_on"] == ISTIO_RETRY_ON
-        assert r["route"]["retry_policy"]["num_retries"] == 2
+        assert r["route"]["retry_policy"]["num_retries"] == ISTIO_RETRIES
+        assert "retriable_status_codes" not in r["route"]["retry_policy"]
     assert hcm["access_log"][0]["typed_config"]["path"] == str(tmp_path / "access.log")
 
 
@@ -166,7 +167,10 @@ def test_the_ambimesh_waypoint_gets_the_same_routes_as_envoy() -> None:
     assert not default.matches
     for rule in table.rules:
         assert [b.service for b in rule.backends] == ["web.wpb.svc.cluster.local"]
-        assert rule.retry.attempts == 2
+        # Envoy's routes retry as the controller's default policy does
+        assert rule.retry.attempts == ISTIO_RETRIES
+        assert sorted(rule.retry.retry_on) == sorted(ISTIO_RETRY_ON.split(","))
+        assert not rule.retry.retriable_status_codes
 
 
 def test_virtual_service_rules_follow_the_routes() -> None:
