@@ -95,6 +95,7 @@ def test_flags_select_the_rotated_file(tmp_path: Path) -> None:
     args = parser.parse_args(["--log-file", str(tmp_path / "z.log"), "--log-max-bytes", "4096"])
     root = logging.getLogger()
     before = list(root.handlers)
+    collected = (logging._srcfile, logging.logThreads, logging.logProcesses)
     for handler in before:
         root.removeHandler(handler)
     try:
@@ -103,8 +104,13 @@ def test_flags_select_the_rotated_file(tmp_path: Path) -> None:
         assert isinstance(handler, RotatingLog)
         assert (handler.max_bytes, handler.backups) == (4096, 3)
         logging.getLogger("ztunnel.access").warning("outbound complete")
+        # Fields the format does not show are not collected.
+        assert (logging._srcfile, logging.logThreads, logging.logProcesses) == (None, False, False)
+        configure_logging(args, "%(process)d %(message)s")
+        assert logging.logProcesses
         assert (tmp_path / "z.log").read_text() == "WARNING outbound complete\n"
     finally:
+        logging._srcfile, logging.logThreads, logging.logProcesses = collected
         for handler in list(root.handlers):
             root.removeHandler(handler)
             handler.close()
