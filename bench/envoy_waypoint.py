@@ -63,8 +63,7 @@ ACCESS_LOG_FORMAT = {
     "route_name": "%ROUTE_NAME%",
     "user_agent": "%REQ(USER-AGENT)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
-    "source_principal": "%DOWNSTREAM_PEER_URI_SAN%",
-}
+}  # no principals: main_internal does not see the HBONE connection's TLS
 
 
 @dataclass(frozen=True)
