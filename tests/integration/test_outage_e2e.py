@@ -157,13 +157,20 @@ def renewal_failed(lab: Lab, node: str, failures_before: float) -> bool:
     return sample(lab, node, METRICS_PORT, RENEWAL_FAILURES) > failures_before
 
 
+def enrolled(lab: Lab, node: str) -> int:
+    """The node's pods in namespace demo (enrolled), but not the waypoint (it speaks HBONE
+    itself and is never captured)."""
+    pods = lab.load_plan().pods
+    return sum(1 for p in pods if p.node == node and p.namespace == "demo" and not p.waypoint)
+
+
 def node_healthy(lab: Lab, node: str) -> bool:
     """ztunnel ready and serving metrics, the agent still enrolled and synced."""
     address = node_address(lab, node)
     return (
         get(lab, node, address, READINESS_PORT, "/healthz/ready")[0] == 200
         and sample(lab, node, AGENT_METRICS_PORT, "ambimesh_config_synced") == 1
-        and sample(lab, node, AGENT_METRICS_PORT, "ambimesh_enrolled_pods") == 1
+        and sample(lab, node, AGENT_METRICS_PORT, "ambimesh_enrolled_pods") == enrolled(lab, node)
         and sample(lab, node, METRICS_PORT, "ambimesh_certificate_expiry_seconds") > 0
     )
 

@@ -320,6 +320,61 @@ def test_an_l7_deny_answers_403_names_the_policy_and_cannot_be_bypassed(lab: Lab
     assert denied[-1]["response_code_details"] == "rbac_access_denied_matched_policy[demo/no-admin]"
 
 
+GRPC_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+pod = sys.argv[1].encode()
+def hello(request, context):
+    return b"hello " + request + b" from " + pod
+handler = grpc.method_handlers_generic_handler(
+    "demo.Greeter", {"Hello": grpc.unary_unary_rpc_method_handler(hello)}
+)
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("0.0.0.0:9090")
+server.start()
+print("serving", flush=True)
+server.wait_for_termination(timeout=300)
+"""
+GRPC_CLIENT = """
+import os
+os.environ["GRPC_DNS_RESOLVER"] = "native"  # the pod's /etc/hosts names the Service
+import grpc
+with grpc.insecure_channel("server:9090") as channel:
+    grpc.channel_ready_future(channel).result(timeout=30)
+    hello = channel.unary_unary("/demo.Greeter/Hello")
+    for i in range(10):
+        print(hello(b"mesh", timeout=30).decode())
+"""
+
+
+def test_a_grpc_call_routes_through_the_waypoint(lab: Lab) -> None:
+    servers = [
+        lab.spawn_in_pod(f"demo/{pod}", ["python", "-c", GRPC_SERVER, pod], capture=True)
+        for pod in (V1, V2)
+    ]
+    try:
+        for server in servers:
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == b"serving"
+        result = lab.run("demo/client", ["python", "-c", GRPC_CLIENT], timeout=120)
+        assert result.returncode == 0, result.stderr
+        answers = result.stdout.split("\n")[:-1]
+        assert len(answers) == 10
+        assert {a.rsplit(" ", 1)[1] for a in answers} <= {V1, V2}
+        assert all(a.startswith("hello mesh from ") for a in answers)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(timeout=10)
+    lines = waypoint_metrics(lab, CANARY_WAYPOINT)
+    assert (
+        metric(lines, "istio_requests_total", request_protocol="grpc", grpc_response_status="0")
+        >= 10
+    )
+
+
 UPLOAD = """
 import http.client, json, sys
 size, chunk = int(sys.argv[1]), b"\\0" * (1 << 20)
