@@ -120,18 +120,21 @@ def add_log_file_flags(parser: ArgumentParser) -> None:
     )
 
 
-def configure_logging(args: Namespace, fmt: str) -> None:
-    """The root logger to stderr, or to `--log-file` with rotation.
-
-    Record fields `fmt` does not show are not collected (the logging HOWTO's
+def collect_only_shown_fields(fmt: str) -> None:
+    """Record fields `fmt` does not show are not collected (the logging HOWTO's
     "Optimization"): the caller's file and line cost a stack walk per record, the process
-    and thread a few calls more, together over half the cost of an access-log line.
-    """
+    and thread a few calls more, together over half the cost of an access-log line."""
     if not any(f"%({name})" in fmt for name in _CALLER_FIELDS):
         logging._srcfile = None
     logging.logThreads = "%(thread" in fmt
     logging.logProcesses = "%(process)" in fmt
     logging.logMultiprocessing = "%(processName)" in fmt
+
+
+def configure_logging(args: Namespace, fmt: str) -> None:
+    """The root logger to stderr, or to `--log-file` with rotation; only the record
+    fields `fmt` shows are collected."""
+    collect_only_shown_fields(fmt)
     if args.log_file is None:
         logging.basicConfig(level=args.log_level, format=fmt)
         return

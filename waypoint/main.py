@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from mesh.cert_manager import CertManager
 from mesh.hbone.protocol import HBONE_PORT
 from mesh.http_endpoints import serve_in_thread, stop_serving
+from mesh.logfile import collect_only_shown_fields
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.proxy_process import drain_signals, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
@@ -27,6 +28,7 @@ from waypoint.downstream_h1 import HEADERS_TIMEOUT
 from waypoint.server import Waypoint
 
 log = logging.getLogger("waypoint")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 CERT_TTL_SECONDS = 24 * 3600
 # Envoy waypoints drain for terminationGracePeriodSeconds (30 s by default on Kubernetes).
@@ -150,9 +152,9 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # one access line per request: no stack walk, getpid or thread lookup for each
+    collect_only_shown_fields(LOG_FORMAT)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     try:
         uvloop.run(run(args))
     except (NodeConfigError, OSError, SpiffeError) as exc:

@@ -25,6 +25,7 @@ from waypoint.clusters import Clusters
 from waypoint.context import Downstream
 from waypoint.flags import ResponseFlag
 from waypoint.forward import Forwarder, ForwardPlan
+from waypoint.memo import ConfigMemo
 from waypoint.message import BytesBody, ReplayableBody, Request, Response
 from waypoint.observe import CountingBody, Observation, Observer
 from waypoint.retry import RetryPolicy
@@ -96,6 +97,9 @@ class Proxy:
         self._observer = observer
         self._rng = rng or random.Random()
         self._clusters = Clusters(self._rng)
+        # Derived from the configuration once, not per request (~4 % of a request).
+        self._endpoints: ConfigMemo[list[Endpoint]] = ConfigMemo()
+        self._retries: ConfigMemo[RetryPolicy] = ConfigMemo()
 
     async def handle(self, downstream: Downstream, request: Request) -> Response:
         """The response to `request`; its `complete()` reports it (metrics, log, span)."""
@@ -274,13 +278,23 @@ class Proxy:
         rule: mesh_pb2.HttpRouteRule | None,
         mirrors: list[mesh_pb2.HttpMirror],
     ) -> Response:
-        endpoints = endpoints_of(state, backend)
+        endpoints = self._endpoints.get(
+            state,
+            (backend.service, backend.workload),
+            (backend.port, backend.subset_labels),
+            lambda: endpoints_of(state, backend),
+        )
         if not endpoints:
             return local_reply(503, "no healthy upstream\n", ResponseFlag.NO_HEALTHY_UPSTREAM)
         host = backend.service.hostname if backend.service is not None else ""
         cluster = self._clusters.cluster(host, backend.subset, state.destination_policies.get(host))
-        retry = RetryPolicy.from_proto(
-            rule.retry if rule is not None and rule.HasField("retry") else None
+        retry = self._retries.get(
+            state,
+            (rule,),
+            None,
+            lambda: RetryPolicy.from_proto(
+                rule.retry if rule is not None and rule.HasField("retry") else None
+            ),
         )
         body = request.body
         replay: ReplayableBody | None = None
@@ -289,7 +303,7 @@ class Proxy:
         for mirror in mirrors:
             self._mirror(state, request, mirror, replay, backend.port)
         timeout = rule.timeout_seconds if rule is not None else 0.0
-        plan = ForwardPlan(request, endpoints, cluster, retry, timeout, replay)
+        plan = ForwardPlan(request, list(endpoints), cluster, retry, timeout, replay)
         return await self._forwarder.forward(plan)
 
     def _mirror(
