@@ -9,6 +9,7 @@ asked, what came back, which flags) and hands it to :meth:`RequestMetrics.record
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -285,4 +286,10 @@ def _timestamp(epoch: float) -> str:
     """Envoy's %START_TIME%: UTC with milliseconds."""
     seconds = int(epoch)
     millis = int((epoch - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    """The formatted second, once per second rather than once per request (2 % of one)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
