@@ -33,6 +33,14 @@ def parser() -> argparse.ArgumentParser:
         help="add an example configuration (repeatable), e.g. seed-canary: the seed's "
         "VirtualService and DestinationRule verbatim, in namespace default",
     )
+    up.add_argument(
+        "--scale-pods",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N enrolled pods (namespace scale, spread over the nodes, 10 per service "
+        "account, no app process) to measure ztunnel at scale",
+    )
     lab_sub.add_parser("down", help="remove every namespace, cgroup, process of the lab")
     lab_sub.add_parser("status", help="nodes, pods, services and readiness")
     lab_sub.add_parser("demo", help="call server from client across nodes; show wire + metrics")
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     lab = Lab(args.name)
     try:
         if args.action == "up":
-            lab.up(args.config, examples=args.example)
+            lab.up(args.config, examples=args.example, scale_pods=args.scale_pods)
             print(lab.status())
         elif args.action == "down":
             lab.down()

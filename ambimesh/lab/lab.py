@@ -30,12 +30,14 @@ from ambimesh.lab import cgroups, network, procs
 from ambimesh.lab.netclient import connect_in, http_get
 from ambimesh.lab.topology import (
     CONTROLLER_PORT,
+    SCALE_FILE,
     LabPlan,
     NodePlan,
     PodPlan,
     ServicePlan,
     documents_of,
     plan,
+    scale_documents,
 )
 from mesh.cgroups import cgroup2_mount
 
@@ -125,16 +127,23 @@ class Lab:
 
     # lifecycle ---------------------------------------------------------------------
     def up(
-        self, config_dir: Path | None = None, timeout: float = 60.0, examples: Sequence[str] = ()
+        self,
+        config_dir: Path | None = None,
+        timeout: float = 60.0,
+        examples: Sequence[str] = (),
+        scale_pods: int = 0,
     ) -> LabPlan:
         """Build the lab from ``config_dir`` (default: the bundled one) plus the named
-        examples (`example_names()`), which the runtime config then holds as files too."""
+        examples (`example_names()`), which the runtime config then holds as files too,
+        plus ``scale_pods`` extra enrolled pods (`topology.scale_documents`)."""
         check_environment()
         self.down(quiet=True)
         source = config_dir or bundled_config_dir()
         files = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".yml"))
         files += [example_file(name) for name in examples]
         docs = documents_of((p.name, p.read_text()) for p in files)
+        if scale_pods:
+            docs[SCALE_FILE] = scale_documents(docs, scale_pods)
         lab_plan = plan(self.name, docs, lambda: str(uuid.uuid4()))
         self._write_state(lab_plan)
         say(f"building lab {self.name!r} from {source}")

@@ -272,6 +272,71 @@ def _plan_service(source: str, doc: Document, default_vip: str) -> ServicePlan:
     return ServicePlan(name=name, namespace=namespace, vip=vip, ports=tuple(ports))
 
 
+SCALE_NAMESPACE = "scale"
+SCALE_FILE = "zz-scale-pods.yaml"
+# Pods share service accounts as a Deployment's replicas do: ztunnel keeps one certificate
+# and TLS context per identity, so identities, not pods, set that part of its memory.
+SCALE_PODS_PER_IDENTITY = 10
+
+
+def scale_documents(files: Mapping[str, list[Document]], count: int) -> list[Document]:
+    """``count`` extra enrolled pods for ``files``' nodes: namespace ``scale`` (ambient),
+    pods ``pod-000``... dealt round-robin over the nodes in file order, a service account
+    per :data:`SCALE_PODS_PER_IDENTITY` pods. No containers: each is a netns, a cgroup and
+    the lab's pause process, cheap enough for hundreds; whoever needs a server in one
+    starts it (``Lab.spawn_in_pod``)."""
+    if count < 0:
+        raise PlanError(f"scale pods: {count} is not a pod count")
+    nodes = [
+        name
+        for docs in files.values()
+        for d in docs
+        if d.get("kind") == "Node"
+        and isinstance(name := (d.get("metadata") or {}).get("name"), str)
+    ]
+    if count and not nodes:
+        raise PlanError("scale pods need at least one Node object")
+    if not count:
+        return []
+    width = max(3, len(str(count - 1)))
+    accounts = [f"sa-{i:0{width}d}" for i in range(0, count, SCALE_PODS_PER_IDENTITY)]
+    docs: list[Document] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": SCALE_NAMESPACE,
+                "labels": {"ambimesh.io/dataplane-mode": "ambient"},
+            },
+        }
+    ]
+    docs += [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": SCALE_NAMESPACE},
+        }
+        for account in accounts
+    ]
+    for i in range(count):
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"pod-{i:0{width}d}",
+                    "namespace": SCALE_NAMESPACE,
+                    "labels": {"app": "scale"},
+                },
+                "spec": {
+                    "nodeName": nodes[i % len(nodes)],
+                    "serviceAccountName": accounts[i // SCALE_PODS_PER_IDENTITY],
+                },
+            }
+        )
+    return docs
+
+
 def documents_of(files: Iterable[tuple[str, str]]) -> dict[str, list[Document]]:
     """Parse YAML texts (file name, text) into documents, naming the file on error."""
     import yaml

@@ -15,6 +15,8 @@ from ambimesh.lab.topology import (
     CONTROLLER_PORT,
     MAX_NODES,
     MAX_PODS_PER_NODE,
+    SCALE_FILE,
+    SCALE_NAMESPACE,
     Document,
     LabPlan,
     NodePlan,
@@ -23,6 +25,7 @@ from ambimesh.lab.topology import (
     ServicePlan,
     documents_of,
     plan,
+    scale_documents,
 )
 
 CONFIG_DIR = Path(ambimesh.lab.__file__).parent / "config"
@@ -536,3 +539,48 @@ def test_a_full_node_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match=f"already has {MAX_PODS_PER_NODE} pods"):
         plan(LAB, docs, uid_factory())
     assert len(plan(LAB, {"p.yaml": docs["p.yaml"][:-1]}, uid_factory()).pods) == MAX_PODS_PER_NODE
+
+
+# --- scale pods (ambimesh lab up --scale-pods N) ----------------------------------------
+
+
+def scaled(count: int) -> LabPlan:
+    docs = bundled()
+    docs[SCALE_FILE] = scale_documents(docs, count)
+    return plan(LAB, docs, uid_factory())
+
+
+def test_scale_pods_are_enrolled_spread_over_nodes_and_share_identities() -> None:
+    lab_plan = scaled(100)
+    pods = [p for p in lab_plan.pods if p.namespace == SCALE_NAMESPACE]
+    assert [p.name for p in pods] == [f"pod-{i:03d}" for i in range(100)]
+    assert [p.node for p in pods[:4]] == ["node-1", "node-2", "node-1", "node-2"]
+    assert sum(p.node == "node-1" for p in pods) == 50
+    assert all(p.commands == () and p.ports == () for p in pods)  # the pause process only
+    assert {p.service_account for p in pods} == {f"sa-{i:03d}" for i in range(0, 100, 10)}
+    assert pods[9].service_account == "sa-000" and pods[10].service_account == "sa-010"
+    # the bundled pods keep their places (addresses, veths) ahead of the scale pods
+    base = plan(LAB, bundled(), uid_factory()).pods
+    assert lab_plan.pods[: len(base)] == base
+    assert len({p.address for p in lab_plan.pods}) == len(lab_plan.pods)
+    assert len({p.host_veth for p in lab_plan.pods}) == len(lab_plan.pods)
+    assert max(len(p.host_veth) for p in lab_plan.pods) <= 15  # IFNAMSIZ - 1
+    namespace = next(d for d in lab_plan.runtime_documents[SCALE_FILE] if d["kind"] == "Namespace")
+    assert namespace["metadata"]["labels"] == {"ambimesh.io/dataplane-mode": "ambient"}
+
+
+def test_scale_pods_zero_adds_nothing_and_the_node_limit_holds() -> None:
+    assert scale_documents(bundled(), 0) == []
+    # the bundled lab has 3 pods on node-1 already; 2 x 240 scale pods put 243 there
+    with pytest.raises(PlanError, match=f"already has {MAX_PODS_PER_NODE} pods"):
+        scaled(2 * MAX_PODS_PER_NODE)
+    with pytest.raises(PlanError, match="not a pod count"):
+        scale_documents(bundled(), -1)
+    with pytest.raises(PlanError, match="at least one Node"):
+        scale_documents({"x.yaml": []}, 1)
+
+
+def test_scale_pod_names_widen_past_a_thousand() -> None:
+    docs = scale_documents({"n.yaml": [node_doc(f"n{i}") for i in range(5)]}, 1001)
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "Pod"]
+    assert names[0] == "pod-0000" and names[-1] == "pod-1000"
