@@ -1,7 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both run setup first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick deploy image image-smoke test-vagrant
+.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick bench-memory deploy image image-smoke test-vagrant
 
 setup:
 	@scripts/setup.sh
@@ -47,6 +47,12 @@ bench-waypoint:
 bench-waypoint-quick:
 	@scripts/setup.sh --bench
 	$(PY) -m bench.waypoint_bench --quick $(BENCH_ARGS)
+
+# ztunnel's memory idle, with 100 enrolled pods and with 1000 open connections, beside the
+# Envoy pair's idle RSS (docs/performance.md, "Memory"). Extra flags: BENCH_ARGS="--workers 2"
+bench-memory:
+	@scripts/setup.sh --bench
+	$(PY) -m bench.memory $(BENCH_ARGS)
 
 # The Helm chart and plain manifests in deploy/ are generated from ambimesh/install
 # (docs/install.md); a unit test fails while they are stale.
