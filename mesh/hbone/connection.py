@@ -331,6 +331,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
         # A DATA frame on the fast path (h2fast) whose payload is still arriving.
         self._fast_stream: HboneStream | None = None
         self._fast_left = 0
+        self._fast_end = False  # that frame carries END_STREAM
         # Frame bytes to write, in order: whole pieces, then the small frames in `_out_tail`;
         # h2's own output is appended whenever we add a frame, so the order is the wire order.
         self._out: list[bytes | bytearray] = []
@@ -459,11 +460,12 @@ class _HboneConnection(asyncio.BufferedProtocol):
         start = pos  # the first frame not yet handled
         while end - pos >= h2fast.FRAME_HEADER:
             length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
-            if view[pos + 3] == h2fast.DATA and not view[pos + 4]:
+            flags = view[pos + 4]
+            if view[pos + 3] == h2fast.DATA and not flags & ~h2fast.END_STREAM:
                 if start < pos and not self._to_h2(view[start:pos]):
                     return
                 start = pos
-                if self._fast_data(view, pos, length):
+                if self._fast_data(view, pos, length, bool(flags)):
                     pos = start = self._fast_piece(view, pos + h2fast.FRAME_HEADER)
                     continue
             if pos + h2fast.FRAME_HEADER + length > end:
@@ -474,18 +476,22 @@ class _HboneConnection(asyncio.BufferedProtocol):
         if pos < end:
             self._held = [bytes(view[pos:end])]
 
-    def _fast_data(self, view: memoryview, at: int, length: int) -> bool:
+    def _fast_data(self, view: memoryview, at: int, length: int, end_stream: bool) -> bool:
         """Take the DATA frame whose header is at `at` if h2 would accept it plainly."""
-        stream_id = int.from_bytes(view[at + 5 : at + 9]) & 0x7FFFFFFF
+        # Indexing, not a slice: a memoryview slice is one more object for the GC to track.
+        stream_id = (
+            (view[at + 5] & 0x7F) << 24 | view[at + 6] << 16 | view[at + 7] << 8 | view[at + 8]
+        )
         stream = self._streams.get(stream_id)
         if stream is None or stream._error is not None or not self._data_allowed(stream):
             return False
         h2_stream = h2fast.receivable(self._h2, stream_id, length)
         if h2_stream is None:
             return False
-        h2fast.data_received(self._h2, h2_stream, length)
+        h2fast.data_received(self._h2, h2_stream, length, end_stream)
         self._fast_stream = stream
         self._fast_left = length
+        self._fast_end = end_stream
         return True
 
     def _fast_piece(self, view: memoryview, at: int) -> int:
@@ -494,13 +500,16 @@ class _HboneConnection(asyncio.BufferedProtocol):
         assert stream is not None
         take = min(self._fast_left, len(view) - at)
         self._fast_left -= take
-        if not self._fast_left:
-            self._fast_stream = None
         if take:
             if stream._error is None:
                 self._data_arrived(stream, bytes(view[at : at + take]))
             else:
                 self._consumed(stream, take)  # nobody reads them: back to the peer's window
+        if not self._fast_left:
+            self._fast_stream = None
+            if self._fast_end:
+                self._fast_end = False
+                self._ended(stream)
         return at + take
 
     def _data_allowed(self, stream: HboneStream) -> bool:
@@ -580,9 +589,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
         elif isinstance(event, h2.events.StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._recv_eof = True
-                stream._wake_reader()
-                self._forget_if_done(stream)
+                self._ended(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
@@ -623,6 +630,13 @@ class _HboneConnection(asyncio.BufferedProtocol):
             self._h2.acknowledge_received_data(padding, event.stream_id)
         if data:
             self._data_arrived(stream, data)
+
+    def _ended(self, stream: HboneStream) -> None:
+        """The peer's END_STREAM, after its last DATA: EOF for the reader."""
+        if self._streams.get(stream.stream_id) is stream:
+            stream._recv_eof = True
+            stream._wake_reader()
+            self._forget_if_done(stream)
 
     def _data_arrived(self, stream: HboneStream, data: bytes) -> None:
         recv = stream._recv
@@ -718,7 +732,10 @@ class _HboneConnection(asyncio.BufferedProtocol):
                 # and h2's own buffer never holds more than that.
                 self._write_out()
         if not stream._send and stream._send_eof_pending and not stream._send_closed:
-            self._h2.end_stream(sid)
+            if fast is not None:
+                self._queue(h2fast.end_stream_sent(fast))
+            else:
+                h2c.end_stream(sid)
             stream._send_closed = True
             self._forget_if_done(stream)
 

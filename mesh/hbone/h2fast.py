@@ -23,11 +23,12 @@ import h2.config
 import h2.connection
 import h2.stream
 from h2.connection import ConnectionState
-from h2.stream import StreamState
+from h2.stream import StreamInputs, StreamState
 
 FRAME_HEADER = 9
 DATA = 0x0
 WINDOW_UPDATE = 0x8
+END_STREAM = 0x1
 # length (24 bits) and type in one 32-bit field, then flags and stream id.
 _HEADER = struct.Struct(">IBI")
 _WINDOW_UPDATE = struct.Struct(">IBII")
@@ -76,7 +77,8 @@ def take_output(conn: h2.connection.H2Connection) -> bytes | bytearray:
 
 
 def sendable(conn: h2.connection.H2Connection, stream_id: int) -> h2.stream.H2Stream | None:
-    """h2's stream if a DATA frame (no END_STREAM) on it is a no-op for h2's state machines."""
+    """h2's stream if it may send DATA: a frame without END_STREAM is a no-op for h2's
+    state machines, END_STREAM goes through `end_stream_sent`."""
     if not SUPPORTED or conn.state_machine.state is _CLOSED:
         return None
     stream = conn.streams.get(stream_id)
@@ -100,8 +102,9 @@ def data_sent(conn: h2.connection.H2Connection, stream: h2.stream.H2Stream, size
 def receivable(
     conn: h2.connection.H2Connection, stream_id: int, size: int
 ) -> h2.stream.H2Stream | None:
-    """h2's stream if h2 would accept a DATA frame (no flags) of `size` bytes on it with
-    nothing but a DataReceived event; None leaves the frame to h2."""
+    """h2's stream if h2 would accept a DATA frame (no flag but END_STREAM) of `size` bytes
+    on it with nothing but its DataReceived (and StreamEnded) events; None leaves the frame
+    to h2."""
     if not SUPPORTED or conn.state_machine.state is _CLOSED:
         return None
     buffer = conn.incoming_buffer
@@ -121,11 +124,24 @@ def receivable(
     return stream
 
 
-def data_received(conn: h2.connection.H2Connection, stream: h2.stream.H2Stream, size: int) -> None:
-    """Account a DATA frame `receivable` accepted, as h2's receive path does."""
+def data_received(
+    conn: h2.connection.H2Connection, stream: h2.stream.H2Stream, size: int, end_stream: bool
+) -> None:
+    """Account a DATA frame `receivable` accepted, as h2's receive path does; its
+    END_STREAM is h2's own state transition (half-closed or closed, with the closed-by
+    record h2 keeps)."""
     conn._inbound_flow_control_window_manager.current_window_size -= size
     stream._inbound_window_manager.current_window_size -= size
     stream._actual_content_length += size
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+
+
+def end_stream_sent(stream: h2.stream.H2Stream) -> bytes:
+    """`H2Connection.end_stream` for a stream from `sendable`: h2's state transition, and
+    the empty DATA frame with END_STREAM to send."""
+    stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+    return _HEADER.pack(DATA, END_STREAM, stream.stream_id)
 
 
 def acknowledge(conn: h2.connection.H2Connection, stream_id: int, size: int) -> bytes:

@@ -16,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import h2.stream
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -164,10 +165,12 @@ async def test_echo_through_the_fast_path_keeps_bytes_windows_and_half_close(
 ) -> None:
     """Several windows' worth each way, in chunks small and frame-sized, cut into reads of
     `split` bytes: every byte arrives in order, END_STREAM comes after the last one, the
-    windows of both peers agree, and h2 parsed or built none of the DATA frames with payload."""
+    windows of both peers agree, both h2s close the stream, and h2 parsed or built none of
+    the DATA frames (END_STREAM included)."""
     pair = Pair(split=split)
     h2_received = _count(monkeypatch, pair.server, "_on_data")
     h2_sent = _count(monkeypatch, pair.server._h2, "send_data")
+    h2_ended = _count(monkeypatch, pair.server._h2, "end_stream")
     sid = pair.client.get_next_available_stream_id()
     pair.client.send_headers(sid, CONNECT)
     await pair.exchange(lambda: any(isinstance(e, h2.events.ResponseReceived) for e in pair.events))
@@ -189,8 +192,32 @@ async def test_echo_through_the_fast_path_keeps_bytes_windows_and_half_close(
     pair.client.end_stream(sid)
     await pair.exchange(lambda: pair.ended(sid))
     assert bytes(pair.received[sid]) == payload
-    assert len(h2_received) == 1  # the client's empty END_STREAM frame
+    assert pair.server._h2.streams[sid].closed and pair.client.streams[sid].closed
+    assert not h2_received
     assert not h2_sent
+    assert not h2_ended
+
+
+@pytest.mark.parametrize("split", [1, 5, 100_000])
+async def test_end_stream_on_a_data_frame_comes_after_its_payload(split: int) -> None:
+    """DATA with END_STREAM, its payload cut over several reads: the reader gets every byte,
+    then EOF; the server's h2 sees the stream half-closed by the peer, as h2 itself would."""
+    got: list[bytes] = []
+    ended: list[h2.stream.StreamState] = []
+
+    async def reader(stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+        await stream.accept()
+        while data := await stream.read():
+            got.append(data)
+        ended.append(pair.server._h2.streams[stream.stream_id].state_machine.state)
+
+    pair = Pair(reader, split=split)
+    pair.client.send_headers(1, CONNECT)
+    await pair.exchange(lambda: any(isinstance(e, h2.events.ResponseReceived) for e in pair.events))
+    pair.client.send_data(1, b"last words", end_stream=True)
+    await pair.exchange(lambda: bool(ended))
+    assert b"".join(got) == b"last words"
+    assert ended == [h2.stream.StreamState.HALF_CLOSED_REMOTE]
 
 
 async def test_data_after_the_peers_reset_in_the_same_read_is_not_delivered(
