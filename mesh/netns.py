@@ -11,6 +11,7 @@ the kernel gave that number to next.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import threading
@@ -19,7 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from pyroute2 import netns as _netns
+CLONE_NEWNET = 0x40000000
+# setns(2) straight from libc (os.setns is Python 3.12+): pyroute2's wrapper cost every
+# proxy process ~20 MiB of resident imports for this one call.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _lock = threading.Lock()
 _home = threading.local()
@@ -76,6 +80,12 @@ class Netns:
         return f"<Netns {self.name} inode={self.inode}{' closed' if self.closed else ''}>"
 
 
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 def _home_fd() -> int:
     """This thread's own namespace, opened once per thread (threads never move for good)."""
     fd: int | None = getattr(_home, "fd", None)
@@ -90,11 +100,11 @@ def entered(ns: Netns) -> Iterator[None]:
     """Run the body with this thread inside ``ns``; raises `NetnsClosed` if it was released."""
     with _lock:
         home = _home_fd()
-        _netns.setns(ns.fileno())
+        _setns(ns.fileno())
         try:
             yield
         finally:
-            _netns.setns(home)
+            _setns(home)
 
 
 def socket_in(
