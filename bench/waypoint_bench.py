@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             variants = bed.up(Path(config_dir))
         runs += idle_memory(variants)
         warm_up(bed, variants, s)
+        bed.check_routing()
         for round_no in range(1, s.rounds + 1):
             for test in TESTS:
                 for variant in variants:

@@ -17,9 +17,12 @@ node, and only the waypoint process differs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,9 @@ VARIANTS = tuple(SERVICES)
 # header match and falls through to the second rule.
 ROUTES = [Route("canary", ("x-bench-route", "canary")), Route("default")]
 STOP_TIMEOUT = 10.0
+ACCESS_MARKER = "waypoint.access: "
+ENVOY_ACCESS_LOG = "envoy-waypoint-access.log"
+ACCESS_LOG_WAIT = 5.0  # s; Envoy flushes its access log every second
 
 Document = dict[str, Any]
 
@@ -121,6 +127,24 @@ def lab_documents() -> list[Document]:
     return docs
 
 
+def access_routes(log: str) -> Counter[str]:
+    """Requests per route name in a waypoint's JSON access lines: the whole line for
+    Envoy's, after ``waypoint.access:`` in ambimesh's pod log (other lines are skipped)."""
+    routes: Counter[str] = Counter()
+    for line in log.splitlines():
+        _, marker, rest = line.partition(ACCESS_MARKER)
+        text = rest if marker else line
+        if not text.startswith("{"):
+            continue
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            routes[str(entry.get("route_name") or "")] += 1
+    return routes
+
+
 def write_config(dest: Path) -> Path:
     """The bundled lab's nodes and nothing else of it, plus this benchmark's objects."""
     (dest / "nodes.yaml").write_text((bundled_config_dir() / "nodes.yaml").read_text())
@@ -158,6 +182,27 @@ class WaypointTestbed(Testbed):
             variants.append(Variant(name, CLIENT, http, http, proxies[name]))
         return tuple(variants)
 
+    def check_routing(self) -> None:
+        """After some traffic: each waypoint answered requests through one of its routes
+        (ambimesh names its VirtualService rule, Envoy ROUTES' names), so neither column
+        measures a path that skipped its waypoint or its route table. Envoy writes its
+        access log out once a second: wait for it a little."""
+        mesh = self.lab.load_plan().pod(MESH_WAYPOINT)
+        names = {r.name for r in ROUTES}
+        checks: dict[str, tuple[Path, Callable[[str], bool]]] = {
+            "ambimesh": (self.lab.logs / f"pod-{mesh.namespace}-{mesh.name}.log", bool),
+            "envoy": (self.work / ENVOY_ACCESS_LOG, names.__contains__),
+        }
+        for variant, (path, is_route) in checks.items():
+            deadline = time.monotonic() + ACCESS_LOG_WAIT
+            while True:
+                routes = access_routes(path.read_text(errors="replace") if path.exists() else "")
+                if any(n for name, n in routes.items() if is_route(name)):
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"{variant} waypoint logged no routed request: {path} {routes}")
+                time.sleep(0.2)
+
     def _waypoint_process(self, pod: PodPlan) -> int:
         """The ``python -m waypoint`` the lab started in ``pod`` (beside its pause process)."""
         pids = [
@@ -182,7 +227,7 @@ class WaypointTestbed(Testbed):
             SpiffeId(CLUSTER_DOMAIN, server.namespace, server.service_account).uri,
         )
         cfg = envoy_waypoint.config(
-            pod.address, tls, ROUTES, upstream, self.work / "envoy-waypoint-access.log"
+            pod.address, tls, ROUTES, upstream, self.work / ENVOY_ACCESS_LOG
         )
         path = self.work / "envoy-waypoint.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

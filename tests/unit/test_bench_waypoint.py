@@ -21,6 +21,7 @@ from bench.waypoint_lab import (
     ROUTES,
     SERVICES,
     VARIANTS,
+    access_routes,
     is_waypoint_command,
     lab_documents,
     virtual_service,
@@ -191,6 +192,24 @@ def test_config_dir_holds_the_nodes_and_the_bench_objects(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.yaml", "waypoint-bench.yaml"]
     docs = list(yaml.safe_load_all((tmp_path / "waypoint-bench.yaml").read_text()))
     assert docs == lab_documents()
+
+
+def test_access_routes_reads_both_waypoints_logs() -> None:
+    ambimesh = "\n".join(
+        [
+            "2026-12-02 08:12:50,100 INFO waypoint: waypoint wpb/waypoint up (pid 7)",
+            '2026-12-02 08:12:51,154 INFO waypoint.access: {"method":"GET",'
+            '"route_name":"VirtualService/wpb/web#1","response_code":200}',
+            '2026-12-02 08:12:51,173 INFO waypoint.access: {"route_name":'
+            '"VirtualService/wpb/web#1"}',
+            '2026-12-02 08:12:51,180 INFO waypoint.access: {"route_name":null}',
+            "2026-12-02 08:12:51,190 INFO waypoint.access: {truncated",
+        ]
+    )
+    assert access_routes(ambimesh) == {"VirtualService/wpb/web#1": 2, "": 1}
+    envoy = '{"route_name":"default","response_code":200}\n{"route_name":"default"}\n'
+    assert access_routes(envoy) == {"default": 2}
+    assert access_routes("") == {}
 
 
 def test_waypoint_process_is_recognised_by_its_command_line() -> None:
