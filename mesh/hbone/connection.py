@@ -437,8 +437,8 @@ class _HboneConnection(asyncio.BufferedProtocol):
         return not self._closing
 
     def _receive_frames(self, data: bytes | memoryview) -> None:
-        """After the preface: plain DATA frames take the fast path (`h2fast`), the rest go
-        to h2 in runs of whole frames, in wire order.
+        """After the preface: DATA frames without padding take the fast path (`h2fast`),
+        the rest go to h2 in runs of whole frames, in wire order.
 
         A fast DATA frame's payload goes to its stream as it arrives, also the part of a
         frame that continues in later reads, with one copy (out of the shared read buffer);
@@ -458,7 +458,8 @@ class _HboneConnection(asyncio.BufferedProtocol):
             pos = 0
         end = len(view)
         start = pos  # the first frame not yet handled
-        while end - pos >= h2fast.FRAME_HEADER:
+        # A reader woken by fast DATA may close the connection: stop there, as h2 would.
+        while end - pos >= h2fast.FRAME_HEADER and not self._closing:
             length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
             flags = view[pos + 4]
             if view[pos + 3] == h2fast.DATA and not flags & ~h2fast.END_STREAM:
@@ -471,7 +472,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
             if pos + h2fast.FRAME_HEADER + length > end:
                 break
             pos += h2fast.FRAME_HEADER + length
-        if start < pos and not self._to_h2(view[start:pos]):
+        if self._closing or (start < pos and not self._to_h2(view[start:pos])):
             return
         if pos < end:
             self._held = [bytes(view[pos:end])]
