@@ -55,6 +55,7 @@ from mesh.tls import TlsIdentity
 from ztunnel.admin import admin_routes_of, readiness_routes, state_dump
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
+from ztunnel.fastpath_maps import from_flags
 from ztunnel.inpod import InpodClient
 from ztunnel.metrics import TcpMetrics
 from ztunnel.node_certs import NodeCertificates
@@ -159,8 +160,12 @@ class _Master:
             if role == SUPERVISOR:
                 supervisor_code = code
                 if not self.stopping:
-                    log.error("supervisor (pid %d) exited (%d): stopping the workers", pid, code)
-                    self._stop(signal.SIGTERM)
+                    # A crash of the node's ztunnel, as one process crashing would be: a
+                    # drain would keep the node without listeners (the workers close theirs)
+                    # and hold off the restart (systemd, the kubelet) for --drain-seconds.
+                    log.error("supervisor (pid %d) exited (%d): ending the workers", pid, code)
+                    self._stop(signal.SIGKILL)
+                    supervisor_code = code or 1
             elif self.stopping or code == 0:  # drained, by signal or because told to
                 log.info("worker %d (pid %d) exited (%d)", role, pid, code)
             else:
@@ -514,6 +519,11 @@ async def supervise(args: argparse.Namespace, master: socket.socket, master_pid:
     try:
         await asyncio.wait({master_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         inpod_task.cancel()
+        if not stop.is_set():  # the master died: a crash, as in the master's mirror case
+            log.error("the master is gone: ending the workers")
+            for worker in sup.live():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
         await asyncio.gather(*(asyncio.to_thread(stop_serving, s) for s in http_servers))
         # The workers drain on their own signal (or once this process is gone); until
         # then they may still need certificate renewals.
@@ -594,6 +604,7 @@ async def work(args: argparse.Namespace, sock: socket.socket) -> None:
             certs=certs,
             connections=ConnectionTable(TcpMetrics(registry)),
             trust_domain=args.trust_domain,
+            fast_path=from_flags(args.same_node_fast_path, args.bpf_maps),
         )
     )
     handlers.update(_WorkerService(ztunnel, registry).handlers())

@@ -2,7 +2,8 @@
 node survives one of them dying (SIGKILL): connections the other worker carries go on,
 new connections keep working, the worker comes back and takes its share again, the
 node's counters never go down; a rolling restart hands over between two generations of
-workers. No timing assertions.
+workers; a crash of the supervisor ends the whole ztunnel, which then starts again. No
+timing assertions.
 
 Real lab (netns, eBPF, mTLS, processes); the traffic is a small asyncio program run as a
 process of the client pod against an echo server in the server pod, through the mesh
@@ -17,6 +18,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -298,3 +300,26 @@ def test_a_rolling_restart_hands_over_between_generations_of_workers(
         lambda: not old & set(cgroups.pids(cgroup)), "the old generation to exit", WAIT_SECONDS
     )
     assert len(cgroups.pids(cgroup)) == WORKERS + 2
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_a_supervisor_crash_ends_the_whole_ztunnel_so_it_can_be_restarted(lab: Lab) -> None:
+    """Not a drain: the workers would close their listeners and hold the restart off."""
+    cgroup = cgroups.component_cgroup(lab.name, "node-1", "ztunnel")
+    pids = set(cgroups.pids(cgroup))
+    workers = {w["pid"] for w in workers_of(lab, "node-1").values()}
+    (master,) = [pid for pid in pids if parent_of(pid) not in pids]
+    (supervisor,) = pids - workers - {master}
+    cgroups.signal_all([supervisor], signal.SIGKILL)
+    wait_until(lambda: not cgroups.pids(cgroup), "node-1's ztunnel to exit", WAIT_SECONDS)
+    lab.start_component("node-1", "ztunnel")
+    lab.wait_ready(WAIT_SECONDS)
+    driver = Driver(lab, lab.load_plan().pod("demo/server").address)
+    try:
+        assert driver.ask(f"new {NEW}") == [None] * NEW
+    finally:
+        driver.stop()
