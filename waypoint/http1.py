@@ -8,6 +8,7 @@ limits are tested byte for byte; the connection code only moves bytes and events
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import httptools
@@ -94,10 +95,14 @@ Event = RequestHead | ResponseHead | Data | End | Upgraded
 
 
 class _Collector:
-    """httptools' callbacks, appending events."""
+    """httptools' callbacks, appending events.
+
+    Holds its H1Parser weakly: H1Parser -> httptools parser -> these bound methods -> the
+    H1Parser was a reference cycle, left for the garbage collector once per upstream
+    exchange (~15 objects a request, gc 4-9 % of the waypoint's time under load)."""
 
     def __init__(self, parser: H1Parser) -> None:
-        self._p = parser
+        self._p = weakref.proxy(parser)
 
     def on_message_begin(self) -> None:
         self._p._begin()

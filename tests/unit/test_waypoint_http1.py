@@ -4,6 +4,9 @@ write (heads, chunks, trailers)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from waypoint.http1 import (
@@ -139,3 +142,23 @@ def test_encoders() -> None:
 def test_header_injection_is_refused(header: tuple[str, str]) -> None:
     with pytest.raises(H1Error):
         encode_response_head(200, [header])
+
+
+@pytest.mark.parametrize(
+    ("requests", "data"),
+    [
+        (True, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (False, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ],
+)
+def test_a_parser_is_freed_without_the_garbage_collector(requests: bool, data: bytes) -> None:
+    """No reference cycle: one parser per upstream exchange must not wait for gc."""
+    gc.disable()
+    try:
+        parser = H1Parser(requests=requests)
+        assert parser.feed(data)
+        ref = weakref.ref(parser)
+        del parser
+        assert ref() is None
+    finally:
+        gc.enable()
