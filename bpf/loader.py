@@ -79,14 +79,17 @@ SOURCE_FILES = (
     "getpeername4.c",
     "getpeername6.c",
     "sk_lookup.c",
+    "fastpath.c",
 )
 
 # From include/uapi/linux/bpf.h.
 _PROG_SOCK_OPS = 13
+_PROG_SK_MSG = 16
 _PROG_CGROUP_SOCK_ADDR = 18
 _PROG_CGROUP_SOCKOPT = 25
 _PROG_SK_LOOKUP = 30
 _ATTACH_CGROUP_SOCK_OPS = 3
+_ATTACH_SK_MSG_VERDICT = 7
 _ATTACH_CGROUP_INET4_CONNECT = 10
 _ATTACH_CGROUP_INET6_CONNECT = 11
 _ATTACH_CGROUP_GETSOCKOPT = 21
@@ -113,6 +116,9 @@ _POD_CGROUP_PROGRAMS = (
 )
 _PROXY_PROGRAM = ("ambimesh_getsockopt", _PROG_CGROUP_SOCKOPT, _ATTACH_CGROUP_GETSOCKOPT)
 _SK_LOOKUP_PROGRAM = ("ambimesh_sk_lookup", _PROG_SK_LOOKUP, _ATTACH_SK_LOOKUP)
+# Attached to the fastpath_socks map, not to a cgroup: the map holds it (and its pin the
+# map), so it outlives the agent like the cgroup programs; the next agent's replaces it.
+_FASTPATH_PROGRAM = ("ambimesh_fastpath", _PROG_SK_MSG, _ATTACH_SK_MSG_VERDICT)
 
 
 class BpfError(Exception):
@@ -506,12 +512,16 @@ class MeshBpf:
                 *_POD_CGROUP_PROGRAMS,
                 _PROXY_PROGRAM,
                 _SK_LOOKUP_PROGRAM,
+                _FASTPATH_PROGRAM,
             ):
-                expected = -1 if prog_type == _PROG_SOCK_OPS else attach_type
+                expected = -1 if prog_type in (_PROG_SOCK_OPS, _PROG_SK_MSG) else attach_type
                 self._fns[name] = self._bpf.load_func(
                     name.encode(), prog_type, attach_type=expected
                 )
             self._listeners_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"inbound_listeners"))
+            self._fastpath_socks_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"fastpath_socks"))
+            name, _, attach_type = _FASTPATH_PROGRAM
+            self._libbpf.prog_attach(self._fns[name].fd, self._fastpath_socks_fd, attach_type, 0)
         except Exception as exc:
             self._bpf.cleanup()
             raise BpfError(
@@ -787,6 +797,9 @@ class MeshBpf:
                 self.detach_pod(pod)
             for proxy in list(self._proxies.values()):
                 self.detach_proxy(proxy)
+            name, _, attach_type = _FASTPATH_PROGRAM
+            with contextlib.suppress(OSError):  # a newer agent's may have replaced it
+                self._libbpf.prog_detach(self._fns[name].fd, self._fastpath_socks_fd, attach_type)
         finally:
             self._closed = True
             self._bpf.cleanup()

@@ -37,6 +37,31 @@ class PeerKey(ctypes.Structure):
     )
 
 
+class FastpathKey(ctypes.Structure):
+    """``struct fastpath_key``: a TCP socket as it sees itself (addresses network order,
+    ports host order). ztunnel/fastpath.py has its own copy; a unit test compares them."""
+
+    _fields_ = (
+        ("netns_cookie", ctypes.c_uint64),
+        ("local_ip4", ctypes.c_uint32),
+        ("remote_ip4", ctypes.c_uint32),
+        ("local_port", ctypes.c_uint32),
+        ("remote_port", ctypes.c_uint32),
+    )
+
+
+class FastpathBytes(ctypes.Structure):
+    """``struct fastpath_bytes``: what an app socket sent through TCP / straight to its pair."""
+
+    _fields_ = (("passed", ctypes.c_uint64), ("redirected", ctypes.c_uint64))
+
+
+class FastpathPair(ctypes.Structure):
+    """``struct fastpath_pair``: where a socket's bytes go once ``relayed`` equals its passed."""
+
+    _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64))
+
+
 # Per map: (key type, value type), in C's terms.
 LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
     "orig_dst_by_cookie": (ctypes.c_uint64, OrigDst),
@@ -44,6 +69,9 @@ LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
     "enrolled_pods": (ctypes.c_uint32, ctypes.c_uint8),
     "excluded_ports": (ctypes.c_uint16, ctypes.c_uint8),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
+    "fastpath_bytes": (FastpathKey, FastpathBytes),
+    "fastpath_pairs": (FastpathKey, FastpathPair),
+    "fastpath_config": (ctypes.c_uint32, ctypes.c_uint32),
 }
 
 # ``enum ambimesh_counter`` in order: index in the ``counters`` per-CPU array -> name.

@@ -28,6 +28,15 @@ class ConnectionInfo:
     started: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class Bypass:
+    """A same-node fast-path connection: ztunnel is both ends, so it also reports as the
+    destination, and the kernel carried bytes the relay never saw."""
+
+    destination: ConnectionLabels
+    counted: Callable[[], tuple[int, int]]  # (request, response) bytes, asked once at close
+
+
 class ConnectionTable:
     def __init__(self, metrics: TcpMetrics) -> None:
         self.metrics = metrics
@@ -42,6 +51,7 @@ class ConnectionTable:
         downstream: Duplex,
         upstream: Duplex,
         authorized: Authorized | None = None,
+        bypass: Bypass | None = None,
     ) -> None:
         """Pump ``downstream`` (the side that opened) <-> ``upstream`` until both are done.
 
@@ -53,23 +63,36 @@ class ConnectionTable:
         if authorized is not None:
             self._authorized[key] = (authorized, downstream, upstream)
         self.metrics.open(info.labels)
+        if bypass is not None:
+            self.metrics.open(bypass.destination)
         counts = [0, 0]  # kept up to date by relay(), also if this task is cancelled
+        kernel = (0, 0)
         try:
             await relay(downstream, upstream, counts=counts)
         finally:
             request, response = counts
+            if bypass is not None:
+                kernel = bypass.counted()
+                request += kernel[0]
+                response += kernel[1]
             del self._live[key]
             self._authorized.pop(key, None)
             revoked = self._revoked.pop(key, None)
             labels = info.labels if revoked is None else replace(info.labels, response_flags=DENY)
             self.metrics.close(labels, sent=response, received=request)
+            if bypass is not None:
+                closed = bypass.destination
+                if revoked is not None:
+                    closed = replace(closed, response_flags=DENY)
+                self.metrics.close(closed, sent=response, received=request)
             log.info(
-                "%s %s %s request_bytes=%d response_bytes=%d duration=%.0fms%s%s",
+                "%s %s %s request_bytes=%d response_bytes=%d%s duration=%.0fms%s%s",
                 info.direction,
                 "complete" if revoked is None else "closed",
                 _describe(info),
                 request,
                 response,
+                "" if bypass is None else f" kernel_bytes={sum(kernel)}",
                 (time.time() - info.started) * 1000,
                 _audit(authorized.audit if authorized else ()),
                 "" if revoked is None else _denial(revoked),

@@ -3,6 +3,7 @@ and what belongs to one pod only (its netns, its HBONE pool)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2, node_pb2
@@ -11,6 +12,7 @@ from mesh.netns import Netns
 from mesh.pool import HboneConnectionPool
 from mesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from ztunnel.connections import ConnectionTable
+from ztunnel.fastpath_maps import SameNodeFastPath
 from ztunnel.metrics import ConnectionLabels
 from ztunnel.state import MeshState
 
@@ -24,6 +26,8 @@ class ProxyContext:
     connections: ConnectionTable
     state: MeshState = field(default_factory=MeshState)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    fast_path: SameNodeFastPath | None = None  # None: --same-node-fast-path is off
+    local_pods: dict[str, LocalPod] = field(default_factory=dict)  # by uid, this node's
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class LocalPod:
     netns: Netns
     identity: SpiffeId
     pool: HboneConnectionPool[PoolKey] = field(default_factory=HboneConnectionPool)
+    # Closers of same-node fast-path connections into this pod (made by the source pod's
+    # handlers): they end with this pod, as its accepted HBONE connections do.
+    fast_inbound: set[Callable[[], None]] = field(default_factory=set, compare=False)
 
     @classmethod
     def adopt(cls, info: node_pb2.PodInfo, netns_fd: int, trust_domain: str) -> LocalPod:

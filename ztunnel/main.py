@@ -26,6 +26,7 @@ from mesh.version import add_version_flag
 from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import ProxyContext
+from ztunnel.fastpath_maps import DEFAULT_MAPS_DIR, from_flags
 from ztunnel.inpod import InpodClient
 from ztunnel.metrics import TcpMetrics
 from ztunnel.proxy import Ztunnel
@@ -69,6 +70,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="data-path processes, each on its own event loop (default: the CPUs this process "
         "may run on, fewer under a cgroup CPU limit); with more than one, a supervisor "
         "process serves the node's ports and the agent link",
+    )
+    p.add_argument(
+        "--same-node-fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="connections between two enrolled pods of this node skip TLS, HBONE and user "
+        "space once authorized (docs/same-node-fast-path.md); off by default",
+    )
+    p.add_argument(
+        "--bpf-maps",
+        type=Path,
+        default=DEFAULT_MAPS_DIR,
+        help="the agent's pinned BPF maps (its --bpf-pin-dir plus /maps), for the fast path",
     )
     p.add_argument("--log-level", default="INFO")
     add_log_file_flags(p)
@@ -120,6 +134,7 @@ async def run(args: argparse.Namespace) -> None:
         certs=certs,
         connections=ConnectionTable(TcpMetrics(registry)),
         trust_domain=args.trust_domain,
+        fast_path=from_flags(args.same_node_fast_path, args.bpf_maps),
     )
     ztunnel = Ztunnel(ctx)
     inpod = InpodClient(args.agent_socket, ztunnel.add_pod, ztunnel.del_pod, ztunnel.known_pods)

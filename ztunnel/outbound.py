@@ -10,6 +10,7 @@ from mesh.hbone.connection import HboneClientConnection, HboneStream
 from mesh.hbone.protocol import HboneError
 from mesh.hbone.tcp import TcpDuplex
 from mesh.tls import TlsError
+from ztunnel import fastpath
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
 from ztunnel.route import NoHealthyEndpoint, Protocol, decide_outbound
@@ -37,6 +38,10 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
     except NoHealthyEndpoint as exc:
         log.warning("outbound %s -> %s:%d refused: %s", pod.ref, dst_ip, dst_port, exc)
         client.close()
+        return
+    target = fastpath.local_target(ctx, decision)
+    if target is not None:
+        await fastpath.handle(ctx, pod, target, client, decision, f"{dst_ip}:{dst_port}")
         return
     mtls = decision.protocol is Protocol.HBONE
     labels = workload_labels(

@@ -181,6 +181,8 @@ class PodProxy:
         self._stop_listening()
         for protocol in list(self._tunnels):
             protocol.close()
+        for close in list(self.pod.fast_inbound):
+            close()
         self.pod.pool.close()
         handlers = list(self._handlers)
         for task in handlers:

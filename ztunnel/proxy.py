@@ -76,6 +76,7 @@ class Ztunnel:
             await proxy.close()
             raise
         self.pods[info.uid] = proxy
+        self.ctx.local_pods[info.uid] = pod
         log.info("serving pod %s (%s) as %s", pod.ref, ", ".join(info.addresses), pod.identity)
         return proxy.inbound_fd
 
@@ -83,6 +84,7 @@ class Ztunnel:
         proxy = self.pods.pop(uid, None)
         if proxy is None:
             return
+        self.ctx.local_pods.pop(uid, None)
         await proxy.close()
         if not any(p.pod.identity == proxy.pod.identity for p in self.pods.values()):
             self.ctx.certs.forget(proxy.pod.identity)
@@ -123,3 +125,5 @@ class Ztunnel:
         for uid in list(self.pods):
             await self.del_pod(uid)
         self.ctx.certs.close()
+        if self.ctx.fast_path is not None:
+            self.ctx.fast_path.close()

@@ -87,12 +87,15 @@ class Lab:
         state_root: Path = STATE_ROOT,
         cert_ttl: int | None = None,
         ztunnel_workers: int | None = None,
+        same_node_fast_path: bool | None = None,
     ) -> None:
         """``cert_ttl`` (default: $AMBIMESH_LAB_CERT_TTL, else ztunnel's 24 h): the workload
         certificate lifetime of the ztunnels this object starts; short ones let tests see
         renewals. ``ztunnel_workers`` (default: $AMBIMESH_LAB_ZTUNNEL_WORKERS, else 1): each
         node's ztunnel ``--workers``; one, because the lab's nodes share one machine's few
-        cores, unless a test or the benchmark asks for more."""
+        cores, unless a test or the benchmark asks for more. ``same_node_fast_path``
+        (default: $AMBIMESH_LAB_SAME_NODE_FAST_PATH=1, else ztunnel's default, off): pass
+        ``--same-node-fast-path`` to every ztunnel."""
         if not (name.isascii() and name.isalnum()) or len(name) > 12:
             # No dashes: `down` sweeps namespaces named "<lab>-*", which must not reach another lab.
             raise LabError(f"lab name {name!r}: use up to 12 letters or digits")
@@ -102,6 +105,9 @@ class Lab:
         self.cert_ttl = cert_ttl or (int(env_ttl) if env_ttl else None)
         env_workers = os.environ.get("AMBIMESH_LAB_ZTUNNEL_WORKERS")
         self.ztunnel_workers = ztunnel_workers or (int(env_workers) if env_workers else 1)
+        if same_node_fast_path is None:
+            same_node_fast_path = os.environ.get("AMBIMESH_LAB_SAME_NODE_FAST_PATH") == "1"
+        self.same_node_fast_path = same_node_fast_path
 
     # paths -------------------------------------------------------------------------
     @property
@@ -399,6 +405,9 @@ class Lab:
             argv += ["--agent-socket", sock, "--workers", str(self.ztunnel_workers)]
             # The file the process logs to anyway, size-capped (mesh/logfile.py).
             argv += ["--log-file", str(self.logs / f"ztunnel-{node}.log")]
+            argv += ["--bpf-maps", str(self.bpf_pins / node / "maps")]
+            if self.same_node_fast_path:
+                argv.append("--same-node-fast-path")
             if self.cert_ttl:
                 argv += ["--cert-ttl", str(self.cert_ttl)]
         else:

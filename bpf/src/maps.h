@@ -27,6 +27,9 @@
 #define AMBIMESH_SOL_IP 0
 #define AMBIMESH_SO_ORIGINAL_DST 80
 #define AMBIMESH_LOCALHOST 0x7f000001
+/* ztunnel delivers same-node fast-path connections from 127.0.0.7 (HBONE ones from
+ * 127.0.0.6), so sockops can tell the app sockets that take part apart. */
+#define AMBIMESH_FASTPATH_SOURCE 0x7f000007
 
 /* A connection's original destination; both fields in network byte order. */
 struct orig_dst {
@@ -61,10 +64,29 @@ enum ambimesh_counter {
 #ifdef AMBIMESH_MAP_PIN_DIR
 #define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
     BPF_TABLE_PINNED(type, key, leaf, name, max_entries, AMBIMESH_MAP_PIN_DIR "/" #name)
+#define AMBIMESH_SOCKHASH_SECTION(name) "maps/sockhash:" AMBIMESH_MAP_PIN_DIR "/" #name
 #else
 #define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
     BPF_TABLE(type, key, leaf, name, max_entries)
+#define AMBIMESH_SOCKHASH_SECTION(name) "maps/sockhash"
 #endif
+
+/* bcc's BPF_SOCKHASH (its helper methods: sock_hash_update, msg_redirect_hash), pinned
+ * like AMBIMESH_MAP; the value is an fd (int) from user space. */
+#define AMBIMESH_SOCKHASH(key_type, name, max) \
+    struct name##_table_t { \
+        key_type key; \
+        int leaf; \
+        int (*update)(key_type *, int *); \
+        int (*delete)(key_type *); \
+        int (*sock_hash_update)(void *, void *, u64); \
+        int (*msg_redirect_hash)(void *, void *, u64); \
+        int (*sk_redirect_hash)(void *, void *, u64); \
+        u32 max_entries; \
+    }; \
+    __attribute__((section(AMBIMESH_SOCKHASH_SECTION(name)))) \
+    struct name##_table_t name = {.max_entries = (max)}; \
+    BPF_ANNOTATE_KV_PAIR(name, key_type, int)
 
 /* connect4/6 -> sockops, getpeername4/6: the IPv4 destination the pod's socket asked for. */
 AMBIMESH_MAP("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
@@ -77,6 +99,36 @@ AMBIMESH_MAP("hash", __u16, __u8, excluded_ports, 1024);
 /* ztunnel's inbound (15006) listener in each pod netns, keyed by pod IPv4. */
 AMBIMESH_MAP("sockhash", __u32, __u64, inbound_listeners, 4096);
 AMBIMESH_MAP("percpu_array", int, __u64, counters, COUNTER_MAX);
+
+/* Same-node fast path (fastpath.c). A TCP socket as it sees itself; ports in host order. */
+struct fastpath_key {
+    __u64 netns_cookie;
+    __u32 local_ip4;  /* network byte order */
+    __u32 remote_ip4; /* network byte order */
+    __u32 local_port;
+    __u32 remote_port;
+};
+
+/* What an app socket sent: through its own TCP connection to ztunnel, or straight into the
+ * socket ztunnel paired it with. Written only by fastpath.c (created by sockops). */
+struct fastpath_bytes {
+    __u64 passed;
+    __u64 redirected;
+};
+
+/* Written only by ztunnel: where an app socket's bytes go once ztunnel has relayed all it
+ * passed (``relayed`` is that count, so nothing overtakes bytes still in user space). */
+struct fastpath_pair {
+    struct fastpath_key target;
+    __u64 relayed;
+};
+
+/* App sockets (sockops) and ztunnel's own ends (ztunnel) of fast-path connections. */
+AMBIMESH_SOCKHASH(struct fastpath_key, fastpath_socks, 65536);
+AMBIMESH_MAP("lru_hash", struct fastpath_key, struct fastpath_bytes, fastpath_bytes, 65536);
+AMBIMESH_MAP("lru_hash", struct fastpath_key, struct fastpath_pair, fastpath_pairs, 65536);
+/* [0] != 0: ztunnel runs with the fast path on, so sockops tracks app sockets for it. */
+AMBIMESH_MAP("array", int, __u32, fastpath_config, 1);
 
 static __always_inline void count(__u32 which)
 {

@@ -8,8 +8,31 @@
  * Both families: a dual-stack AF_INET6 socket that connect6 redirected runs an IPv4
  * connection (tcp_v6_connect hands a v4-mapped destination to tcp_v4_connect), so its
  * local_ip4 and local_port are that connection's, as on an AF_INET socket. Only sockets
- * connect4/connect6 redirected have a cookie entry. */
+ * connect4/connect6 redirected have a cookie entry.
+ *
+ * With the same-node fast path on, redirected sockets and the app's end of ztunnel's
+ * fast-path deliveries (from AMBIMESH_FASTPATH_SOURCE) join fastpath_socks. */
 #include "maps.h"
+
+/* The same-node fast path needs every byte an app socket sends counted from the first
+ * one, so the socket joins fastpath_socks (where fastpath.c sees its sends) as it is
+ * established, before ztunnel has decided anything about it. */
+static __always_inline void fastpath_track(struct bpf_sock_ops *skops)
+{
+    int zero = 0;
+    __u32 *enabled = fastpath_config.lookup(&zero);
+    if (!enabled || !*enabled)
+        return;
+    struct fastpath_key key = {};
+    key.netns_cookie = bpf_get_netns_cookie(skops);
+    key.local_ip4 = skops->local_ip4;
+    key.remote_ip4 = skops->remote_ip4;
+    key.local_port = skops->local_port;
+    key.remote_port = bpf_ntohl(skops->remote_port);
+    struct fastpath_bytes zeros = {};
+    fastpath_bytes.update(&key, &zeros);
+    fastpath_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
+}
 
 int ambimesh_sockops(struct bpf_sock_ops *skops)
 {
@@ -28,6 +51,10 @@ int ambimesh_sockops(struct bpf_sock_ops *skops)
         bpf_sock_ops_cb_flags_set(skops,
                                   skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         count(COUNTER_OUTBOUND_ESTABLISHED);
+        fastpath_track(skops);
+    } else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+               skops->remote_ip4 == bpf_htonl(AMBIMESH_FASTPATH_SOURCE)) {
+        fastpath_track(skops); /* the app's end of a fast-path delivery */
     } else if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == BPF_TCP_CLOSE) {
         orig_dst_by_cookie.delete(&cookie);
     }

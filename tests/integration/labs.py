@@ -19,14 +19,20 @@ WAYPOINT_LAYER = "waypoint-canary.yaml"
 
 
 @contextlib.contextmanager
-def running_lab(name: str, examples: Sequence[str] = (), *, l4_only: bool = False) -> Iterator[Lab]:
+def running_lab(
+    name: str,
+    examples: Sequence[str] = (),
+    *,
+    l4_only: bool = False,
+    same_node_fast_path: bool = False,
+) -> Iterator[Lab]:
     """A lab built for one test module and removed after it, also when the build fails.
 
     ``l4_only``: the bundled lab without its waypoint layer, so that Service server reaches
     demo/server directly (its use-waypoint label then names no Gateway: traffic goes direct,
     as in Istio) -- what the L4 modules assert about."""
     require_privileged()
-    lab = Lab(name)
+    lab = Lab(name, same_node_fast_path=same_node_fast_path)
     try:
         with tempfile.TemporaryDirectory(prefix=f"{name}-config-") as tmp:
             config = None

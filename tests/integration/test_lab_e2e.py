@@ -265,8 +265,10 @@ def test_agent_crash_keeps_capture_and_a_new_agent_adopts_it(lab: Lab) -> None:
     finally:
         lab.start_component("node-2", "agent")
     lab.wait_ready()
-    assert agent_gauge(lab, "node-2", "ambimesh_enrolled_pods") == 1
-    assert agent_gauge(lab, "node-2", "ambimesh_bpf_programs_attached") == 7
+    # demo/server and demo/client-2: six programs each (five on the cgroup, sk_lookup on the
+    # netns), and getsockopt on ztunnel's cgroup.
+    assert agent_gauge(lab, "node-2", "ambimesh_enrolled_pods") == 2
+    assert agent_gauge(lab, "node-2", "ambimesh_bpf_programs_attached") == 13
     assert logged(lab, "agent-node-2", "enrolled pod demo/server")
     assert fetch_in_pod(lab, "demo/client", "http://server/agent-back").returncode == 0
     plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/plain-2")
@@ -382,9 +384,17 @@ class Traffic:
         self._thread.join(timeout=40)
 
 
-def enrolled(lab: Lab, count: int) -> Callable[[], bool]:
+def enrolled(lab: Lab, demo: bool) -> Callable[[], bool]:
+    """Each node's enrolled gauge counts its demo pods (all of demo, or none of it)."""
+    pods = lab.load_plan().pods
     return lambda: all(
-        agent_gauge(lab, node, "ambimesh_enrolled_pods") == count for node in ("node-1", "node-2")
+        agent_gauge(lab, node, "ambimesh_enrolled_pods")
+        == (
+            sum(p.node == node and p.namespace == "demo" and not p.waypoint for p in pods)
+            if demo
+            else 0
+        )
+        for node in ("node-1", "node-2")
     )
 
 
@@ -396,9 +406,9 @@ def test_relabeling_none_and_back_while_traffic_runs(lab: Lab) -> None:
         with Traffic(lab, f"http://{server_ip}:8080/during") as traffic:
             for _ in range(3):
                 set_namespace_label(lab, "demo", "none")
-                wait_until(enrolled(lab, 0), "demo's pods to be released")
+                wait_until(enrolled(lab, False), "demo's pods to be released")
                 set_namespace_label(lab, "demo", "ambient")
-                wait_until(enrolled(lab, 1), "demo's pods to be enrolled again")
+                wait_until(enrolled(lab, True), "demo's pods to be enrolled again")
                 lab.wait_ready()
         assert traffic.results, "the background traffic never ran"
     finally:
@@ -416,7 +426,7 @@ def test_server_pod_recreated_with_the_same_ip(lab: Lab) -> None:
         lambda: log_text(lab, "agent-node-2").count("released pod demo/server") > released,
         "the old pod to be released",
     )
-    wait_until(enrolled(lab, 1), "the new pod to be enrolled")
+    wait_until(enrolled(lab, True), "the new pod to be enrolled")
     lab.wait_ready()
     assert_first_calls_work_over_mtls(lab, "recreated")
     plaintext = fetch_in_pod(lab, "legacy/legacy-client", f"http://{new.address}:8080/plain")

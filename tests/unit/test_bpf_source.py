@@ -19,7 +19,7 @@ def test_source_is_the_header_then_every_program_in_order() -> None:
     assert SOURCE_FILES[0] == "maps.h"
     assert positions == sorted(positions)
     programs = ("connect4", "connect6", "sockops", "getsockopt", "getpeername4", "getpeername6")
-    for program in (*programs, "sk_lookup"):
+    for program in (*programs, "sk_lookup", "fastpath"):
         assert f"int ambimesh_{program}(" in text
         assert f"{program}.c" in SOURCE_FILES
 

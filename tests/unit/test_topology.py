@@ -148,9 +148,21 @@ def test_bundled_pods(lab_plan: LabPlan) -> None:
             ports=(),
         ),
         PodPlan(
-            name="server-v2",
+            name="client-2",
             namespace="demo",
             uid=uid(4),
+            node="node-2",
+            netns="lab-demo.client-2",
+            address="198.19.2.11",
+            host_veth="vpde21",
+            commands=(("sleep", "infinity"),),
+            ports=(),
+            service_account="client",
+        ),
+        PodPlan(
+            name="server-v2",
+            namespace="demo",
+            uid=uid(5),
             node="node-1",
             netns="lab-demo.server-v2",
             address="198.19.1.12",
@@ -162,11 +174,11 @@ def test_bundled_pods(lab_plan: LabPlan) -> None:
         PodPlan(
             name="waypoint",
             namespace="demo",
-            uid=uid(5),
+            uid=uid(6),
             node="node-2",
             netns="lab-demo.waypoint",
-            address="198.19.2.11",
-            host_veth="vpde21",
+            address="198.19.2.12",
+            host_veth="vpde22",
             commands=(),
             ports=(),
             service_account="waypoint",
@@ -203,7 +215,7 @@ def test_runtime_documents_carry_pod_status_uid_and_cluster_ip(lab_plan: LabPlan
         for d in runtime[name]
         if d["kind"] == "Pod"
     }
-    assert set(pods) == {"client", "server", "legacy-client", "server-v2", "waypoint"}
+    assert set(pods) == {"client", "server", "legacy-client", "client-2", "server-v2", "waypoint"}
     for planned in lab_plan.pods:
         doc = pods[planned.name]
         assert doc["metadata"]["uid"] == planned.uid
@@ -245,6 +257,7 @@ def test_lab_name_prefixes_every_namespace(bundled_docs: dict[str, list[Document
         "x9-demo.client",
         "x9-demo.server",
         "x9-legacy.legacy-client",
+        "x9-demo.client-2",
         "x9-demo.server-v2",
         "x9-demo.waypoint",
     ]
