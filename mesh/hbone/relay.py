@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable
 from typing import Protocol, TypeGuard
@@ -217,7 +216,7 @@ class PushSource:
     subclass's `_released` hook (acknowledge to the HTTP/2 peer, resume reading) runs only
     for what was handed on, so flow control works as with `read()`."""
 
-    _recv: collections.deque[bytes]
+    _recv: list[bytes]
     _recv_eof: bool
     _error: BaseException | None
     _push: Push | None = None
@@ -244,7 +243,7 @@ class PushSource:
             return
         recv = self._recv
         while recv:
-            chunk = recv.popleft()
+            chunk = recv.pop(0)
             try:
                 more = push.feed(chunk)
             except Exception as exc:

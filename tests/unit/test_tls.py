@@ -84,6 +84,7 @@ def test_contexts_are_tls13_mutual_h2(ca: CertAuthority) -> None:
         assert ctx.maximum_version == ssl.TLSVersion.TLSv1_3
         assert ctx.verify_mode == ssl.CERT_REQUIRED
         assert ctx.check_hostname is False
+    assert server_context(make_leaf(ca, SERVER)).num_tickets == 0  # nobody resumes
 
 
 def test_key_mismatch_is_reported(ca: CertAuthority) -> None:
