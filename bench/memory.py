@@ -14,8 +14,12 @@ both nodes' ztunnels measured at each, in one run (lab ``ammem``):
    servers HBONE connections).
 
 A ztunnel's memory is its VmRSS, or with ``--workers`` > 1 the PSS summed over its
-processes (as bench's other modes). Results go to bench/results/memory-<time>.json; the
-lab, and every process started for it, is removed at the end, also after an error.
+processes (as bench's other modes). ``--profile`` starts the lab's processes with
+tracemalloc on and keeps each step's ztunnel ``/debug/memory`` (the lines holding the most
+Python memory), printing what grew with the connections; tracing adds its own memory, so a
+profiled run's MiB are not the figures to compare. Results go to
+bench/results/memory-<time>.json; the lab, and every process started for it, is removed at
+the end, also after an error.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import select
 import subprocess
 import sys
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from ambimesh.lab import cgroups
 from ambimesh.lab.lab import Lab, LabError
+from ambimesh.lab.netclient import http_get
 from ambimesh.lab.topology import SCALE_NAMESPACE, LabPlan, PodPlan
 from bench.parsers import parse_status_kib
 from bench.runner import machine_facts, stop_on_signals
@@ -45,6 +51,7 @@ NODES = ("node-1", "node-2")
 SETTLE_SECONDS = 5.0  # after readiness or the last connection: certificates, GC, buffers
 START_TIMEOUT = 120.0
 RESULTS = Path(__file__).parent / "results"
+ADMIN_PORT = 15000  # ztunnel's admin view, on the node's loopback
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,36 @@ def ztunnels(lab: Lab) -> dict[str, Memory]:
         node: read_memory(cgroups.pids(cgroups.component_cgroup(lab.name, node, "ztunnel")))
         for node in NODES
     }
+
+
+Profiles = dict[str, dict[str, object]]
+
+
+def heap_reports(lab: Lab, profiles: Profiles | None, step: str) -> None:
+    """Each node's ztunnel ``/debug/memory`` into ``profiles[step]`` (when profiling)."""
+    if profiles is None:
+        return
+    plan = lab.load_plan()
+    profiles[step] = {}
+    for node in NODES:
+        status, body = http_get(plan.node(node).netns, "127.0.0.1", ADMIN_PORT, "/debug/memory")
+        if status != 200:
+            raise LabError(f"ztunnel on {node}: /debug/memory answered {status}")
+        profiles[step][node] = json.loads(body)
+
+
+def growth(before: object, after: object, limit: int = 15) -> list[tuple[str, float]]:
+    """The source lines whose traced KiB grew most from one ``/debug/memory`` to the next."""
+
+    def lines(report: object) -> dict[str, float]:
+        traced = report.get("tracemalloc") if isinstance(report, dict) else None
+        if not isinstance(traced, dict):
+            return {}
+        return {line["where"]: line["kib"] for line in traced["top_lines"]}
+
+    old, new = lines(before), lines(after)
+    grown = [(where, kib - old.get(where, 0.0)) for where, kib in new.items()]
+    return sorted(grown, key=lambda item: -item[1])[:limit]
 
 
 @dataclass(frozen=True)
@@ -158,7 +195,9 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
                 pipe.close()
 
 
-def measure_default(lab: Lab) -> tuple[dict[str, Memory], dict[str, float]]:
+def measure_default(
+    lab: Lab, profiles: Profiles | None
+) -> tuple[dict[str, Memory], dict[str, float]]:
     """Step 1: the bench's lab idle; ztunnels and the Envoy pair's RSS."""
     bed = Testbed(lab)
     try:
@@ -166,13 +205,15 @@ def measure_default(lab: Lab) -> tuple[dict[str, Memory], dict[str, float]]:
             variants = bed.up(Path(config_dir))
         time.sleep(SETTLE_SECONDS)
         envoy = next(v for v in variants if v.name == "envoy")
-        return ztunnels(lab), {p.side: p.rss_mib() for p in envoy.proxies}
+        memory = ztunnels(lab)
+        heap_reports(lab, profiles, "default")
+        return memory, {p.side: p.rss_mib() for p in envoy.proxies}
     finally:
         bed.down()
 
 
 def measure_scaled(
-    lab: Lab, args: argparse.Namespace
+    lab: Lab, args: argparse.Namespace, profiles: Profiles | None
 ) -> tuple[LabPlan, dict[str, Memory], dict[str, Memory]]:
     """Steps 2 and 3 on one lab."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -180,10 +221,13 @@ def measure_scaled(
         plan = lab.up(timeout=START_TIMEOUT, scale_pods=args.pods)
         time.sleep(SETTLE_SECONDS)
         idle = ztunnels(lab)
+        heap_reports(lab, profiles, "pods")
         holders = plan_connections(plan, args.connections, args.clients, args.servers)
         procs = open_connections(lab, holders)
         time.sleep(SETTLE_SECONDS)
-        return plan, idle, ztunnels(lab)
+        loaded = ztunnels(lab)
+        heap_reports(lab, profiles, "connections")
+        return plan, idle, loaded
     finally:
         stop(procs)
         lab.down()
@@ -224,6 +268,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=10, help="client pods on node-1 (10)")
     p.add_argument("--servers", type=int, default=10, help="echo server pods on node-2 (10)")
     p.add_argument("--workers", type=int, default=1, help="ztunnel --workers (default 1)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="tracemalloc in the lab's processes; keep and summarize ztunnel's /debug/memory",
+    )
     p.add_argument("--lab", default=LAB_NAME, help=f"lab name (default {LAB_NAME})")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     return p.parse_args(argv)
@@ -235,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     lab = Lab(args.lab, ztunnel_workers=args.workers)
     facts = machine_facts()
-    default, envoy = measure_default(lab)
-    plan, idle, loaded = measure_scaled(lab, args)
+    profiles: Profiles | None = None
+    if args.profile:
+        profiles = {}
+        os.environ["PYTHONTRACEMALLOC"] = "1"  # inherited by every process the lab starts
+    default, envoy = measure_default(lab, profiles)
+    plan, idle, loaded = measure_scaled(lab, args, profiles)
 
     steps = {"default": default, "pods": idle, "connections": loaded}
     per = {n: per_connection_kib(idle[n], loaded[n], args.connections) for n in NODES}
@@ -253,12 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "per_connection_kib": per,
         "envoy_idle_rss_mib": envoy,
+        "profiles": profiles or {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"memory-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     print()
     print(table(steps, per, envoy, args.pods, args.connections))
+    if profiles:
+        for node in NODES:
+            print(f"\n{node} ztunnel: traced KiB grown with the connections, by line")
+            for where, kib in growth(profiles["pods"][node], profiles["connections"][node]):
+                print(f"{kib:10.1f}  {where}")
     print(f"\nresults: {path}")
     return 0
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from google.protobuf.json_format import MessageToDict
 
+from mesh.heap_report import heap_report
 from mesh.http_endpoints import Response, Route
 from ztunnel.proxy import Ztunnel
 from ztunnel.state import MeshState
@@ -74,4 +75,6 @@ def admin_routes_of(
     return {
         "/config_dump": lambda: as_json(config_dump()),
         "/connections": lambda: as_json(connections()),
+        # This process's memory: with workers, the supervisor's (each worker's is its own).
+        "/debug/memory": lambda: as_json(heap_report(limit=100)),
     }

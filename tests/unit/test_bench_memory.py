@@ -12,7 +12,7 @@ import pytest
 from ambimesh.lab.lab import LabError, bundled_config_dir
 from ambimesh.lab.topology import SCALE_FILE, LabPlan, documents_of, plan, scale_documents
 from bench import holder
-from bench.memory import Memory, per_connection_kib, plan_connections, table
+from bench.memory import Memory, growth, per_connection_kib, plan_connections, table
 
 
 def scaled_plan(pods: int) -> LabPlan:
@@ -75,3 +75,14 @@ def test_holder_holds_echoed_connections() -> None:
         done.set()
         thread.join()
         loop.close()
+
+
+def test_growth_between_heap_reports() -> None:
+    def report(**kib: float) -> dict[str, object]:
+        lines = [{"where": where, "kib": k, "blocks": 1} for where, k in kib.items()]
+        return {"tracemalloc": {"traced_kib": 0, "top_lines": lines}}
+
+    before = report(a=10.0, b=5.0)
+    after = report(a=12.0, b=505.0, c=100.0)
+    assert growth(before, after) == [("b", 500.0), ("c", 100.0), ("a", 2.0)]
+    assert growth({"tracemalloc": "off"}, after, limit=1) == [("b", 505.0)]
