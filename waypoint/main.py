@@ -23,8 +23,10 @@ from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_f
 from mesh.proxy_process import drain_signals, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.version import add_version_flag
+from waypoint.access_log import LoopBatchedHandler
 from waypoint.admin import routes
 from waypoint.downstream_h1 import HEADERS_TIMEOUT
+from waypoint.observe import access as access_logger
 from waypoint.server import Waypoint
 
 log = logging.getLogger("waypoint")
@@ -119,6 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         serve_in_thread(("127.0.0.1", args.admin_port), admin),
     ]
 
+    access_log = batch_access_log()
     push = start_push(access, waypoint.update_state, certs)
     try:
         cert_wait = asyncio.create_task(first_certificate(certs, sid))
@@ -148,6 +151,17 @@ async def run(args: argparse.Namespace) -> None:
         await waypoint.close()
         if exporter is not None:
             exporter.shutdown()
+        access_log.flush()
+
+
+def batch_access_log() -> LoopBatchedHandler:
+    """The access lines to stderr like every other line and in the same format, but
+    written once per loop iteration (waypoint/access_log.py)."""
+    handler = LoopBatchedHandler(asyncio.get_running_loop())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    access_logger.addHandler(handler)
+    access_logger.propagate = False
+    return handler
 
 
 def main(argv: list[str] | None = None) -> None:
