@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mesh.api import mesh_pb2
 from mesh.cert_client import request_certificate
-from mesh.csr import make_key_and_csr
+from mesh.keygen import make_key_and_csr
 from mesh.push_client import PushClient
 from mesh.spiffe import SpiffeId
 from mesh.tls import TlsIdentity

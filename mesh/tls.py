@@ -13,12 +13,19 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
-
-from cryptography import x509
+from typing import Any
 
 from mesh.spiffe import SpiffeError, SpiffeId
+
+# Certificates are read by OpenSSL through the ssl module, as it decodes a peer's
+# (`getpeercert()`), not by the `cryptography` package, whose ~9 MiB resident the proxies
+# do without (mesh.keygen). The same decoder for our own leaf and for DER bytes; CPython
+# has had it since 3.x (its test suite uses it).
+_decode_cert_file = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+
+Decoded = dict[str, Any]  # getpeercert()'s form: subject, notAfter, subjectAltName, ...
 
 ALPN_H2 = "h2"
 
@@ -48,12 +55,11 @@ class TlsIdentity:
         return f"TlsIdentity({self.spiffe_id}, not_after={self.not_after.isoformat()})"
 
     @cached_property
-    def _leaf(self) -> x509.Certificate:
+    def _leaf(self) -> Decoded:
         try:
-            chain = x509.load_pem_x509_certificates(self.cert_chain_pem)
+            return decode_pem(self.cert_chain_pem)  # the first certificate: the leaf
         except ValueError as exc:
             raise CertificateError(f"certificate chain is not valid PEM: {exc}") from exc
-        return chain[0]
 
     @property
     def spiffe_id(self) -> SpiffeId:
@@ -62,26 +68,35 @@ class TlsIdentity:
     @property
     def not_after(self) -> datetime:
         """Expiry of the leaf certificate (timezone-aware, UTC)."""
-        return self._leaf.not_valid_after_utc
+        return datetime.fromtimestamp(ssl.cert_time_to_seconds(self._leaf["notAfter"]), UTC)
 
 
-def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    """The single SPIFFE ID in a certificate's URI SANs."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
+def decode_pem(pem: bytes) -> Decoded:
+    """The first certificate of ``pem``, decoded; ValueError if there is none."""
+    with _secret_file(pem) as path:
+        try:
+            decoded: Decoded = _decode_cert_file(path)
+        except ssl.SSLError as exc:
+            raise ValueError(str(exc)) from exc
+    return decoded
+
+
+def _subject(cert: Decoded) -> str:
+    return ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+
+
+def spiffe_id_of(cert: Decoded) -> SpiffeId:
+    """The single SPIFFE ID in a (decoded) certificate's URI SANs."""
+    san = cert.get("subjectAltName")
+    if not san:
         raise PeerIdentityError(
-            f"certificate {cert.subject.rfc4514_string()!r} has no subjectAltName; "
+            f"certificate {_subject(cert)!r} has no subjectAltName; "
             "mesh certificates must carry a spiffe:// URI SAN (was it issued by the mesh CA?)"
-        ) from None
-    uris = [
-        uri
-        for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith("spiffe://")
-    ]
+        )
+    uris = [value for kind, value in san if kind == "URI" and value.startswith("spiffe://")]
     if not uris:
         raise PeerIdentityError(
-            f"certificate {cert.subject.rfc4514_string()!r} has no spiffe:// URI SAN; "
+            f"certificate {_subject(cert)!r} has no spiffe:// URI SAN; "
             "it is not a mesh workload certificate"
         )
     if len(uris) > 1:
@@ -100,13 +115,17 @@ def peer_identity(peer: ssl.SSLObject | ssl.SSLSocket | bytes) -> SpiffeId:
     if isinstance(peer, bytes):
         der: bytes | None = peer
     else:
+        # A verified peer (our contexts require one) comes decoded already.
+        decoded = peer.getpeercert()
+        if isinstance(decoded, dict) and decoded:
+            return spiffe_id_of(decoded)
         der = peer.getpeercert(binary_form=True)
     if not der:
         raise PeerIdentityError(
             "peer presented no certificate; mesh peers must authenticate with mTLS"
         )
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert = decode_pem(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
     except ValueError as exc:
         raise PeerIdentityError(f"peer certificate cannot be parsed: {exc}") from exc
     return spiffe_id_of(cert)
