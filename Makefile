@@ -1,7 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both run setup first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick bench-memory deploy image image-smoke test-vagrant
+.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick bench-memory bench-same-node deploy image image-smoke test-vagrant
 
 setup:
 	@scripts/setup.sh
@@ -53,6 +53,12 @@ bench-waypoint-quick:
 bench-memory:
 	@scripts/setup.sh --bench
 	$(PY) -m bench.memory $(BENCH_ARGS)
+
+# Same-node bulk throughput: direct vs the same-node fast path vs HBONE (docs/performance.md,
+# "Same-node fast path"). Extra flags: make bench-same-node BENCH_ARGS="--quick"
+bench-same-node:
+	@scripts/setup.sh --bench
+	$(PY) -m bench.same_node $(BENCH_ARGS)
 
 # The Helm chart and plain manifests in deploy/ are generated from ambimesh/install
 # (docs/install.md); a unit test fails while they are stale.
