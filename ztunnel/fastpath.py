@@ -158,9 +158,14 @@ class _Pairing:
             if not maps.tracked(z1.reversed()):
                 return None
             pairing = cls(maps, z1, maps.join(app.get_extra_info("socket")))
+        except OSError as exc:
+            log.debug("same-node connection relayed in user space: %s", exc)
+            return None
+        try:
             maps.pair(pairing.c, pairing.z2, 0)
             maps.pair(pairing.s, pairing.z1, 0)
         except OSError as exc:
+            pairing.unpair()  # a half-made pair would redirect what the relay does not count
             log.debug("same-node connection relayed in user space: %s", exc)
             return None
         for side in (client, app):

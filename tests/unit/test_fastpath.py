@@ -210,3 +210,36 @@ def test_the_switch_is_off_by_default_and_off_needs_no_maps(tmp_path: Path) -> N
     assert fastpath_maps.from_flags(False, tmp_path / "no-maps") is None
     on = fastpath_maps.from_flags(True, tmp_path / "no-maps")
     assert on is not None and on.maps_dir == tmp_path / "no-maps"
+
+
+class FailingMaps:
+    """Joins and tracks; the second pair() fails (a full map)."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[tuple[int, int], int] = {}
+        self._keys = iter((FastpathKey(1, 1, 2, 15001, 40000), FastpathKey(2, 7, 3, 50000, 80)))
+
+    def join(self, sock: object) -> FastpathKey:
+        return next(self._keys)
+
+    def tracked(self, app: FastpathKey) -> bool:
+        return True
+
+    def pair(self, app: FastpathKey, target: FastpathKey, relayed: int) -> None:
+        if self.pairs:
+            raise OSError(28, "no space")
+        self.pairs[(app.netns_cookie, app.local_port)] = relayed
+
+    def unpair(self, app: FastpathKey) -> None:
+        self.pairs.pop((app.netns_cookie, app.local_port), None)
+
+
+class Side:
+    def get_extra_info(self, name: str) -> object:
+        return object()
+
+
+def test_a_half_made_pairing_is_undone() -> None:
+    maps = FailingMaps()
+    assert fastpath._Pairing.start(maps, Side(), Side()) is None  # type: ignore[arg-type]
+    assert maps.pairs == {}, "a pair stayed although the connection is relayed in user space"
