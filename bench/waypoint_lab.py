@@ -23,7 +23,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import yaml
 
 from ambimesh.lab import cgroups
 from ambimesh.lab.lab import LabError, bundled_config_dir
-from ambimesh.lab.topology import CLUSTER_DOMAIN, WAYPOINT_LABEL, LabPlan, PodPlan
+from ambimesh.lab.topology import CLUSTER_DOMAIN, WAYPOINT_LABEL, PodPlan
 from bench import certs, envoy, envoy_waypoint
 from bench.envoy_waypoint import Route
 from bench.sampling import Proxy
@@ -152,14 +151,6 @@ def write_config(dest: Path) -> Path:
     return dest
 
 
-@dataclass(frozen=True)
-class Waypoints:
-    """The two waypoint processes, for CPU, memory and profiles."""
-
-    mesh: Proxy
-    envoy: Proxy
-
-
 class WaypointTestbed(Testbed):
     """The lab above; ``up`` gives the three variants (wrk in ``client`` to a Service VIP)."""
 
@@ -169,11 +160,9 @@ class WaypointTestbed(Testbed):
         plan = self.lab.load_plan()
         server = plan.pod(SERVER)
         self._start_backends(server)
-        waypoints = Waypoints(
-            Proxy("waypoint", self._waypoint_process(plan.pod(MESH_WAYPOINT))),
-            Proxy("waypoint", self._start_envoy_waypoint(plan, plan.pod(ENVOY_WAYPOINT), server)),
-        )
-        proxies = {"l4": (), "ambimesh": (waypoints.mesh,), "envoy": (waypoints.envoy,)}
+        mesh = Proxy("waypoint", self._waypoint_process(plan.pod(MESH_WAYPOINT)))
+        envoy_pid = self._start_envoy_waypoint(plan.pod(ENVOY_WAYPOINT), server)
+        proxies = {"l4": (), "ambimesh": (mesh,), "envoy": (Proxy("waypoint", envoy_pid),)}
         vips = {s.name: s.vip for s in plan.services if s.namespace == NAMESPACE}
         variants = []
         for name, (service, _) in SERVICES.items():
@@ -214,7 +203,7 @@ class WaypointTestbed(Testbed):
             raise LabError(f"expected one waypoint process in pod {pod.ref}, found pids {pids}")
         return pids[0]
 
-    def _start_envoy_waypoint(self, plan: LabPlan, pod: PodPlan, server: PodPlan) -> int:
+    def _start_envoy_waypoint(self, pod: PodPlan, server: PodPlan) -> int:
         """Stop the ambimesh waypoint the lab started in ``pod`` and run Envoy there: the
         controller then still lists the pod's address as the waypoint's, and the ztunnels
         send ``web-envoy``'s traffic to whatever listens on its 15008."""
