@@ -97,7 +97,18 @@ def run(lab: Lab) -> int:
     failed = run_l4(lab)
     if any(p.ref == CANARY_WAYPOINT for p in lab.load_plan().pods):
         failed |= run_canary(lab)
+    poke_hints(lab)
     return failed
+
+
+def poke_hints(lab: Lab) -> None:
+    cli = Path(sys.executable).parent / "ambimesh"
+    say("poke at it:")
+    print(f"  {cli} lab exec client -- curl -s {URL}")
+    print(f"  {cli} lab exec client -- curl -s 'http://server/x?fail=0.3&delay=0.5'  # knobs")
+    print(f"  {cli} lab status   # pods, nodes, services")
+    print(f"  {cli} lab down     # remove everything (make down)")
+    print(f"  logs in {lab.logs}; runtime config (edit me) in {lab.config_dir}")
 
 
 def run_l4(lab: Lab) -> int:
@@ -136,10 +147,4 @@ def run_l4(lab: Lab) -> int:
             "waypoint -> server, each hop over mTLS; the waypoint's metrics below name the "
             "client)"
         )
-    cli = Path(sys.executable).parent / "ambimesh"
-    say("poke at it:")
-    print(f"  {cli} lab exec client -- curl -s {URL}")
-    print(f"  {cli} lab status   # pods, nodes, services")
-    print(f"  {cli} lab down     # remove everything (make down)")
-    print(f"  logs in {lab.logs}; runtime config (edit me) in {lab.config_dir}")
     return 1 if plaintext or wire.packets == 0 or not principals else 0
