@@ -100,7 +100,9 @@ def heap_reports(lab: Lab, profiles: Profiles | None, step: str) -> None:
     plan = lab.load_plan()
     profiles[step] = {}
     for node in NODES:
-        status, body = http_get(plan.node(node).netns, "127.0.0.1", ADMIN_PORT, "/debug/memory")
+        # A tracemalloc snapshot of a busy heap takes seconds.
+        netns = plan.node(node).netns
+        status, body = http_get(netns, "127.0.0.1", ADMIN_PORT, "/debug/memory", timeout=60)
         if status != 200:
             raise LabError(f"ztunnel on {node}: /debug/memory answered {status}")
         profiles[step][node] = json.loads(body)
