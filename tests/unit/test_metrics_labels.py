@@ -136,6 +136,17 @@ def test_fresh_metrics_expose_no_series(registry: CollectorRegistry) -> None:
         assert f"# TYPE {name} counter" in text
 
 
+def test_open_hands_back_one_shared_instance_per_label_set(registry: CollectorRegistry) -> None:
+    metrics = TcpMetrics(registry)
+    first = workload_labels("source", CLIENT, CLIENT_ID, SERVER, SERVER_ID, SERVICE, True)
+    again = workload_labels("source", CLIENT, CLIENT_ID, SERVER, SERVER_ID, SERVICE, True)
+    other = workload_labels("source", CLIENT, CLIENT_ID, SERVER, SERVER_ID, SERVICE, False)
+    assert again == first and again is not first
+    assert metrics.open(first) is first
+    assert metrics.open(again) is first  # a connection holds this one, its own copy is freed
+    assert metrics.open(other) is other
+
+
 def test_open_and_close_expose_istio_series(registry: CollectorRegistry) -> None:
     metrics = TcpMetrics(registry)
     labels = workload_labels("source", CLIENT, CLIENT_ID, SERVER, SERVER_ID, SERVICE, True)
