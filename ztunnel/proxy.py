@@ -58,6 +58,10 @@ class Ztunnel:
                 f"no configuration from the controller after {CONFIG_WAIT_SECONDS:.0f}s; "
                 f"pod {info.namespace}/{info.name} is not served yet"
             ) from None
+        if self.ctx.fast_path is not None:
+            # The agent pinned its maps before handing pods over: switch sockops' tracking
+            # on now, before this pod's first connection, which would otherwise miss it.
+            self.ctx.fast_path.maps()
         existing = self.pods.get(info.uid)
         if existing is not None:
             if existing.pod.netns.inode == os.fstat(netns_fd).st_ino:
