@@ -166,9 +166,8 @@ def test_bytes_after_the_first_request_go_socket_to_socket(lab: Lab, server_ip: 
     assert [a["body_bytes"] for a in answers] == [100000] * 8
     assert len({a["peer"] for a in answers}) == 1  # one connection
     wait_until(lambda: len(kernel_bytes(lab)) > before, "the connection's access line")
-    # The first request goes through ztunnel (sent before the pairing); a later one may too,
-    # when the client sends it in the instant between ztunnel's write of the previous one
-    # and its report to the kernel (docs/same-node-fast-path.md); of seven, some do not.
+    # The first request goes through ztunnel (sent before the pairing); a later one may too
+    # (docs/same-node-fast-path.md, "Nothing overtakes..."); of seven, some do not.
     assert kernel_bytes(lab)[-1] >= 100000
 
 
