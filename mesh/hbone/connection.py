@@ -18,7 +18,6 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Self, cast
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
@@ -311,7 +310,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._limits = limits
         self._idle_timeout = idle_timeout
         self._h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
+            h2fast.Config(
                 client_side=client_side,
                 header_encoding="utf-8",
                 # Every header block we send is built and checked by mesh.hbone.protocol
@@ -429,24 +428,28 @@ class _HboneConnection(asyncio.BufferedProtocol):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            log.warning("HBONE peer %s broke HTTP/2, closing the connection: %s", self.peer, exc)
-            # h2 has queued its GOAWAY already.
-            self._shut(None, f"HBONE peer {self.peer} broke HTTP/2: {exc}")
+            self._broke_http2(exc)
             return False
         for event in events:
             self._dispatch(event)
         self._flush()
         return not self._closing
 
+    def _broke_http2(self, exc: h2.exceptions.ProtocolError) -> None:
+        log.warning("HBONE peer %s broke HTTP/2, closing the connection: %s", self.peer, exc)
+        # h2 has queued its GOAWAY already.
+        self._shut(None, f"HBONE peer {self.peer} broke HTTP/2: {exc}")
+
     def _receive_frames(self, data: bytes | memoryview) -> None:
-        """After the preface: DATA frames without padding take the fast path (`h2fast`),
-        the rest go to h2 in runs of whole frames, in wire order.
+        """After the preface: DATA frames without padding and HEADERS frames holding a whole
+        header block take the fast path (`h2fast`), the rest go to h2 in runs of whole
+        frames, in wire order.
 
         A fast DATA frame's payload goes to its stream as it arrives, also the part of a
         frame that continues in later reads, with one copy (out of the shared read buffer);
         h2's path copied it three times and waited for the whole frame. Before each DATA
-        frame the frames ahead of it are given to h2 first, so the stream state the fast
-        path checks is the one h2 would check.
+        or HEADERS frame the frames ahead of it are given to h2 first, so the stream state
+        the fast path checks is the one h2 would check.
         """
         view = memoryview(data)
         pos = 0
@@ -463,13 +466,26 @@ class _HboneConnection(asyncio.BufferedProtocol):
         # A reader woken by fast DATA may close the connection: stop there, as h2 would.
         while end - pos >= h2fast.FRAME_HEADER and not self._closing:
             length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
+            kind = view[pos + 3]
             flags = view[pos + 4]
-            if view[pos + 3] == h2fast.DATA and not flags & ~h2fast.END_STREAM:
+            if kind == h2fast.DATA and not flags & ~h2fast.END_STREAM:
                 if start < pos and not self._to_h2(view[start:pos]):
                     return
                 start = pos
                 if self._fast_data(view, pos, length, bool(flags)):
                     pos = start = self._fast_piece(view, pos + h2fast.FRAME_HEADER)
+                    continue
+            elif (
+                kind == h2fast.HEADERS
+                and flags & h2fast.END_HEADERS
+                and not flags & ~(h2fast.END_HEADERS | h2fast.END_STREAM)
+                and pos + h2fast.FRAME_HEADER + length <= end
+            ):
+                if start < pos and not self._to_h2(view[start:pos]):
+                    return
+                start = pos
+                if self._fast_headers(view, pos, length, bool(flags & h2fast.END_STREAM)):
+                    pos = start = pos + h2fast.FRAME_HEADER + length
                     continue
             if pos + h2fast.FRAME_HEADER + length > end:
                 break
@@ -495,6 +511,27 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._fast_stream = stream
         self._fast_left = length
         self._fast_end = end_stream
+        return True
+
+    def _fast_headers(self, view: memoryview, at: int, length: int, end_stream: bool) -> bool:
+        """Give the whole HEADERS frame at `at` to h2's header handling without its frame
+        object (h2fast.receive_headers), and dispatch the events; False leaves it to h2."""
+        stream_id = (
+            (view[at + 5] & 0x7F) << 24 | view[at + 6] << 16 | view[at + 7] << 8 | view[at + 8]
+        )
+        start = at + h2fast.FRAME_HEADER
+        try:
+            events = h2fast.receive_headers(
+                self._h2, stream_id, bytes(view[start : start + length]), end_stream
+            )
+        except h2.exceptions.ProtocolError as exc:
+            self._broke_http2(exc)
+            return True
+        if events is None:
+            return False
+        for event in events:
+            self._dispatch(event)
+        self._flush()
         return True
 
     def _fast_piece(self, view: memoryview, at: int) -> int:
@@ -747,7 +784,9 @@ class _HboneConnection(asyncio.BufferedProtocol):
     ) -> None:
         if self._closing:
             raise HboneConnectionClosed(f"HBONE connection to {self.peer} is closed")
-        self._h2.send_headers(stream.stream_id, headers, end_stream=end_stream)
+        raw = [(name.encode(), value.encode()) for name, value in headers]
+        if not h2fast.send_headers(self._h2, stream.stream_id, raw, end_stream):
+            self._h2.send_headers(stream.stream_id, raw, end_stream=end_stream)
         self._flush()
 
     def _reset_stream(self, stream: HboneStream, error_code: ErrorCodes) -> None:
