@@ -5,6 +5,8 @@ lets the delivery through."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
@@ -20,6 +22,17 @@ log = logging.getLogger("ztunnel.access")
 async def handle(
     ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
 ) -> None:
+    # The relay runs once _admit returned, so its locals are not kept for the connection's
+    # life (see outbound.handle).
+    relay = await _admit(ctx, pod, stream, request, peer)
+    if relay is not None:
+        await relay
+
+
+async def _admit(
+    ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
+) -> Coroutine[Any, Any, None] | None:
+    """The tunnel's relay to the app, not started, or None if it was refused."""
     target = (request.authority_host, request.authority_port)
     if request.authority_host not in pod.info.addresses or request.authority_port in PROXY_PORTS:
         log.warning(
@@ -29,7 +42,7 @@ async def handle(
             pod.ref,
         )
         stream.refuse(Status.BAD_REQUEST)
-        return
+        return None
     state = ctx.state
     source = state.by_address.get(stream.peer_address or "")
     if source is not None and identity_of(source) != peer:
@@ -50,13 +63,13 @@ async def handle(
     if not decision.allowed:
         ctx.connections.deny(info, decision)
         stream.refuse(Status.UNAUTHENTICATED)  # Istio's ztunnel answers a denial with 401
-        return
+        return None
     try:
         app = await open_upstream(pod.netns, target, INBOUND_SOURCE)
     except OSError as exc:
         log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
         stream.refuse(Status.UPSTREAM_UNREACHABLE)
-        return
+        return None
     await stream.accept()
     authorized = authz.Authorized(workload.uid, conn, decision.audit)
-    await ctx.connections.relay(info, stream, app, authorized)
+    return ctx.connections.relay(info, stream, app, authorized)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Coroutine
+from typing import Any
 
 from mesh.hbone.connection import HboneClientConnection, HboneStream
 from mesh.hbone.protocol import HboneError
@@ -20,6 +22,18 @@ log = logging.getLogger("ztunnel.access")
 
 
 async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
+    # The relay runs once _connect returned: what its frame held to decide (the route
+    # decision, this connection's own copy of the labels, the dial closure) is not kept for
+    # the connection's life, about 1 KiB per connection.
+    relay = await _connect(ctx, pod, client)
+    if relay is not None:
+        await relay
+
+
+async def _connect(
+    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex
+) -> Coroutine[Any, Any, None] | None:
+    """The connection's relay, not started, or None if it was refused or failed."""
     try:
         dst_ip, dst_port = original_destination(client.get_extra_info("socket"))
     except OSError as exc:
@@ -30,7 +44,7 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
             exc,
         )
         client.close()
-        return
+        return None
     state = ctx.state
     source = pod.workload(state)
     try:
@@ -38,11 +52,11 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
     except NoHealthyEndpoint as exc:
         log.warning("outbound %s -> %s:%d refused: %s", pod.ref, dst_ip, dst_port, exc)
         client.close()
-        return
+        return None
     target = fastpath.local_target(ctx, decision)
     if target is not None:
         await fastpath.handle(ctx, pod, target, client, decision, f"{dst_ip}:{dst_port}")
-        return
+        return None
     mtls = decision.protocol is Protocol.HBONE
     labels = workload_labels(
         "source",
@@ -81,7 +95,7 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
             exc,
         )
         client.close()
-        return
+        return None
     _, client_port = client.get_extra_info("peername")[:2]
     source_ip = pod.info.addresses[0] if pod.info.addresses else "127.0.0.1"
     info = ConnectionInfo(
@@ -92,4 +106,4 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
         via=decision.protocol.value,
         hbone=decision.authority if mtls else "-",
     )
-    await ctx.connections.relay(info, client, upstream)
+    return ctx.connections.relay(info, client, upstream)

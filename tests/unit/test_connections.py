@@ -47,3 +47,26 @@ async def test_request_bytes_are_received_and_response_bytes_sent(
     line = caplog.records[-1].getMessage()
     assert line.startswith("outbound complete src.addr=10.0.0.1:4000")
     assert "request_bytes=18 response_bytes=24" in line and "via=hbone hbone=a:1" in line
+
+
+async def test_open_connections_share_one_labels_instance() -> None:
+    table = ConnectionTable(TcpMetrics(CollectorRegistry()))
+    copies = [ConnectionLabels(**vars(LABELS)) for _ in range(2)]
+    assert copies[0] == copies[1] and copies[0] is not copies[1]
+    ups = [MemoryDuplex([], hold_open=True) for _ in copies]
+    tasks = [
+        asyncio.create_task(
+            table.relay(
+                ConnectionInfo("outbound", f"10.0.0.1:{4000 + i}", "10.0.0.2:80", labels, "hbone"),
+                MemoryDuplex([], hold_open=True),
+                up,
+            )
+        )
+        for i, (labels, up) in enumerate(zip(copies, ups, strict=True))
+    ]
+    await asyncio.sleep(0.01)
+    held = [info.labels for info in table._live.values()]
+    assert len(held) == 2 and held[0] is held[1] is copies[0]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
