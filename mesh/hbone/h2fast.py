@@ -43,7 +43,12 @@ import h2.exceptions
 import h2.stream
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
-from h2.utilities import HeaderValidationFlags, authority_from_headers, extract_method_header
+from h2.utilities import (
+    HeaderValidationFlags,
+    authority_from_headers,
+    extract_method_header,
+    is_informational_response,
+)
 from hpack import HeaderTuple
 
 FRAME_HEADER = 9
@@ -271,16 +276,17 @@ def send_headers(
     stream = conn.streams.get(stream_id)
     if stream is not None and stream.state_machine.headers_sent:
         return False  # trailers
-    if not config.client_side and any(
-        name == b":status" and value[:1] == b"1" for name, value in headers
-    ):
-        return False  # an informational response: another stream input
+    client_side = config.client_side
+    if not client_side and is_informational_response(headers):
+        return False  # another stream input
     if stream is None:
         limit = conn.remote_settings.max_concurrent_streams
         if conn.open_outbound_streams + 1 > limit:
             raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
     conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-    stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(config.client_side))
+    stream = conn._get_or_create_stream(
+        stream_id, AllowedStreamIDs.ODD if client_side else AllowedStreamIDs.EVEN
+    )
     stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
     block = conn.encoder.encode(headers)
     size = stream.max_outbound_frame_size or len(block)
@@ -346,7 +352,9 @@ def receive_headers(
                 raise h2.exceptions.TooManyStreamsError(f"Max inbound streams is {limit}")
         headers = h2.connection._decode_headers(conn.decoder, block)
         events = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
-        stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
+        stream = conn._get_or_create_stream(
+            stream_id, AllowedStreamIDs.EVEN if client_side else AllowedStreamIDs.ODD
+        )
         _, stream_events = stream.receive_headers(headers, end_stream, conn.config.header_encoding)
     except h2.exceptions.ProtocolError as exc:
         conn._terminate_connection(exc.error_code)

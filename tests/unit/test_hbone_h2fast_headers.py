@@ -345,3 +345,25 @@ def test_too_many_streams_is_h2s_error_on_the_fast_path() -> None:
     with pytest.raises(h2.exceptions.TooManyStreamsError):
         h2fast.send_headers(conn, 3, connect, False)
     assert 3 not in conn.streams
+
+
+def test_informational_responses_and_trailers_are_left_to_h2() -> None:
+    """A 1xx answer is another stream input for h2 (the final response still follows),
+    and a second block on a stream is trailers: the fast path changes nothing for either."""
+    config = h2fast.Config(
+        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(config)
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "192.0.2.1:1")])
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    assert not h2fast.send_headers(server, 1, [(b":status", b"103")], False)
+    assert not server.streams[1].state_machine.headers_sent
+    assert not server.data_to_send()
+    assert h2fast.send_headers(server, 1, [(b":status", b"200")], False)
+    assert not h2fast.send_headers(server, 1, [(b"x-trailer", b"1")], True)
+    assert server.streams[1].state_machine.state is StreamState.OPEN
