@@ -60,6 +60,19 @@ def socket_address(host: str, port: int) -> Config:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def downstream_tls(common: Config) -> Config:
+    """A listener's TLS: ``common`` (see :func:`tls_context`), client certificates required."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+            ".DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": common,
+        },
+    }
+
+
 def tls_context(tls: TlsFiles, peer: str, match: str = "exact") -> Config:
     """TLS 1.3 only, ALPN h2, our certificate; the peer's URI SAN must ``match`` (Envoy's
     string matcher kind: ``exact``, or ``prefix`` for a whole trust domain) ``peer``."""
@@ -196,15 +209,7 @@ def server_config(
         "address": socket_address(listen_ip, HBONE_PORT),
         "filter_chains": [
             {
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-                        ".DownstreamTlsContext",
-                        "require_client_certificate": True,
-                        "common_tls_context": tls_context(tls, client_identity),
-                    },
-                },
+                "transport_socket": downstream_tls(tls_context(tls, client_identity)),
                 "filters": [
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
                 ],

@@ -28,6 +28,7 @@ from bench.envoy import (
     Config,
     TlsFiles,
     admin,
+    downstream_tls,
     hbone_cluster,
     socket_address,
     tls_context,
@@ -166,15 +167,7 @@ def _connect_terminate(listen_ip: str, tls: TlsFiles, trust_domain: str) -> Conf
         "address": socket_address(listen_ip, HBONE_PORT),
         "filter_chains": [
             {
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-                        ".DownstreamTlsContext",
-                        "require_client_certificate": True,
-                        "common_tls_context": context,
-                    },
-                },
+                "transport_socket": downstream_tls(context),
                 "filters": [
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
                 ],
