@@ -28,6 +28,7 @@ from ambimesh.lab.demo import istio_metrics
 from ambimesh.lab.lab import Lab
 from ambimesh.lab.netclient import connect_in, http_get
 from tests.integration.labs import metric, running_lab, wait_until
+from tests.integration.test_handover_e2e import ECHO
 
 pytestmark = pytest.mark.privileged
 
@@ -39,26 +40,6 @@ NEW = 30
 WAIT_SECONDS = 60.0
 ADMIN_PORT = 15000
 OPENED = "istio_tcp_connections_opened_total"
-
-ECHO = """
-import asyncio, sys
-
-async def echo(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(echo, "0.0.0.0", int(sys.argv[1]), backlog=1024)
-    await server.serve_forever()
-
-asyncio.run(main())
-"""
 
 # Opens N long-lived connections and prints their local ports; then per stdin line:
 # "probe" -> for each, whether 16 bytes still echo (JSON list), "new K" -> K new
