@@ -67,7 +67,7 @@ class Channel:
                 self.sock.sendmsg([data], ancillary)
                 return
             except BlockingIOError:
-                await self._wait(writable=True)
+                await fd_ready(self._loop, self.sock, writable=True)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed(str(exc)) from exc
 
@@ -78,7 +78,7 @@ class Channel:
                 data, ancdata, flags, _ = self.sock.recvmsg(MAX_PACKET, fd_space)
                 break
             except BlockingIOError:
-                await self._wait(writable=False)
+                await fd_ready(self._loop, self.sock, writable=False)
             except ConnectionResetError as exc:
                 raise ChannelClosed(str(exc)) from exc
         fds: list[int] = []
@@ -102,24 +102,27 @@ class Channel:
                 os.close(fd)
             raise
 
-    async def _wait(self, writable: bool) -> None:
-        future: asyncio.Future[None] = self._loop.create_future()
-        fd = self.sock.fileno()
-        add = self._loop.add_writer if writable else self._loop.add_reader
-        remove = self._loop.remove_writer if writable else self._loop.remove_reader
-
-        def wake() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        add(fd, wake)
-        try:
-            await future
-        finally:
-            remove(fd)
-
     def close(self) -> None:
         self.sock.close()
+
+
+async def fd_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:
+    """Until ``sock`` is readable (or writable): SOCK_SEQPACKET with SCM_RIGHTS has no
+    stream API in asyncio, so the callers do their own non-blocking sendmsg/recvmsg."""
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    add = loop.add_writer if writable else loop.add_reader
+    remove = loop.remove_writer if writable else loop.remove_reader
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    add(fd, wake)
+    try:
+        await future
+    finally:
+        remove(fd)
 
 
 def message(**payload: object) -> node_pb2.NodeMessage:

@@ -18,6 +18,8 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from mesh.nodeproto import fd_ready
+
 CHUNK = 60 * 1024
 MORE, LAST = b"+", b"."
 MAX_FDS = 4
@@ -143,7 +145,7 @@ class WorkerLink:
                 self.sock.sendmsg([packet], ancillary)
                 return
             except BlockingIOError:
-                await self._wait(writable=True)
+                await fd_ready(self._loop, self.sock, writable=True)
             except OSError as exc:
                 raise LinkClosed(str(exc)) from exc
 
@@ -180,7 +182,7 @@ class WorkerLink:
                 data, ancdata, flags, _ = self.sock.recvmsg(CHUNK + 1, fd_space)
                 break
             except BlockingIOError:
-                await self._wait(writable=False)
+                await fd_ready(self._loop, self.sock, writable=False)
             except OSError as exc:
                 raise LinkClosed(str(exc)) from exc
         fds: list[int] = []
@@ -193,22 +195,6 @@ class WorkerLink:
             _close_all(fds)
             raise LinkClosed("truncated packet")
         return data, fds
-
-    async def _wait(self, writable: bool) -> None:
-        future: asyncio.Future[None] = self._loop.create_future()
-        fd = self.sock.fileno()
-        add = self._loop.add_writer if writable else self._loop.add_reader
-        remove = self._loop.remove_writer if writable else self._loop.remove_reader
-
-        def wake() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        add(fd, wake)
-        try:
-            await future
-        finally:
-            remove(fd)
 
 
 def _close_all(fds: list[int]) -> None:
