@@ -172,9 +172,9 @@ def _await_line(proc: subprocess.Popen[bytes], prefix: str, timeout: float, what
     raise LabError(f"{what}: no {prefix!r} within {timeout:.0f}s (exit {proc.poll()}): {err}")
 
 
-def open_connections(lab: Lab, holders: Holders) -> list[subprocess.Popen[bytes]]:
-    """Echo servers, then the holders; returns once every connection echoed."""
-    procs: list[subprocess.Popen[bytes]] = []
+def open_connections(lab: Lab, holders: Holders, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Echo servers, then the holders, each added to ``procs`` as it starts (so the caller
+    stops them whatever happens); returns once every connection echoed."""
     python = [sys.executable, "-m", "bench.holder"]
     for pod in holders.servers:
         procs.append(lab.spawn_in_pod(pod.ref, [*python, "serve", str(ECHO_PORT)], capture=True))
@@ -185,7 +185,6 @@ def open_connections(lab: Lab, holders: Holders) -> list[subprocess.Popen[bytes]
         procs.append(lab.spawn_in_pod(pod.ref, argv, capture=True, stdin=subprocess.PIPE))
     for pod, proc in zip(holders.clients, procs[len(holders.servers) :], strict=True):
         _await_line(proc, "open", START_TIMEOUT, f"connections from {pod.ref}")
-    return procs
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -225,7 +224,7 @@ def measure_scaled(
         idle = ztunnels(lab)
         heap_reports(lab, profiles, "pods")
         holders = plan_connections(plan, args.connections, args.clients, args.servers)
-        procs = open_connections(lab, holders)
+        open_connections(lab, holders, procs)
         time.sleep(SETTLE_SECONDS)
         loaded = ztunnels(lab)
         heap_reports(lab, profiles, "connections")
