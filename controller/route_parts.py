@@ -78,6 +78,11 @@ def string_match(view: View, key: str, kinds: tuple[str, ...]) -> mesh_pb2.HttpS
     match = view.view(key)
     if match is None:
         raise view.error(key, "must be a mapping with one of: " + ", ".join(kinds))
+    return string_match_at(match, kinds)
+
+
+def string_match_at(match: View, kinds: tuple[str, ...]) -> mesh_pb2.HttpStringMatch:
+    """The Istio StringMatch ``match`` (see :func:`string_match`)."""
     match.check_fields(kinds)
     set_kinds = [kind for kind in kinds if match.has(kind)]
     if len(set_kinds) > 1:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from controller.fields import ConfigObject, View, created
 from controller.hosts import ServiceIndex, ServiceKey
 from controller.quoting import quote
-from controller.route_parts import Attachment, default_retry, string_match
+from controller.route_parts import Attachment, default_retry, string_match, string_match_at
 from mesh.api import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ _STRING_MATCH = ("exact", "prefix", "regex")
 _RULE_FIELDS = (
     *("name", "match", "route", "redirect", "directResponse", "rewrite", "timeout", "retries"),
     *("fault", "mirror", "mirrors", "mirrorPercentage", "mirrorPercent", "headers"),
+    "corsPolicy",
 )
 _MATCH_FIELDS = (
     *("name", "uri", "method", "headers", "port", "sourceLabels", "gateways", "queryParams"),
@@ -99,7 +100,7 @@ class _Rule:
     def __init__(
         self, obj: ConfigObject, services: ServiceIndex, subsets: Subsets, view: View, name: str
     ) -> None:
-        view.check_fields(_RULE_FIELDS, ("delegate", "corsPolicy"))
+        view.check_fields(_RULE_FIELDS, ("delegate",))
         self.obj, self.services, self.subsets, self.view = obj, services, subsets, view
         self.rule = mesh_pb2.HttpRouteRule(name=name)
         if not (view.has("route") or view.has("redirect") or view.has("directResponse")):
@@ -215,6 +216,8 @@ class _Rule:
             rule.response_headers.CopyFrom(_mutation(headers, "response"))
         if (fault := view.view("fault")) is not None:
             rule.fault.CopyFrom(_fault(fault))
+        if (cors := view.view("corsPolicy")) is not None:
+            rule.cors.CopyFrom(_cors(cors))
         mirrors = [(view, "mirror", _percent(view, "mirrorPercentage", "mirrorPercent"))]
         mirrors += [
             (m, "destination", _percent(m, "percentage", "")) for m in view.views("mirrors")
@@ -300,6 +303,34 @@ def _fault(view: View) -> mesh_pb2.HttpFault:
             raise abort.error("httpStatus", "is required")
         fault.abort_percent = _percent(abort, "percentage", "")
     return fault
+
+
+def _cors(view: View) -> mesh_pb2.HttpCors:
+    """Istio's corsPolicy; the deprecated ``allowOrigin`` strings are exact origins, ``*``
+    any origin, as Istio converts them."""
+    view.check_fields(
+        (
+            *("allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders"),
+            *("maxAge", "allowCredentials", "unmatchedPreflights"),
+        )
+    )
+    cors = mesh_pb2.HttpCors(
+        allow_methods=view.strings("allowMethods"),
+        allow_headers=view.strings("allowHeaders"),
+        expose_headers=view.strings("exposeHeaders"),
+        max_age_seconds=round(view.duration("maxAge") or 0),
+        allow_credentials=view.boolean("allowCredentials"),
+    )
+    for origin_view in view.views("allowOrigins"):
+        cors.allow_origins.append(string_match_at(origin_view, _STRING_MATCH))
+    for origin in view.strings("allowOrigin"):
+        match = {"regex": ".*"} if origin == "*" else {"exact": origin}
+        cors.allow_origins.add(**match)
+    preflights = view.string("unmatchedPreflights", "FORWARD")
+    if preflights not in ("FORWARD", "IGNORE"):
+        raise view.error("unmatchedPreflights", f"is FORWARD or IGNORE, not {quote(preflights)}")
+    cors.ignore_unmatched_preflights = preflights == "IGNORE"
+    return cors
 
 
 def _percent(view: View, key: str, legacy: str) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from mesh.api import mesh_pb2
 from mesh.hbone.relay import Duplex, relay
 from mesh.spiffe import identity_of
-from waypoint import authz, fault, ratelimit, router
+from waypoint import authz, cors, fault, ratelimit, router
 from waypoint import headers as h
 from waypoint.clusters import Clusters
 from waypoint.context import Downstream
@@ -136,6 +136,22 @@ class Proxy:
         if selected is None:
             return local_reply(404, "route not found\n", ResponseFlag.NO_ROUTE_FOUND)
         seen.route = selected.rule.name
+        policy = selected.rule.cors if selected.rule.HasField("cors") else None
+        if policy is not None and (answer := cors.preflight(policy, request)) is not None:
+            return answer
+        response = await self._faulted_or_routed(state, downstream, request, seen, selected)
+        if policy is not None:
+            cors.decorate(policy, request, response)
+        return response
+
+    async def _faulted_or_routed(
+        self,
+        state: WaypointState,
+        downstream: Downstream,
+        request: Request,
+        seen: Observation,
+        selected: router.Selected,
+    ) -> Response:
         decision = fault.decide(
             selected.rule.fault if selected.rule.HasField("fault") else None, self._rng
         )

@@ -1041,6 +1041,7 @@ class HttpRouteRule(_message.Message):
     MIRRORS_FIELD_NUMBER: _builtins.int
     DIRECT_STATUS_FIELD_NUMBER: _builtins.int
     DIRECT_BODY_FIELD_NUMBER: _builtins.int
+    CORS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """For logs and metrics: "<source kind>/<ns>/<name>#<index>"."""
     timeout_seconds: _builtins.float
@@ -1070,6 +1071,8 @@ class HttpRouteRule(_message.Message):
     def fault(self) -> Global___HttpFault: ...
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpMirror]: ...
+    @_builtins.property
+    def cors(self) -> Global___HttpCors: ...
     def __init__(
         self,
         *,
@@ -1086,14 +1089,64 @@ class HttpRouteRule(_message.Message):
         mirrors: _abc.Iterable[Global___HttpMirror] | None = ...,
         direct_status: _builtins.int = ...,
         direct_body: _builtins.str = ...,
+        cors: Global___HttpCors | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cors", b"cors", "fault", b"fault", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "direct_body", b"direct_body", "direct_status", b"direct_status", "fault", b"fault", "matches", b"matches", "mirrors", b"mirrors", "name", b"name", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "cors", b"cors", "direct_body", b"direct_body", "direct_status", b"direct_status", "fault", b"fault", "matches", b"matches", "mirrors", b"mirrors", "name", b"name", "redirect", b"redirect", "request_headers", b"request_headers", "response_headers", b"response_headers", "retry", b"retry", "rewrite", b"rewrite", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HttpRouteRule: _TypeAlias = HttpRouteRule  # noqa: Y015
+
+@_typing.final
+class HttpCors(_message.Message):
+    """Istio's VirtualService corsPolicy, as Envoy's CORS filter applies it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOW_ORIGINS_FIELD_NUMBER: _builtins.int
+    ALLOW_METHODS_FIELD_NUMBER: _builtins.int
+    ALLOW_HEADERS_FIELD_NUMBER: _builtins.int
+    EXPOSE_HEADERS_FIELD_NUMBER: _builtins.int
+    MAX_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    ALLOW_CREDENTIALS_FIELD_NUMBER: _builtins.int
+    IGNORE_UNMATCHED_PREFLIGHTS_FIELD_NUMBER: _builtins.int
+    max_age_seconds: _builtins.int
+    """Access-Control-Max-Age; 0: not sent."""
+    allow_credentials: _builtins.bool
+    ignore_unmatched_preflights: _builtins.bool
+    """unmatchedPreflights IGNORE: a preflight from another origin is answered 200 here
+    without CORS headers; false (FORWARD, Istio's default): it goes to the backend.
+    """
+    @_builtins.property
+    def allow_origins(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpStringMatch]:
+        """Origins whose requests get CORS headers (and whose preflights are answered here)."""
+
+    @_builtins.property
+    def allow_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def allow_headers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def expose_headers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        allow_origins: _abc.Iterable[Global___HttpStringMatch] | None = ...,
+        allow_methods: _abc.Iterable[_builtins.str] | None = ...,
+        allow_headers: _abc.Iterable[_builtins.str] | None = ...,
+        expose_headers: _abc.Iterable[_builtins.str] | None = ...,
+        max_age_seconds: _builtins.int = ...,
+        allow_credentials: _builtins.bool = ...,
+        ignore_unmatched_preflights: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_credentials", b"allow_credentials", "allow_headers", b"allow_headers", "allow_methods", b"allow_methods", "allow_origins", b"allow_origins", "expose_headers", b"expose_headers", "ignore_unmatched_preflights", b"ignore_unmatched_preflights", "max_age_seconds", b"max_age_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpCors: _TypeAlias = HttpCors  # noqa: Y015
 
 @_typing.final
 class HttpRouteTable(_message.Message):

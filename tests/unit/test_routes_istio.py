@@ -456,6 +456,16 @@ def test_durations(value: str, seconds: float) -> None:
             "'3' is not an integer",
         ),
         (
+            vs([{"route": [to()], "corsPolicy": {"unmatchedPreflights": "DROP"}}]),
+            "spec.http[0].corsPolicy.unmatchedPreflights",
+            "is FORWARD or IGNORE, not 'DROP'",
+        ),
+        (
+            vs([{"route": [to()], "corsPolicy": {"allowOrigins": [{"glob": "*"}]}}]),
+            "spec.http[0].corsPolicy.allowOrigins[0].glob",
+            "unknown field",
+        ),
+        (
             dr({"trafficPolicy": {"loadBalancer": {"simple": "FASTEST"}}}),
             "spec.trafficPolicy.loadBalancer.simple",
             "'FASTEST' is not one of",
@@ -493,3 +503,30 @@ def test_virtual_service_without_hosts_needs_one_destination_service() -> None:
     del no_hosts["spec"]["hosts"]
     with pytest.raises(ConfigError, match=r"spec.hosts: is required \(the destinations"):
         run(*SERVICES, no_hosts)
+
+
+def test_cors_policy() -> None:
+    policy = {
+        "allowOrigins": [{"exact": "https://a.example"}, {"regex": r"https://.*\.b\.example"}],
+        "allowOrigin": ["https://legacy.example"],
+        "allowMethods": ["GET", "POST"],
+        "allowHeaders": ["x-token"],
+        "exposeHeaders": ["x-trace"],
+        "maxAge": "24h",
+        "allowCredentials": True,
+        "unmatchedPreflights": "IGNORE",
+    }
+    cors = routes_of(vs([{"route": [to()], "corsPolicy": policy}])).rules[0].cors
+    assert [m.WhichOneof("kind") for m in cors.allow_origins] == ["exact", "regex", "exact"]
+    assert cors.allow_origins[2].exact == "https://legacy.example"
+    assert (list(cors.allow_methods), list(cors.allow_headers), list(cors.expose_headers)) == (
+        ["GET", "POST"],
+        ["x-token"],
+        ["x-trace"],
+    )
+    assert (cors.max_age_seconds, cors.allow_credentials) == (86400, True)
+    assert cors.ignore_unmatched_preflights
+    plain = routes_of(vs([{"route": [to()], "corsPolicy": {"allowOrigin": ["*"]}}])).rules[0]
+    assert plain.cors.allow_origins[0].regex == ".*"
+    assert not plain.cors.ignore_unmatched_preflights
+    assert not routes_of(vs([{"route": [to()]}])).rules[0].HasField("cors")

@@ -154,3 +154,36 @@ async def test_an_unresolvable_backend_share_is_500() -> None:
         client = await rig.h1()
         assert (await client.request("GET", "/")).status == 500
         assert not rig.seen()
+
+
+async def test_cors_preflight_is_answered_and_responses_carry_the_headers() -> None:
+    async with Rig() as rig:
+        cors = mesh_pb2.HttpCors(
+            allow_origins=[mesh_pb2.HttpStringMatch(exact="https://app.example")],
+            allow_methods=["GET", "PUT"],
+            allow_headers=["x-token"],
+            expose_headers=["x-trace"],
+            max_age_seconds=600,
+            allow_credentials=True,
+        )
+        rig.configure(routes(rule(backends=[backend()], cors=cors)))
+        client = await rig.h1()
+        asked = {"origin": "https://app.example", "access-control-request-method": "PUT"}
+        preflight = await client.request("OPTIONS", "/pre", asked)
+        assert preflight.status == 200
+        assert {k: v for k, v in preflight.headers.items() if k.startswith("access-")} == {
+            "access-control-allow-origin": "https://app.example",
+            "access-control-allow-methods": "GET,PUT",
+            "access-control-allow-headers": "x-token",
+            "access-control-max-age": "600",
+            "access-control-allow-credentials": "true",
+        }
+        actual = await client.request("GET", "/actual", {"origin": "https://app.example"})
+        assert actual.status == 200
+        assert actual.headers["access-control-allow-origin"] == "https://app.example"
+        assert actual.headers["access-control-expose-headers"] == "x-trace"
+        # Another origin: no CORS headers, and its preflight goes on to the backend.
+        other = {"origin": "https://evil.example", "access-control-request-method": "PUT"}
+        forwarded = await client.request("OPTIONS", "/other", other)
+        assert "access-control-allow-origin" not in forwarded.headers
+        assert [s.path for s in rig.seen()] == ["/actual", "/other"]
