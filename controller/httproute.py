@@ -34,11 +34,14 @@ _PATH_RANKS = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _MAX_WEIGHT = 1_000_000
 _HEADER_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
-_FILTERS = (*_HEADER_FILTERS, "RequestRedirect", "URLRewrite", "RequestMirror")
+_FILTERS = (*_HEADER_FILTERS, "RequestRedirect", "URLRewrite", "RequestMirror", "CORS")
 # A filter's type -> the field holding its settings.
 _FILTER_FIELDS = {kind: kind[0].lower() + kind[1:] for kind in _FILTERS} | {
-    "URLRewrite": "urlRewrite"
+    "URLRewrite": "urlRewrite",
+    "CORS": "cors",
 }
+# HTTPCORSFilter's maxAge when unset (Gateway API: 5 seconds).
+_CORS_MAX_AGE = 5
 
 
 def attachments(obj: ConfigObject, services: ServiceIndex) -> list[Attachment]:
@@ -175,7 +178,7 @@ class _Rule:
 
     def _filter(self, view: View) -> None:
         kinds = _FILTERS
-        view.check_fields(("type", *_FILTER_FIELDS.values()), ("extensionRef", "cors"))
+        view.check_fields(("type", *_FILTER_FIELDS.values()), ("extensionRef",))
         kind = view.string("type", required=True)
         if kind not in kinds:
             raise view.error(
@@ -209,6 +212,8 @@ class _Rule:
             rule.rewrite.SetInParent()
             rule.rewrite.hostname = body.string("hostname")
             rule.rewrite.path, rule.rewrite.prefix = self._path_modifier(body)
+        elif kind == "CORS":
+            rule.cors.CopyFrom(_cors(body))
         elif (mirror := self._mirror(body)).backend.service:
             rule.mirrors.append(mirror)
 
@@ -372,3 +377,34 @@ def _header_mutation(body: View) -> mesh_pb2.HttpHeaderMutation:
             entry.check_fields(("name", "value"))
             target[entry.string("name", required=True).lower()] = entry.string("value")
     return mutation
+
+
+def _cors(body: View) -> mesh_pb2.HttpCors:
+    """Gateway API's HTTPCORSFilter (experimental channel): an origin is ``*`` (any) or
+    ``scheme://host[:port]`` whose host may start with a ``*`` label (any subdomains)."""
+    body.check_fields(
+        (
+            *("allowOrigins", "allowCredentials", "allowMethods", "allowHeaders"),
+            *("exposeHeaders", "maxAge"),
+        )
+    )
+    cors = mesh_pb2.HttpCors(
+        allow_methods=body.strings("allowMethods"),
+        allow_headers=body.strings("allowHeaders"),
+        expose_headers=body.strings("exposeHeaders"),
+        max_age_seconds=body.integer("maxAge", _CORS_MAX_AGE, 1, 2**31 - 1),
+        allow_credentials=body.boolean("allowCredentials"),
+    )
+    for index, origin in enumerate(body.strings("allowOrigins")):
+        if origin == "*":
+            cors.allow_origins.add(regex=".*")
+        elif not re.fullmatch(r"[a-z][a-z0-9+.-]*://(\*\.)?[^*/]+", origin):
+            raise body.error(
+                f"allowOrigins[{index}]",
+                f"{quote(origin)} is not * or scheme://host[:port] (host may start with *.)",
+            )
+        elif "://*." in origin:
+            cors.allow_origins.add(regex=re.escape(origin).replace(r"\*", "[^/]+", 1))
+        else:
+            cors.allow_origins.add(exact=origin)
+    return cors

@@ -5,6 +5,7 @@ conformance tests (conformance/tests/mesh/*, httproute-*)."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -605,9 +606,14 @@ def test_gateway_parents_and_missing_services_are_not_attached(
             "needs a PathPrefix match",
         ),
         (
-            [rule(filters=[{"type": "CORS", "cors": {}}])],
-            "spec.rules[0].filters[0].cors",
+            [rule(filters=[{"type": "ExtensionRef", "extensionRef": {"name": "x"}}])],
+            "spec.rules[0].filters[0].extensionRef",
             "is not supported",
+        ),
+        (
+            [rule(filters=[{"type": "CORS", "cors": {"allowOrigins": ["example.com"]}}])],
+            "spec.rules[0].filters[0].cors.allowOrigins[0]",
+            "'example.com' is not * or scheme://host[:port]",
         ),
         (
             [rule(filters=[{"type": "RequestRedirect", "requestRedirect": {"statusCode": 304}}])],
@@ -641,3 +647,21 @@ def test_service_port_by_section_name() -> None:
 def test_other_services_are_untouched() -> None:
     out = run(service("lonely"), *echo_services(), http_route("r", [rule(to=[backend("echo-v1")])]))
     assert "http_routes/demo/lonely" not in out
+
+
+def test_cors_filter() -> None:
+    cors = {
+        "allowOrigins": ["https://app.example", "https://*.example.org", "*"],
+        "allowMethods": ["GET"],
+        "allowCredentials": True,
+    }
+    out = run(*echo_services(), http_route("r", [rule(filters=[{"type": "CORS", "cors": cors}])]))
+    found = route(table(out), Request("/x"))
+    assert found is not None
+    origins = found.cors.allow_origins
+    assert origins[0].exact == "https://app.example"
+    assert re.fullmatch(origins[1].regex, "https://a.b.example.org")
+    assert not re.fullmatch(origins[1].regex, "https://example.org")
+    assert origins[2].regex == ".*"
+    assert (list(found.cors.allow_methods), found.cors.max_age_seconds) == (["GET"], 5)
+    assert found.cors.allow_credentials
