@@ -288,7 +288,12 @@ class Lab:
                 meta = doc.get("metadata") or {}
                 if meta.get("uid") == pod.uid:
                     meta["uid"] = uid
-                    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+                    # Whole or not at all: the controller watching the directory must never
+                    # read half a file (a truncated file can parse, minus some pods); it
+                    # skips dotfiles.
+                    partial = path.with_name(f".{path.name}.tmp")
+                    partial.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+                    os.replace(partial, path)
                     return
         raise LabError(f"pod {pod.ref} (uid {pod.uid}) is not in {self.config_dir}")
 
