@@ -47,6 +47,14 @@ def running_lab(
         lab.down(quiet=True)
 
 
+def write_config(path: Path, text: str) -> None:
+    """Replace a file of the lab's live config whole: the controller must never read half
+    a file (a truncated one can parse, minus some objects); it skips dotfiles."""
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def wait_until(check: Callable[[], bool], what: str, seconds: float = WAIT_SECONDS) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -18,7 +18,14 @@ import yaml
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import Lab
 from ambimesh.lab.netclient import http_get
-from tests.integration.labs import WAIT_SECONDS, logged, metric, running_lab, wait_until
+from tests.integration.labs import (
+    WAIT_SECONDS,
+    logged,
+    metric,
+    running_lab,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -40,7 +47,7 @@ def policies(lab: Lab) -> Iterator[Callable[..., None]]:
     path = lab.config_dir / POLICY_FILE
 
     def write(*docs: dict[str, Any]) -> None:
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        write_config(path, yaml.safe_dump_all(docs, sort_keys=False))
 
     try:
         yield write

@@ -25,7 +25,14 @@ import yaml
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import Lab
 from ambimesh.lab.netclient import http_get
-from tests.integration.labs import WAIT_SECONDS, log_text, metric, running_lab, wait_until
+from tests.integration.labs import (
+    WAIT_SECONDS,
+    log_text,
+    metric,
+    running_lab,
+    wait_until,
+    write_config,
+)
 from tests.integration.privileged import require_privileged
 
 pytestmark = pytest.mark.privileged
@@ -95,7 +102,7 @@ def policies(lab: Lab, server_ip: str) -> Iterator[Callable[..., None]]:
     path = lab.config_dir / POLICY_FILE
 
     def write(*docs: dict[str, Any]) -> None:
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        write_config(path, yaml.safe_dump_all(docs, sort_keys=False))
 
     try:
         yield write

@@ -22,7 +22,7 @@ from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.demo import fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import AGENT_METRICS_PORT, Lab
 from ambimesh.lab.netclient import http_get
-from tests.integration.labs import log_text, logged, metric, running_lab, wait_until
+from tests.integration.labs import log_text, logged, metric, running_lab, wait_until, write_config
 
 pytestmark = pytest.mark.privileged
 
@@ -57,7 +57,7 @@ def set_namespace_label(lab: Lab, namespace: str, value: str | None) -> None:
                 labels.pop("ambimesh.io/dataplane-mode", None)
             else:
                 labels["ambimesh.io/dataplane-mode"] = value
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    write_config(path, yaml.safe_dump_all(docs, sort_keys=False))
 
 
 def test_client_reaches_service_vip_over_mtls(lab: Lab, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from ambimesh.lab.lab import AGENT_METRICS_PORT, METRICS_PORT, READINESS_PORT, Lab
 from ambimesh.lab.netclient import connect_in, http_get
-from tests.integration.labs import log_text, wait_until
+from tests.integration.labs import log_text, wait_until, write_config
 from tests.integration.privileged import require_privileged
 from tests.integration.test_handover_e2e import DRIVER, ECHO, readline_within
 
@@ -206,7 +206,7 @@ def push_streams(lab: Lab) -> dict[str, int]:
 def test_controller_outage_with_a_renewal_inside_it(lab: Lab) -> None:
     # A config change first, so the restarted controller's versions (from 1 again) are
     # "older" than what the nodes have: they must take them all the same.
-    (lab.config_dir / "outage.yaml").write_text(MARKER_SERVICE)
+    write_config(lab.config_dir / "outage.yaml", MARKER_SERVICE)
     wait_until(lambda: all(config_version(lab, n) == "2" for n in NODES), "config version 2")
     with traffic(lab) as run:
         # Line up the outage with the renewal cycle: right after every identity renewed.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from tests.integration.labs import (
     metric,
     running_lab,
     wait_until,
+    write_config,
 )
 
 pytestmark = pytest.mark.privileged
@@ -91,13 +91,6 @@ def admin_dump(lab: Lab) -> dict[str, Any]:
     return dump
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """The controller must never read half a file (it skips dotfiles)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def pushed(lab: Lab, path: Path, text: str | None) -> Iterator[None]:
     """``path`` holds ``text`` (None: is removed) until the waypoint has it; restored after."""
@@ -108,7 +101,7 @@ def pushed(lab: Lab, path: Path, text: str | None) -> Iterator[None]:
         if content is None:
             path.unlink(missing_ok=True)
         else:
-            write_atomically(path, content)
+            write_config(path, content)
         wait_until(
             lambda: admin_dump(lab)["version"] != version, f"the waypoint to take {path.name}"
         )
@@ -469,7 +462,7 @@ def test_an_invalid_route_is_rejected_with_its_location_and_the_last_good_stays(
     vs["spec"]["http"][0]["timeout"] = "soon"
     routes_before = admin_dump(lab)["http_routes"]
     try:
-        write_atomically(path, yaml.safe_dump_all(docs, sort_keys=False))
+        write_config(path, yaml.safe_dump_all(docs, sort_keys=False))
         wait_until(
             lambda: logged(lab, "controller", WAYPOINT_LAYER, "spec.http[0].timeout", "soon"),
             "the controller to reject the route, naming file and field",
@@ -477,7 +470,7 @@ def test_an_invalid_route_is_rejected_with_its_location_and_the_last_good_stays(
         assert admin_dump(lab)["http_routes"] == routes_before
         assert set(pods_of(calls(lab, "http://server/still-{i}", 60))) == {V1, V2}
     finally:
-        write_atomically(path, original)
+        write_config(path, original)
 
 
 def test_a_route_change_applies_live(lab: Lab) -> None:
