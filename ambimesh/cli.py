@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ambimesh import join_tokens
+from ambimesh import join_tokens, validate
 from ambimesh.install import command as install_command
 from ambimesh.lab import demo
 from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError, example_names
@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     install_command.add_parsers(sub)
     join_tokens.add_parsers(sub)
+    validate.add_parsers(sub)
     lab = sub.add_parser("lab", help="the local lab mesh (network namespaces on this machine)")
     lab.add_argument("--name", default=DEFAULT_LAB, help="lab name (prefix of its namespaces)")
     lab_sub = lab.add_subparsers(dest="action", required=True)
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(install_command.run_uninstall(args))
     if args.command == "token":
         sys.exit(join_tokens.run(args))
+    if args.command == "validate":
+        sys.exit(validate.run(args))
     lab = Lab(args.name)
     try:
         if args.action == "up":
