@@ -1,6 +1,7 @@
 """deploy/metrics/: every PromQL query of the Grafana dashboard names a metric the
-components export, docs/metrics.md lists every exported metric, and the Prometheus
-scrape configuration parses with the jobs the docs name.
+components export and only labels those metrics (or the scrape jobs) have,
+docs/metrics.md lists every exported metric, and the Prometheus scrape configuration
+parses with the jobs the docs name.
 
 The exported set comes from the real collectors and metric classes registered on fresh
 registries (the same ones agent/main.py, ztunnel/main.py and waypoint/main.py serve), so a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -23,9 +25,11 @@ from prometheus_client import CollectorRegistry
 from agent.metrics import AgentCollector
 from agent.node_agent import NodeAgent
 from bpf.maps import COUNTERS
+from mesh.cert_manager import CertStatus
 from mesh.cert_metrics import CertCollector
-from waypoint.telemetry import RequestMetrics
-from ztunnel.metrics import TcpMetrics
+from mesh.spiffe import SpiffeId
+from waypoint.telemetry import RequestMetrics, RequestPeers, RequestRecord
+from ztunnel.metrics import ConnectionLabels, TcpMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "metrics" / "grafana-dashboard.json"
@@ -53,14 +57,16 @@ def _agent_registry() -> CollectorRegistry:
 
 def _ztunnel_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
-    TcpMetrics(registry)
-    registry.register(CertCollector(SimpleNamespace(status=list)))
+    tcp = TcpMetrics(registry)
+    tcp.close(tcp.open(ConnectionLabels(reporter="source")), 1, 1)  # one series: its labels
+    status = CertStatus(SpiffeId("cluster.local", "demo", "client"), datetime.now(UTC), 0)
+    registry.register(CertCollector(SimpleNamespace(status=lambda: [status])))
     return registry
 
 
 def _waypoint_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
-    RequestMetrics(registry)
+    RequestMetrics(registry).record(RequestRecord(RequestPeers(), "GET", "a", "/", 200))
     return registry
 
 
@@ -77,6 +83,31 @@ def exported(registry: CollectorRegistry) -> dict[str, str]:
     for family in registry.collect():
         for suffix in SUFFIXES[family.type]:
             names[family.name + suffix] = family.name
+    return names
+
+
+# Added to every series by the scrape jobs of deploy/metrics/prometheus.yml and Prometheus.
+SCRAPE_LABELS = {"job", "instance", "node", "pod", "namespace", "waypoint"}
+
+
+def sample_labels() -> dict[str, set[str]]:
+    """Each exposed sample name -> its label names (one series of each metric exists)."""
+    labels: dict[str, set[str]] = {}
+    for make in REGISTRIES.values():
+        for family in make().collect():
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def label_names(expr: str) -> set[str]:
+    """Label names an expression matches on or groups by."""
+    expr = _STRINGS.sub('""', expr)
+    names = set()
+    for matchers in re.findall(r"\{([^}]*)\}", expr):
+        names.update(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers))
+    for grouping in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+        names.update(n.strip() for n in grouping.split(",") if n.strip())
     return names
 
 
@@ -155,6 +186,19 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
         assert selected, f"panel {title!r}: no metric in {expr!r}"
         unknown = selected - names.keys()
         assert not unknown, f"panel {title!r} queries metrics no component exports: {unknown}"
+
+
+def test_every_dashboard_query_uses_labels_its_metrics_have() -> None:
+    labels = sample_labels()
+    for title, expr in _targets(dashboard()["panels"]):
+        known = SCRAPE_LABELS.union(*(labels[n] for n in metric_names(expr)))
+        unknown = label_names(expr) - known
+        assert not unknown, f"panel {title!r} uses labels its metrics do not have: {unknown}"
+
+
+def test_label_names_parser() -> None:
+    expr = 'sum by (le, a) (rate(m_bucket{b="x", c=~"y"}[5m])) / ignoring(d) n{e!="}"}'
+    assert label_names(expr) == {"le", "a", "b", "c", "d", "e"}
 
 
 def test_dashboard_covers_every_topic() -> None:
