@@ -81,12 +81,7 @@ class Channel:
                 await fd_ready(self._loop, self.sock, writable=False)
             except ConnectionResetError as exc:
                 raise ChannelClosed(str(exc)) from exc
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds_array = array.array("i")
-                fds_array.frombytes(payload[: len(payload) - len(payload) % fds_array.itemsize])
-                fds.extend(fds_array)
+        fds = received_fds(ancdata)
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -104,6 +99,17 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message carried (a partial trailing int dropped)."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+            fds.extend(received)
+    return fds
 
 
 async def fd_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from mesh.nodeproto import fd_ready
+from mesh.nodeproto import fd_ready, received_fds
 
 CHUNK = 60 * 1024
 MORE, LAST = b"+", b"."
@@ -185,12 +185,7 @@ class WorkerLink:
                 await fd_ready(self._loop, self.sock, writable=False)
             except OSError as exc:
                 raise LinkClosed(str(exc)) from exc
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-                fds.extend(received)
+        fds = received_fds(ancdata)
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             _close_all(fds)
             raise LinkClosed("truncated packet")
