@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ambimesh.lab.lab import Lab, bundled_config_dir
+from ambimesh.lab.netclient import connect_in
 from tests.integration.privileged import require_privileged
 
 WAIT_SECONDS = 30.0
@@ -45,6 +46,15 @@ def running_lab(
         yield lab
     finally:
         lab.down(quiet=True)
+
+
+def accepts(netns: str, port: int) -> bool:
+    """Something in ``netns`` listens on its loopback ``port``."""
+    try:
+        connect_in(netns, "127.0.0.1", port, timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def write_config(path: Path, text: str) -> None:

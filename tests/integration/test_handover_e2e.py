@@ -20,8 +20,7 @@ import pytest
 from ambimesh.lab import cgroups
 from ambimesh.lab.demo import istio_metrics
 from ambimesh.lab.lab import Lab
-from ambimesh.lab.netclient import connect_in
-from tests.integration.labs import metric, running_lab, wait_until
+from tests.integration.labs import accepts, metric, running_lab, wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -146,15 +145,7 @@ def test_two_rolling_restarts_of_each_ztunnel_reset_nothing(lab: Lab) -> None:
     echo = lab.spawn_in_pod("demo/server", ["python", "-c", ECHO, str(ECHO_PORT)], capture=True)
     driver = None
     try:
-
-        def echo_listening() -> bool:
-            try:
-                connect_in(server.netns, "127.0.0.1", ECHO_PORT, timeout=1.0).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(echo_listening, "the echo server", WAIT_SECONDS)
+        wait_until(partial(accepts, server.netns, ECHO_PORT), "the echo server", WAIT_SECONDS)
         driver = lab.spawn_in_pod(
             "demo/client",
             ["python", "-c", DRIVER, server.address, str(ECHO_PORT), str(LONG_LIVED)],

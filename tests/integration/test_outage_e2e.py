@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from ambimesh.lab.lab import AGENT_METRICS_PORT, METRICS_PORT, READINESS_PORT, Lab
-from ambimesh.lab.netclient import connect_in, http_get
-from tests.integration.labs import log_text, wait_until, write_config
+from ambimesh.lab.netclient import http_get
+from tests.integration.labs import accepts, log_text, wait_until, write_config
 from tests.integration.privileged import require_privileged
 from tests.integration.test_handover_e2e import DRIVER, ECHO, readline_within
 
@@ -79,7 +79,7 @@ def traffic(lab: Lab) -> Iterator[Traffic]:
     echo = lab.spawn_in_pod("demo/server", ["python", "-c", ECHO, str(ECHO_PORT)], capture=True)
     driver = None
     try:
-        wait_until(partial(_accepts, server.netns, ECHO_PORT), "the echo server")
+        wait_until(partial(accepts, server.netns, ECHO_PORT), "the echo server")
         driver = lab.spawn_in_pod(
             "demo/client",
             ["python", "-c", DRIVER, server.address, str(ECHO_PORT), str(LONG_LIVED)],
@@ -99,14 +99,6 @@ def traffic(lab: Lab) -> Iterator[Traffic]:
             if proc is not None:
                 proc.kill()
                 proc.wait()
-
-
-def _accepts(netns: str, port: int) -> bool:
-    try:
-        connect_in(netns, "127.0.0.1", port, timeout=1.0).close()
-    except OSError:
-        return False
-    return True
 
 
 def assert_no_failures(summary: dict[str, Any], min_new: int) -> None:

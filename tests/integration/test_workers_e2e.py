@@ -18,6 +18,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ import pytest
 from ambimesh.lab import cgroups
 from ambimesh.lab.demo import istio_metrics
 from ambimesh.lab.lab import Lab
-from ambimesh.lab.netclient import connect_in, http_get
-from tests.integration.labs import metric, running_lab, wait_until
+from ambimesh.lab.netclient import http_get
+from tests.integration.labs import accepts, metric, running_lab, wait_until
 from tests.integration.test_handover_e2e import ECHO
 
 pytestmark = pytest.mark.privileged
@@ -146,15 +147,7 @@ def driver(lab: Lab) -> Iterator[Driver]:
     echo = lab.spawn_in_pod("demo/server", ["python", "-c", ECHO, str(ECHO_PORT)], capture=True)
     started: Driver | None = None
     try:
-
-        def echo_listening() -> bool:
-            try:
-                connect_in(server.netns, "127.0.0.1", ECHO_PORT, timeout=1.0).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(echo_listening, "the echo server", WAIT_SECONDS)
+        wait_until(partial(accepts, server.netns, ECHO_PORT), "the echo server", WAIT_SECONDS)
         started = Driver(lab, server.address)
         yield started
     finally:
