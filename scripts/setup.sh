@@ -18,6 +18,10 @@ say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (eBPF, network namespaces and cgroups need it); try: sudo make ..."
+# Two setups at once (two make targets in parallel) would race on dpkg and the venv: one waits.
+exec 9>/run/lock/ambimesh-setup.lock
+flock -n 9 || { say "waiting for another setup to finish (/run/lock/ambimesh-setup.lock)"; \
+    flock -w 1200 9 || die "another setup held /run/lock/ambimesh-setup.lock for 20 min"; }
 [ -e /sys/kernel/btf/vmlinux ] || [ -e /proc/sys/net/core/bpf_jit_enable ] \
     || die "this kernel has no BPF support (no /proc/sys/net/core/bpf_jit_enable)"
 cgroup2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
@@ -50,10 +54,10 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null || die "apt-get update failed"
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || die "apt-get update failed"
     recommends=()
     [ "$vagrant" = 1 ] && recommends=(--no-install-recommends)
-    apt-get install -y -q "${recommends[@]}" "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q "${recommends[@]}" "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 else
     say "apt packages present: ${apt_pkgs[*]}"
 fi

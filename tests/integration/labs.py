@@ -4,6 +4,7 @@ reading metrics and logs."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import shutil
 import tempfile
 import time
@@ -17,6 +18,28 @@ from tests.integration.privileged import require_privileged
 WAIT_SECONDS = 30.0
 # The bundled lab's waypoint layer: server-v2, waypoint demo/waypoint and the canary routes.
 WAYPOINT_LAYER = "waypoint-canary.yaml"
+# Two runs of one module (two engineers, or a run beside CI's) would tear down each other's
+# lab of the same name: the second waits for the first, this long at most.
+LAB_LOCK_WAIT_SECONDS = 900.0
+
+
+@contextlib.contextmanager
+def lab_name_lock(name: str) -> Iterator[None]:
+    """Hold lab ``name`` for this process; fail naming the lab if another holds it too long."""
+    with open(f"/run/lock/ambimesh-lab-{name}.lock", "w") as lock:
+        deadline = time.monotonic() + LAB_LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"lab {name!r} is held by another test run for over "
+                        f"{LAB_LOCK_WAIT_SECONDS:.0f} s (lock /run/lock/ambimesh-lab-{name}.lock)"
+                    ) from None
+                time.sleep(0.5)
+        yield
 
 
 @contextlib.contextmanager
@@ -34,18 +57,19 @@ def running_lab(
     as in Istio) -- what the L4 modules assert about."""
     require_privileged()
     lab = Lab(name, same_node_fast_path=same_node_fast_path)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"{name}-config-") as tmp:
-            config = None
-            if l4_only:
-                config = Path(tmp)
-                for path in bundled_config_dir().glob("*.yaml"):
-                    if path.name != WAYPOINT_LAYER:
-                        shutil.copy(path, config / path.name)
-            lab.up(config, examples=examples)
-        yield lab
-    finally:
-        lab.down(quiet=True)
+    with lab_name_lock(name):
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"{name}-config-") as tmp:
+                config = None
+                if l4_only:
+                    config = Path(tmp)
+                    for path in bundled_config_dir().glob("*.yaml"):
+                        if path.name != WAYPOINT_LAYER:
+                            shutil.copy(path, config / path.name)
+                lab.up(config, examples=examples)
+            yield lab
+        finally:
+            lab.down(quiet=True)
 
 
 def accepts(netns: str, port: int) -> bool:
