@@ -11,7 +11,6 @@ nothing fails. Warnings are the controller's own log warnings, collected while t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ambimesh import output
 from controller.sources.files import SourceError, config_files, load_file
 from controller.translate import ConfigError, Settings, SourcedObject, translate
 
@@ -69,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="FILE|DIR",
         help="a YAML file, or a directory read as the controller reads it (repeatable)",
     )
-    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    output.add_output_flag(p)
     p.add_argument("--trust-domain", default="cluster.local", help="as the controller's")
     p.add_argument("--root-namespace", default="istio-system", help="as the controller's")
     p.add_argument("--cluster-domain", default="cluster.local", help="as the controller's")
@@ -79,11 +79,14 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(args.trust_domain, args.root_namespace, args.cluster_domain)
     findings = validate(args.paths, settings)
     errors = sum(f.level == ERROR for f in findings)
-    if args.output == "json":
-        print(json.dumps([asdict(f) for f in findings], indent=2))
-    else:
-        for f in findings:
-            print(f"{f.level.upper():<8}{f.line()}")
+    text = output.render(
+        [asdict(f) for f in findings],
+        args.output,
+        lambda: "\n".join(f"{f.level.upper():<8}{f.line()}" for f in findings),
+    )
+    if text:  # a clean table is no lines, as before
+        print(text)
+    if args.output == "table":
         warnings = len(findings) - errors
         if errors:
             verdict = "fix the errors above: the controller would reject this configuration"
