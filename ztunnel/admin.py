@@ -1,5 +1,6 @@
 """ztunnel's HTTP routes: readiness on :15021 and, on localhost only, the admin view on
-:15000 (config dump, live connections, certificates); served by mesh.http_endpoints."""
+:15000 (config dump: mesh state with its policies, local pods, certificate expiries; live
+connections), read by `ambimesh ztunnel-config`; served by mesh.http_endpoints."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def state_dump(state: MeshState) -> dict[str, object]:
         "workloads": [MessageToDict(w) for w in state.workloads.values()],
         "services": [MessageToDict(s) for s in state.services_by_vip.values()],
         "peer_authentications": [MessageToDict(p) for p in state.peer_authentications],
+        "authorization_policies": [
+            MessageToDict(p) for policies in state.authorization_policies.values() for p in policies
+        ],
     }
 
 
