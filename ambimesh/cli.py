@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ambimesh import join_tokens, validate
+from ambimesh import join_tokens, status, validate, ztunnel_config
 from ambimesh.install import command as install_command
 from ambimesh.lab import demo
 from ambimesh.lab.lab import DEFAULT_LAB, Lab, LabError, example_names
@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     install_command.add_parsers(sub)
     join_tokens.add_parsers(sub)
     validate.add_parsers(sub)
+    status.add_parsers(sub)
+    ztunnel_config.add_parsers(sub)
     lab = sub.add_parser("lab", help="the local lab mesh (network namespaces on this machine)")
     lab.add_argument("--name", default=DEFAULT_LAB, help="lab name (prefix of its namespaces)")
     lab_sub = lab.add_subparsers(dest="action", required=True)
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(join_tokens.run(args))
     if args.command == "validate":
         sys.exit(validate.run(args))
+    if args.command == "status":
+        sys.exit(status.run(args))
+    if args.command == "ztunnel-config":
+        sys.exit(ztunnel_config.run(args))
     lab = Lab(args.name)
     try:
         if args.action == "up":
