@@ -166,27 +166,20 @@ def cflags(
     outbound_port: int = DEFAULT_OUTBOUND_PORT,
     inbound_port: int = DEFAULT_INBOUND_PORT,
     hbone_port: int = DEFAULT_HBONE_PORT,
-    map_pin_dir: str | None = None,
 ) -> list[str]:
-    """The compiler flags that go with ``source()``: include path, ports, where maps are pinned."""
+    """The compiler flags that go with ``source()``: include path and ports."""
     ports = {"outbound": outbound_port, "inbound": inbound_port, "hbone": hbone_port}
     for name, port in ports.items():
         if not isinstance(port, int) or not 0 < port < 65536:
             raise BpfError(f"{name} port must be an integer in 1..65535, got {port!r}")
     if len(set(ports.values())) != len(ports):
         raise BpfError(f"outbound, inbound and HBONE ports must differ, got {ports}")
-    flags = [
+    return [
         f"-I{SRC_DIR}",
         f"-DAMBIMESH_OUTBOUND_PORT={outbound_port}",
         f"-DAMBIMESH_INBOUND_PORT={inbound_port}",
         f"-DAMBIMESH_HBONE_PORT={hbone_port}",
     ]
-    if map_pin_dir is not None:
-        # It becomes a C string literal in maps.h.
-        if not os.path.isabs(map_pin_dir) or any(c in map_pin_dir for c in '"\\\n'):
-            raise BpfError(f"pin dir must be an absolute path without quotes, got {map_pin_dir!r}")
-        flags.append(f'-DAMBIMESH_MAP_PIN_DIR="{map_pin_dir}"')
-    return flags
 
 
 def check_environment() -> None:
@@ -476,8 +469,7 @@ class MeshBpf:
         pin_dir: str | None = None,
     ) -> None:
         self.pin_dir = None if pin_dir is None else os.path.abspath(pin_dir)
-        map_pin_dir = None if self.pin_dir is None else os.path.join(self.pin_dir, "maps")
-        flags = cflags(outbound_port, inbound_port, hbone_port, map_pin_dir)
+        flags = cflags(outbound_port, inbound_port, hbone_port)
         if self.pin_dir is not None:
             _prepare_pin_dir(self.pin_dir)
         self.outbound_port = outbound_port
@@ -494,15 +486,14 @@ class MeshBpf:
         try:
             self._bpf: Any = bcc.BPF(text=self.source().encode(), cflags=flags)
         except Exception as exc:
-            pins = "" if map_pin_dir is None else f" Are the pins in {map_pin_dir} maps?"
             raise BpfError(
                 f"compiling the eBPF programs failed ({exc}); is the kernel built with "
                 "CONFIG_BPF_SYSCALL, are kernel headers installed (run scripts/setup.sh)? "
-                f"`python -m bpf --dump` prints the C that was compiled.{pins}"
+                "`python -m bpf --dump` prints the C that was compiled."
             ) from exc
-        if map_pin_dir is not None:
+        if self.pin_dir is not None:
             try:
-                self._check_pinned_maps(bcc.lib._name, map_pin_dir)
+                self._share_pinned_maps(bcc.lib._name, os.path.join(self.pin_dir, "maps"))
             except BaseException:
                 self._bpf.cleanup()
                 raise
@@ -821,16 +812,49 @@ class MeshBpf:
         if self._closed:
             raise BpfError("this MeshBpf is closed; create a new one")
 
-    def _check_pinned_maps(self, libbcc_name: str, map_pin_dir: str) -> None:
-        """bcc reuses a pinned map whatever its shape; a program would then misread it."""
+    def _share_pinned_maps(self, libbcc_name: str, map_pin_dir: str) -> None:
+        """Use the map pinned at ``<map_pin_dir>/<name>`` for each map; pin ours where none is.
+
+        Opened by path (``BPF_OBJ_GET``, CAP_BPF), not as bcc's BPF_TABLE_PINNED does, by
+        id (``BPF_MAP_GET_FD_BY_ID``, CAP_SYS_ADMIN on Linux 6.1). bcc has already written
+        each map's fd number into the programs' bytecode, which ``load_func`` loads later,
+        so the pinned map is dup'ed onto that number: the programs, bcc's tables and this
+        class all use it, and the map bcc made is freed. A pinned map of another shape
+        (another ambimesh version) would be misread by the programs: refused.
+        """
         for name, fd, declared in _bcc_maps(libbcc_name, self._bpf.module):
-            pinned = self._libbpf.map_shape(fd)
-            if pinned != declared:
-                raise BpfError(
-                    f"the map pinned at {map_pin_dir}/{name} is {pinned} but this ambimesh "
-                    f"needs {declared}: another version made it. Remove the pin dir "
-                    f"{self.pin_dir} (ambimesh lab down, or rm -r) and start the agent again"
-                )
+            path = os.path.join(map_pin_dir, name)
+            pinned_fd = self._open_pinned_map(path)
+            if pinned_fd is None:
+                try:
+                    self._libbpf.obj_pin(fd, path)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise BpfError(f"cannot pin map {name} at {path}: {exc}") from exc
+                pinned_fd = self._open_pinned_map(path)  # another loader pinned it meanwhile
+                if pinned_fd is None:
+                    raise BpfError(f"the map pinned at {path} vanished while loading")
+            try:
+                pinned = self._libbpf.map_shape(pinned_fd)
+                if pinned != declared:
+                    raise BpfError(
+                        f"the map pinned at {path} is {pinned} but this ambimesh needs "
+                        f"{declared}: another version made it. Remove the pin dir "
+                        f"{self.pin_dir} (ambimesh lab down, or rm -r) and start the agent again"
+                    )
+                os.dup2(pinned_fd, fd, inheritable=False)
+            finally:
+                os.close(pinned_fd)
+
+    def _open_pinned_map(self, path: str) -> int | None:
+        """An fd of the object pinned at ``path``, or None if nothing is."""
+        try:
+            return self._libbpf.obj_get(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise BpfError(f"cannot open the map pinned at {path}: {exc}") from exc
 
     def _links_dir(self) -> str:
         if self.pin_dir is None:
@@ -947,8 +971,17 @@ class MeshBpf:
                 continue
             try:
                 fd = self._libbpf.prog_fd_by_id(prog_id)
-            except OSError:
-                continue  # gone meanwhile
+            except OSError as exc:
+                if exc.errno == errno.EPERM:  # Linux 6.1 wants CAP_SYS_ADMIN for this
+                    log.warning(
+                        "cannot open program %d on %s to check for a stale %s (%s); "
+                        "a dead agent's copy stays attached until the pod goes",
+                        prog_id,
+                        path,
+                        name,
+                        exc.strerror,
+                    )
+                continue  # else gone meanwhile
             try:
                 if self._libbpf.prog_id_and_name(fd)[1] == our_name:
                     self._libbpf.prog_detach(fd, cgroup_fd, attach_type)

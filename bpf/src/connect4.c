@@ -13,14 +13,9 @@ int ambimesh_connect4(struct bpf_sock_addr *ctx)
         return 1;
 
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    /* One 8-byte store: older verifiers (Linux 6.1) reject a 2-byte store into a stack
-     * slot that also held a spilled pointer unless the loader has CAP_PERFMON. The layout
-     * (ip4 in the low half) is that of struct orig_dst on little-endian hosts. */
-    union {
-        struct orig_dst dst;
-        __u64 raw;
-    } value;
-    value.raw = (__u64)ip4 | ((__u64)(__u16)ctx->user_port << 32);
+    /* One 8-byte store (Linux 6.1's verifier, see maps.h); ip4 in the low half. */
+    union orig_dst_words value;
+    value.word = (__u64)ip4 | ((__u64)(__u16)ctx->user_port << 32);
     orig_dst_by_cookie.update(&cookie, &value.dst);
 
     ctx->user_ip4 = bpf_htonl(AMBIMESH_LOCALHOST);

@@ -15,12 +15,9 @@ int ambimesh_connect6(struct bpf_sock_addr *ctx)
         return 1;
 
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    /* One 8-byte store, as in connect4 (Linux 6.1's verifier). */
-    union {
-        struct orig_dst dst;
-        __u64 raw;
-    } value;
-    value.raw = (__u64)ip4 | ((__u64)(__u16)ctx->user_port << 32);
+    /* One 8-byte store, as in connect4 (Linux 6.1's verifier, see maps.h). */
+    union orig_dst_words value;
+    value.word = (__u64)ip4 | ((__u64)(__u16)ctx->user_port << 32);
     orig_dst_by_cookie.update(&cookie, &value.dst);
 
     /* The ::ffff: prefix stays: the socket goes to ztunnel's IPv4 listener. */

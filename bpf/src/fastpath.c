@@ -10,17 +10,14 @@
 
 int ambimesh_fastpath(struct sk_msg_md *msg)
 {
-    struct fastpath_key key = {};
-    key.netns_cookie = bpf_get_netns_cookie(msg);
-    key.local_ip4 = msg->local_ip4;
-    key.remote_ip4 = msg->remote_ip4;
-    key.local_port = msg->local_port;
-    key.remote_port = bpf_ntohl(msg->remote_port);
-    struct fastpath_bytes *sent = fastpath_bytes.lookup(&key);
+    union fastpath_key_words key;
+    fastpath_key_build(&key, bpf_get_netns_cookie(msg), msg->local_ip4, msg->remote_ip4,
+                       msg->local_port, bpf_ntohl(msg->remote_port));
+    struct fastpath_bytes *sent = fastpath_bytes.lookup(&key.key);
     if (!sent)
         return SK_PASS;
     __u64 size = msg->size;
-    struct fastpath_pair *pair = fastpath_pairs.lookup(&key);
+    struct fastpath_pair *pair = fastpath_pairs.lookup(&key.key);
     if (pair && pair->relayed == sent->passed) {
         struct fastpath_key target = pair->target;
         if (fastpath_socks.msg_redirect_hash(msg, &target, 0) == SK_PASS) {

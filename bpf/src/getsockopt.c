@@ -21,11 +21,9 @@ int ambimesh_getsockopt(struct bpf_sockopt *ctx)
     if (sk->src_port != AMBIMESH_OUTBOUND_PORT) /* src_port is host order */
         return 1;
 
-    struct peer_key key = {};
-    key.netns_cookie = bpf_get_netns_cookie(ctx);
-    key.ip4 = sk->dst_ip4;
-    key.port = (__u16)sk->dst_port; /* dst_port is network order */
-    struct orig_dst *dst = orig_dst_by_peer.lookup(&key);
+    union peer_key_words key; /* dst_port is network order */
+    peer_key_build(&key, bpf_get_netns_cookie(ctx), sk->dst_ip4, (__u16)sk->dst_port);
+    struct orig_dst *dst = orig_dst_by_peer.lookup(&key.key);
     if (!dst)
         return 1;
 

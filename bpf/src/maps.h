@@ -48,6 +48,35 @@ struct peer_key {
     __u16 pad;
 };
 
+/* Linux 6.1's verifier refuses, unless the loader has CAP_PERFMON, a store narrower than 8
+ * bytes into a stack slot whose first bytes hold a spilled register (a pointer, or a
+ * bounded scalar such as a 32-bit field clang stored there). clang fills a struct on the
+ * stack field by field and packs small locals into one slot, so every map key and value
+ * built on the stack is written in whole 8-byte words: structs through the unions below,
+ * a scalar key in the low bytes of a __u64 (hence little-endian only).
+ * tests/integration/test_bpf_bytecode.py scans the compiled programs for such stores. */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ambimesh's eBPF programs lay map keys out for little-endian hosts"
+#endif
+
+union orig_dst_words {
+    struct orig_dst dst;
+    __u64 word;
+};
+
+union peer_key_words {
+    struct peer_key key;
+    __u64 word[2];
+};
+
+/* ip4 and port in network byte order, as in struct peer_key. */
+static __always_inline void peer_key_build(union peer_key_words *k, __u64 netns_cookie,
+                                           __u32 ip4, __u16 port)
+{
+    k->word[0] = netns_cookie;
+    k->word[1] = (__u64)ip4 | ((__u64)port << 32);
+}
+
 enum ambimesh_counter {
     COUNTER_OUTBOUND_REDIRECTED = 0,
     COUNTER_OUTBOUND_ESTABLISHED = 1,
@@ -57,48 +86,23 @@ enum ambimesh_counter {
     COUNTER_MAX = 5,
 };
 
-/* With -DAMBIMESH_MAP_PIN_DIR="<dir>" every map is pinned at <dir>/<name>, or reused if
- * already pinned there (bcc creates the pin), so every agent generation on a node and the
- * programs it left attached share one set of maps. bcc does not check that a reused map
- * matches the declaration: the loader does. */
-#ifdef AMBIMESH_MAP_PIN_DIR
-#define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
-    BPF_TABLE_PINNED(type, key, leaf, name, max_entries, AMBIMESH_MAP_PIN_DIR "/" #name)
-#define AMBIMESH_SOCKHASH_SECTION(name) "maps/sockhash:" AMBIMESH_MAP_PIN_DIR "/" #name
-#else
-#define AMBIMESH_MAP(type, key, leaf, name, max_entries) \
-    BPF_TABLE(type, key, leaf, name, max_entries)
-#define AMBIMESH_SOCKHASH_SECTION(name) "maps/sockhash"
-#endif
-
-/* bcc's BPF_SOCKHASH (its helper methods: sock_hash_update, msg_redirect_hash), pinned
- * like AMBIMESH_MAP; the value is an fd (int) from user space. */
-#define AMBIMESH_SOCKHASH(key_type, name, max) \
-    struct name##_table_t { \
-        key_type key; \
-        int leaf; \
-        int (*update)(key_type *, int *); \
-        int (*delete)(key_type *); \
-        int (*sock_hash_update)(void *, void *, u64); \
-        int (*msg_redirect_hash)(void *, void *, u64); \
-        int (*sk_redirect_hash)(void *, void *, u64); \
-        u32 max_entries; \
-    }; \
-    __attribute__((section(AMBIMESH_SOCKHASH_SECTION(name)))) \
-    struct name##_table_t name = {.max_entries = (max)}; \
-    BPF_ANNOTATE_KV_PAIR(name, key_type, int)
+/* With a pin dir the loader pins every map at <pin dir>/maps/<name>, or puts the map
+ * already pinned there in its place before any program is loaded, so every agent
+ * generation on a node and the programs it left attached share one set of maps. Not bcc's
+ * BPF_TABLE_PINNED: bcc reopens a pinned map by id, which Linux 6.1 allows only with
+ * CAP_SYS_ADMIN (bpf/loader.py). */
 
 /* connect4/6 -> sockops, getpeername4/6: the IPv4 destination the pod's socket asked for. */
-AMBIMESH_MAP("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
+BPF_TABLE("lru_hash", __u64, struct orig_dst, orig_dst_by_cookie, 65536);
 /* sockops -> getsockopt: the same destination, found from the proxy's accepted socket. */
-AMBIMESH_MAP("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
+BPF_TABLE("lru_hash", struct peer_key, struct orig_dst, orig_dst_by_peer, 65536);
 /* Enrolled pod IPv4 addresses (network byte order); the value is always 1. */
-AMBIMESH_MAP("hash", __u32, __u8, enrolled_pods, 4096);
+BPF_TABLE("hash", __u32, __u8, enrolled_pods, 4096);
 /* Inbound destination ports (host byte order) that are never captured. */
-AMBIMESH_MAP("hash", __u16, __u8, excluded_ports, 1024);
+BPF_TABLE("hash", __u16, __u8, excluded_ports, 1024);
 /* ztunnel's inbound (15006) listener in each pod netns, keyed by pod IPv4. */
-AMBIMESH_MAP("sockhash", __u32, __u64, inbound_listeners, 4096);
-AMBIMESH_MAP("percpu_array", int, __u64, counters, COUNTER_MAX);
+BPF_TABLE("sockhash", __u32, __u64, inbound_listeners, 4096);
+BPF_TABLE("percpu_array", int, __u64, counters, COUNTER_MAX);
 
 /* Same-node fast path (fastpath.c). A TCP socket as it sees itself; ports in host order. */
 struct fastpath_key {
@@ -123,16 +127,32 @@ struct fastpath_pair {
     __u64 relayed;
 };
 
+union fastpath_key_words {
+    struct fastpath_key key;
+    __u64 word[3];
+};
+
+/* The fields of struct fastpath_key, in its byte orders. */
+static __always_inline void fastpath_key_build(union fastpath_key_words *k, __u64 netns_cookie,
+                                               __u32 local_ip4, __u32 remote_ip4,
+                                               __u32 local_port, __u32 remote_port)
+{
+    k->word[0] = netns_cookie;
+    k->word[1] = (__u64)local_ip4 | ((__u64)remote_ip4 << 32);
+    k->word[2] = (__u64)local_port | ((__u64)remote_port << 32);
+}
+
 /* App sockets (sockops) and ztunnel's own ends (ztunnel) of fast-path connections. */
-AMBIMESH_SOCKHASH(struct fastpath_key, fastpath_socks, 65536);
-AMBIMESH_MAP("lru_hash", struct fastpath_key, struct fastpath_bytes, fastpath_bytes, 65536);
-AMBIMESH_MAP("lru_hash", struct fastpath_key, struct fastpath_pair, fastpath_pairs, 65536);
+BPF_SOCKHASH(fastpath_socks, struct fastpath_key, 65536);
+BPF_TABLE("lru_hash", struct fastpath_key, struct fastpath_bytes, fastpath_bytes, 65536);
+BPF_TABLE("lru_hash", struct fastpath_key, struct fastpath_pair, fastpath_pairs, 65536);
 /* [0] != 0: ztunnel runs with the fast path on, so sockops tracks app sockets for it. */
-AMBIMESH_MAP("array", int, __u32, fastpath_config, 1);
+BPF_TABLE("array", int, __u32, fastpath_config, 1);
 
 static __always_inline void count(__u32 which)
 {
-    __u64 *value = counters.lookup(&which);
+    __u64 key = which; /* a whole word (see above); the map reads its low 4 bytes */
+    __u64 *value = counters.lookup((int *)&key);
     if (value)
         *value += 1;
 }

@@ -17,14 +17,15 @@ int ambimesh_sk_lookup(struct bpf_sk_lookup *ctx)
     if (is_local(ctx->remote_ip4) || is_local(ctx->local_ip4))
         return SK_PASS;
 
-    __u32 pod_ip = ctx->local_ip4;
-    if (!enrolled_pods.lookup(&pod_ip))
+    /* Keys in the low bytes of whole words (Linux 6.1's verifier, see maps.h). */
+    __u64 pod_ip = ctx->local_ip4;
+    if (!enrolled_pods.lookup((__u32 *)&pod_ip))
         return SK_PASS;
-    __u16 port16 = port;
-    if (excluded_ports.lookup(&port16))
+    __u64 port_key = port;
+    if (excluded_ports.lookup((__u16 *)&port_key))
         return SK_PASS;
 
-    struct bpf_sock *listener = (struct bpf_sock *)inbound_listeners.lookup(&pod_ip);
+    struct bpf_sock *listener = (struct bpf_sock *)inbound_listeners.lookup((__u32 *)&pod_ip);
     if (!listener) {
         count(COUNTER_INBOUND_DROPPED);
         return SK_DROP;

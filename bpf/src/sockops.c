@@ -19,19 +19,16 @@
  * established, before ztunnel has decided anything about it. */
 static __always_inline void fastpath_track(struct bpf_sock_ops *skops)
 {
-    int zero = 0;
-    __u32 *enabled = fastpath_config.lookup(&zero);
+    __u64 zero = 0; /* whole words on the stack (Linux 6.1's verifier, see maps.h) */
+    __u32 *enabled = fastpath_config.lookup((int *)&zero);
     if (!enabled || !*enabled)
         return;
-    struct fastpath_key key = {};
-    key.netns_cookie = bpf_get_netns_cookie(skops);
-    key.local_ip4 = skops->local_ip4;
-    key.remote_ip4 = skops->remote_ip4;
-    key.local_port = skops->local_port;
-    key.remote_port = bpf_ntohl(skops->remote_port);
+    union fastpath_key_words key;
+    fastpath_key_build(&key, bpf_get_netns_cookie(skops), skops->local_ip4, skops->remote_ip4,
+                       skops->local_port, bpf_ntohl(skops->remote_port));
     struct fastpath_bytes zeros = {};
-    fastpath_bytes.update(&key, &zeros);
-    fastpath_socks.sock_hash_update(skops, &key, BPF_NOEXIST);
+    fastpath_bytes.update(&key.key, &zeros);
+    fastpath_socks.sock_hash_update(skops, &key.key, BPF_NOEXIST);
 }
 
 int ambimesh_sockops(struct bpf_sock_ops *skops)
@@ -42,12 +39,11 @@ int ambimesh_sockops(struct bpf_sock_ops *skops)
         struct orig_dst *found = orig_dst_by_cookie.lookup(&cookie);
         if (!found)
             return 1;
-        struct orig_dst dst = *found;
-        struct peer_key key = {};
-        key.netns_cookie = bpf_get_netns_cookie(skops);
-        key.ip4 = skops->local_ip4;
-        key.port = bpf_htons((__u16)skops->local_port); /* local_port is host order */
-        orig_dst_by_peer.update(&key, &dst);
+        union orig_dst_words dst = {.dst = *found};
+        union peer_key_words key; /* local_port is host order */
+        peer_key_build(&key, bpf_get_netns_cookie(skops), skops->local_ip4,
+                       bpf_htons((__u16)skops->local_port));
+        orig_dst_by_peer.update(&key.key, &dst.dst);
         bpf_sock_ops_cb_flags_set(skops,
                                   skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         count(COUNTER_OUTBOUND_ESTABLISHED);

@@ -15,19 +15,6 @@ AMBIMESH_CONTROLLER=controller:15012
 AMBIMESH_NODE=$node
 AMBIMESH_LOG_LEVEL=INFO
 ENV
-# Debian 12's kernel (6.1) needs two capabilities more than the unit's list, which was
-# measured on 6.18 (docs/install.md): CAP_PERFMON, because its verifier refuses a store
-# narrower than 8 bytes into a stack slot holding a spilled register unless the loader
-# may leak pointers (clang builds map keys that way in getsockopt, sockops, sk_lookup and
-# fastpath), and CAP_SYS_ADMIN, because BPF_MAP_GET_FD_BY_ID (bcc reopening a pinned map
-# after an agent restart; EPERM without it) and BPF_PROG_GET_FD_BY_ID still demand it.
-# A drop-in adds them (CapabilityBoundingSet lines are merged).
-install -d -m 755 /etc/systemd/system/ambimesh-agent.service.d
-cat >/etc/systemd/system/ambimesh-agent.service.d/linux-6.1.conf <<'UNIT'
-[Service]
-CapabilityBoundingSet=CAP_PERFMON CAP_SYS_ADMIN
-UNIT
-systemctl daemon-reload
 say "pods of $node (podvm up)"
 /opt/ambimesh/bin/python -m ambimesh.lab.podvm up --config /opt/ambimesh/src/vagrant/config \
     --node "$node" --node-address "$node_addresses"

@@ -13,7 +13,10 @@
 #     tcpdump captures the VM link (the libvirt bridge): the call must answer, the link
 #     must carry TCP 15008 and never the request in plaintext (nor port 8080);
 #  6. node-1's ztunnel metrics must count the connection as reporter="source", node-2's as
-#     reporter="destination", both with connection_security_policy="mutual_tls".
+#     reporter="destination", both with connection_security_policy="mutual_tls";
+#  7. node-1's agent is restarted: the new one must reopen the pinned maps and links (by
+#     path, with the unit's capabilities only), enroll the pod again, and the call must
+#     still answer.
 # On exit, pass or fail: vagrant destroy, the pool and its volumes, libvirt's networks,
 # libvirtd and virtlogd (by PID), the namespace, /run/libvirt if it was not there before.
 # Every wait is bounded. Prints each step's duration and the total.
@@ -193,4 +196,20 @@ say "node-2 metrics: ${dst:-none}"
 [ -n "$src" ] || die "node-1's ztunnel counts no mutual_tls connection as reporter=source"
 [ -n "$dst" ] || die "node-2's ztunnel counts no mutual_tls connection as reporter=destination"
 step "node metrics"
+
+# The restart path: pinned maps and links exist, the unit's capabilities only (no drop-in).
+old_pid=$(vm node-1 'systemctl show -p MainPID --value ambimesh-agent.service')
+crashes=$(vm node-1 'systemctl show -p NRestarts --value ambimesh-agent.service')
+say "restarting node-1's agent (pid $old_pid, $crashes automatic restarts so far)"
+vm node-1 'sudo systemctl restart ambimesh-agent.service'
+wait_for 900 "node-1: restarted agent enrolled the pod again" node-1 \
+    "pid=\$(systemctl show -p MainPID --value ambimesh-agent.service); [ \"\$pid\" != 0 ] && [ \"\$pid\" != $old_pid ] \
+     && curl -sf http://127.0.0.1:15014/metrics | grep -Eq '^ambimesh_enrolled_pods 1(\.0)?$'"
+restarts=$(vm node-1 'systemctl show -p NRestarts --value ambimesh-agent.service')
+[ "$restarts" = "$crashes" ] || die "node-1's restarted agent crashed (systemd restarts: $crashes -> $restarts)"
+answer=$(vm node-1 "$podvm demo/client -- curl -s -m 60 http://server.demo/hello") \
+    || die "demo/client could not call http://server.demo/hello after the agent restart"
+[ -n "$answer" ] || die "empty answer from server.demo after the agent restart"
+say "after the restart: demo/client -> http://server.demo/hello: $answer"
+step "node-1 agent restart (pinned maps reopened), call again"
 say "PASS"

@@ -1,0 +1,108 @@
+"""The compiled programs make no stack store that Linux 6.1 refuses without CAP_PERFMON.
+
+6.1's verifier (Debian 12) rejects a store narrower than 8 bytes into a stack slot whose
+first bytes hold a spilled register ("attempt to corrupt spilled pointer on stack") unless
+the loader may leak pointers; newer kernels accept it, so the datapath tests on this
+machine cannot catch it. This compiles the programs as the loader does (bcc, same text and
+flags) and scans each one's bytecode. Conservatively: any register store at the start of
+an 8-byte slot counts as a spill (the verifier spills pointers and bounded scalars of any
+width there), and any narrow store into that slot later in program order is reported.
+bpf/src/maps.h says how the C avoids them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bpf.loader import (
+    _FASTPATH_PROGRAM,
+    _POD_CGROUP_PROGRAMS,
+    _PROXY_PROGRAM,
+    _SK_LOOKUP_PROGRAM,
+    MeshBpf,
+    cflags,
+)
+from tests.integration.privileged import require_privileged
+
+PROGRAMS = [
+    p[0] for p in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM, _SK_LOOKUP_PROGRAM, _FASTPATH_PROGRAM)
+]
+
+# include/uapi/linux/bpf.h and bpf_common.h
+_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
+_CLASS_ST, _CLASS_STX = 0x02, 0x03
+_MODE_MEM = 0x60
+_SIZE_BYTES = {0x00: 4, 0x08: 2, 0x10: 1, 0x18: 8}  # BPF_W, BPF_H, BPF_B, BPF_DW
+_FP = 10  # the read-only frame pointer
+
+
+def narrow_stores_into_spills(bytecode: bytes) -> list[str]:
+    """Each narrow stack store into a slot that received a register store at its start."""
+    spilled: dict[int, int] = {}  # slot (offset // 8) -> index of the spilling insn
+    found = []
+    index = 0
+    while index < len(bytecode) // 8:
+        code, regs, off, _ = struct.unpack_from("<BBhi", bytecode, index * 8)
+        if code == _LD_IMM64:
+            index += 2
+            continue
+        klass, size = code & 0x07, _SIZE_BYTES[code & 0x18]
+        if klass in (_CLASS_ST, _CLASS_STX) and code & 0xE0 == _MODE_MEM and regs & 0x0F == _FP:
+            slot = off // 8
+            if size < 8 and slot in spilled:
+                found.append(
+                    f"insn {index}: *(u{size * 8} *)(r10 {off}) = ..., "
+                    f"into the slot insn {spilled[slot]} spilled a register to"
+                )
+            if klass == _CLASS_STX and off % 8 == 0:
+                spilled[slot] = index
+            elif size == 8:  # an immediate overwrites the whole slot: no spill left
+                spilled.pop(slot, None)
+        index += 1
+    return found
+
+
+def _insn(code: int, dst: int, src: int, off: int, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+
+def test_scan_finds_what_linux_6_1_rejected() -> None:
+    """The instructions of the old connect4 that Debian 12's kernel refused:
+    ``*(u32 *)(r10 -24) = r1`` (a 32-bit scalar, spilled), then ``*(u16 *)(r10 -20) = r1``."""
+    stx_w, stx_h, stx_dw, st_dw = 0x63, 0x6B, 0x7B, 0x7A
+    old = _insn(stx_w, _FP, 1, -24) + _insn(0xBF, 2, _FP, 0) + _insn(stx_h, _FP, 1, -20)
+    assert narrow_stores_into_spills(old) == [
+        "insn 2: *(u16 *)(r10 -20) = ..., into the slot insn 0 spilled a register to"
+    ]
+    whole_words = _insn(stx_dw, _FP, 1, -24) + _insn(stx_dw, _FP, 2, -16)
+    assert narrow_stores_into_spills(whole_words) == []
+    other_slot = _insn(stx_w, _FP, 1, -24) + _insn(stx_h, _FP, 1, -12)
+    assert narrow_stores_into_spills(other_slot) == []
+    overwritten = _insn(stx_dw, _FP, 1, -24) + _insn(st_dw, _FP, 0, -24) + _insn(stx_h, _FP, 1, -20)
+    assert narrow_stores_into_spills(overwritten) == []
+    lddw = _insn(_LD_IMM64, 1, 0, 0) + _insn(0, 0, 0, 0)
+    assert narrow_stores_into_spills(_insn(stx_dw, _FP, 1, -8) + lddw + _insn(stx_w, _FP, 1, -4))
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Iterator[Any]:
+    require_privileged()  # bcc creates the maps while compiling
+    import bcc
+
+    module = bcc.BPF(text=MeshBpf.source().encode(), cflags=cflags())
+    try:
+        yield module
+    finally:
+        module.cleanup()
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_no_narrow_store_into_a_spilled_slot(compiled: Any, program: str) -> None:
+    bytecode = compiled.dump_func(program.encode())
+    assert bytecode, program
+    assert narrow_stores_into_spills(bytecode) == [], compiled.disassemble_func(program.encode())
