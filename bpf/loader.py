@@ -13,6 +13,9 @@ keeps being redirected to ztunnel (fail closed). ``ALLOW_MULTI`` lets other prog
 the same cgroup (a CNI, systemd accounting) coexist with ours. The price: a restarted
 agent finds its predecessor's programs still attached, so ``attach_pod`` and
 ``attach_proxy`` take over, detaching same-named ambimesh programs after attaching theirs.
+With a ``pin_dir`` each agent pins its cgroup programs at ``<pin_dir>/progs/<name>``, so
+that its successor can open them by path to detach them: by id
+(``BPF_PROG_GET_FD_BY_ID``) Linux 6.1 opens them only for CAP_SYS_ADMIN.
 
 The netns ``sk_lookup`` program can only be attached as a link (``bpf_link_create``),
 which dies with the last fd or bpffs pin referring to it. So with a ``pin_dir`` (on a bpf
@@ -243,7 +246,7 @@ def _is_bpffs(path: str) -> bool:
 
 
 def _prepare_pin_dir(pin_dir: str) -> None:
-    """Mount bpffs if needed, check ``pin_dir`` is on it, create its maps/ and links/."""
+    """Mount bpffs if needed, check ``pin_dir`` is on it, create its maps/, links/, progs/."""
     ensure_bpffs()
     existing = pin_dir
     while not os.path.exists(existing):
@@ -253,7 +256,7 @@ def _prepare_pin_dir(pin_dir: str) -> None:
             f"pin dir {pin_dir} is not on a bpf filesystem; use one under {DEFAULT_BPFFS}"
         )
     try:
-        for sub in ("maps", "links"):
+        for sub in ("maps", "links", "progs"):
             os.makedirs(os.path.join(pin_dir, sub), exist_ok=True)
     except OSError as exc:
         raise BpfError(
@@ -519,6 +522,15 @@ class MeshBpf:
                 f"the kernel rejected an eBPF program ({exc}); this needs Linux >= 5.15 with "
                 "CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF; `python -m bpf --dump` prints the C"
             ) from exc
+        # Fds of the previous agent's cgroup programs (from their pins), by program id.
+        self._predecessors: dict[int, int] = {}
+        if self.pin_dir is not None:
+            try:
+                self._pin_programs(os.path.join(self.pin_dir, "progs"))
+            except BaseException:
+                self._close_predecessors()
+                self._bpf.cleanup()
+                raise
         self._pods: dict[str, PodAttachment] = {}
         self._proxies: dict[str, ProxyAttachment] = {}
         self._closed = False
@@ -774,6 +786,7 @@ class MeshBpf:
             self._pods.clear()
             self._proxies.clear()
         finally:
+            self._close_predecessors()
             self._bpf.cleanup()
 
     def close(self) -> None:
@@ -791,8 +804,10 @@ class MeshBpf:
             name, _, attach_type = _FASTPATH_PROGRAM
             with contextlib.suppress(OSError):  # a newer agent's may have replaced it
                 self._libbpf.prog_detach(self._fns[name].fd, self._fastpath_socks_fd, attach_type)
+            self._unpin_programs()
         finally:
             self._closed = True
+            self._close_predecessors()
             self._bpf.cleanup()
 
     def __enter__(self) -> MeshBpf:
@@ -846,6 +861,51 @@ class MeshBpf:
                 os.dup2(pinned_fd, fd, inheritable=False)
             finally:
                 os.close(pinned_fd)
+
+    def _pin_programs(self, progs_dir: str) -> None:
+        """Pin our cgroup programs in ``progs_dir`` in place of the previous agent's.
+
+        Keeps an fd of each program pinned before, for ``_detach_stale``.
+        """
+        for name, _, _ in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM):
+            path = os.path.join(progs_dir, name)
+            try:
+                old_fd = self._libbpf.obj_get(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise BpfError(f"cannot open the program pinned at {path}: {exc}") from exc
+            else:
+                self._predecessors[self._libbpf.prog_id_and_name(old_fd)[0]] = old_fd
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                self._libbpf.obj_pin(self._fns[name].fd, path)
+            except OSError as exc:
+                raise BpfError(f"cannot pin program {name} at {path}: {exc}") from exc
+
+    def _unpin_programs(self) -> None:
+        """Remove our program pins (not a newer agent's that replaced them)."""
+        if self.pin_dir is None:
+            return
+        for name, _, _ in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM):
+            path = os.path.join(self.pin_dir, "progs", name)
+            try:
+                fd = self._libbpf.obj_get(path)
+            except OSError:
+                continue
+            try:
+                ours = self._libbpf.prog_id_and_name(self._fns[name].fd)[0]
+                if self._libbpf.prog_id_and_name(fd)[0] == ours:
+                    os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove the program pin %s: %s", path, exc)
+            finally:
+                os.close(fd)
+
+    def _close_predecessors(self) -> None:
+        for fd in self._predecessors.values():
+            os.close(fd)
+        self._predecessors.clear()
 
     def _open_pinned_map(self, path: str) -> int | None:
         """An fd of the object pinned at ``path``, or None if nothing is."""
@@ -970,12 +1030,15 @@ class MeshBpf:
             if prog_id == our_id:
                 continue
             try:
-                fd = self._libbpf.prog_fd_by_id(prog_id)
+                if prog_id in self._predecessors:
+                    fd = os.dup(self._predecessors[prog_id])
+                else:
+                    fd = self._libbpf.prog_fd_by_id(prog_id)
             except OSError as exc:
                 if exc.errno == errno.EPERM:  # Linux 6.1 wants CAP_SYS_ADMIN for this
                     log.warning(
-                        "cannot open program %d on %s to check for a stale %s (%s); "
-                        "a dead agent's copy stays attached until the pod goes",
+                        "cannot open program %d on %s to check for a stale %s (%s), nor is "
+                        "it the previous agent's; that copy stays attached until the pod goes",
                         prog_id,
                         path,
                         name,
