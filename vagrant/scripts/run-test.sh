@@ -14,9 +14,9 @@
 #     must carry TCP 15008 and never the request in plaintext (nor port 8080);
 #  6. node-1's ztunnel metrics must count the connection as reporter="source", node-2's as
 #     reporter="destination", both with connection_security_policy="mutual_tls";
-#  7. node-1's agent is restarted: the new one must reopen the pinned maps and links (by
-#     path, with the unit's capabilities only), enroll the pod again, and the call must
-#     still answer.
+#  7. node-1's agent is restarted: the new one must reopen the pinned maps, links and
+#     programs (by path, with the unit's capabilities only), enroll the pod again, detach
+#     its predecessor's cgroup programs, and the call must still answer.
 # On exit, pass or fail: vagrant destroy, the pool and its volumes, libvirt's networks,
 # libvirtd and virtlogd (by PID), the namespace, /run/libvirt if it was not there before.
 # Every wait is bounded. Prints each step's duration and the total.
@@ -200,6 +200,7 @@ step "node metrics"
 # The restart path: pinned maps and links exist, the unit's capabilities only (no drop-in).
 old_pid=$(vm node-1 'systemctl show -p MainPID --value ambimesh-agent.service')
 crashes=$(vm node-1 'systemctl show -p NRestarts --value ambimesh-agent.service')
+since=$(vm node-1 'date +%s')
 say "restarting node-1's agent (pid $old_pid, $crashes automatic restarts so far)"
 vm node-1 'sudo systemctl restart ambimesh-agent.service'
 wait_for 900 "node-1: restarted agent enrolled the pod again" node-1 \
@@ -207,6 +208,13 @@ wait_for 900 "node-1: restarted agent enrolled the pod again" node-1 \
      && curl -sf http://127.0.0.1:15014/metrics | grep -Eq '^ambimesh_enrolled_pods 1(\.0)?$'"
 restarts=$(vm node-1 'systemctl show -p NRestarts --value ambimesh-agent.service')
 [ "$restarts" = "$crashes" ] || die "node-1's restarted agent crashed (systemd restarts: $crashes -> $restarts)"
+vm node-1 "sudo journalctl -u ambimesh-agent.service --since @$since --no-pager" >"$run_dir/agent-restart.log" 2>&1 || true
+stale=$(grep -c 'detached stale ambimesh_' "$run_dir/agent-restart.log" || true)
+say "the restarted agent detached $stale stale programs of its predecessor (log: $run_dir/agent-restart.log)"
+if grep -q 'stays attached' "$run_dir/agent-restart.log"; then
+    die "the restarted agent left a predecessor's program attached: $(grep -m1 'stays attached' "$run_dir/agent-restart.log")"
+fi
+(( stale > 0 )) || die "the restarted agent detached none of its predecessor's cgroup programs"
 answer=$(vm node-1 "$podvm demo/client -- curl -s -m 60 http://server.demo/hello") \
     || die "demo/client could not call http://server.demo/hello after the agent restart"
 [ -n "$answer" ] || die "empty answer from server.demo after the agent restart"
