@@ -15,7 +15,7 @@ import ctypes
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -120,21 +120,62 @@ def socket_in(
 
     ``reuse_port`` lets two generations of a proxy listen on the same port at once.
     """
+    options: list[tuple[int, int, int]] = []
+    if reuse:
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEADDR, 1))
+    if reuse_port:
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEPORT, 1))
     with entered(ns):
-        sock = socket.socket(family, kind)
-        try:
-            if reuse:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if bind is not None:
-                sock.bind(bind)
-            if listen is not None:
+        sock = _socket(family, kind, options, bind)
+        if listen is not None:
+            try:
                 sock.listen(listen)
-        except BaseException:
+            except BaseException:
+                sock.close()
+                raise
+    return sock
+
+
+def sockets_in(
+    ns: Netns,
+    count: int,
+    *,
+    bind: tuple[str, int] | None = None,
+    options: Sequence[tuple[int, int, int]] = (),
+) -> list[socket.socket]:
+    """``count`` non-blocking TCP sockets made in the namespace with one pair of `setns`
+    (the pair costs about as much as making the socket), each given the ``options``
+    (level, name, value) and then bound to ``bind`` if asked. All or none: on an error the
+    ones already made are closed."""
+    made: list[socket.socket] = []
+    try:
+        with entered(ns):
+            for _ in range(count):
+                made.append(_socket(socket.AF_INET, socket.SOCK_STREAM, options, bind))
+    except BaseException:
+        for sock in made:
             sock.close()
-            raise
-    sock.setblocking(False)
+        raise
+    return made
+
+
+def _socket(
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    options: Sequence[tuple[int, int, int]],
+    bind: tuple[str, int] | None,
+) -> socket.socket:
+    """A non-blocking socket with ``options`` set, bound if asked; closed on any error."""
+    sock = socket.socket(family, kind)
+    try:
+        for level, name, value in options:
+            sock.setsockopt(level, name, value)
+        if bind is not None:
+            sock.bind(bind)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

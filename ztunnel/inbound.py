@@ -14,23 +14,35 @@ from mesh.spiffe import SpiffeId, identity_of
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
+from ztunnel.sockets import PROXY_PORTS, connect_upstream
+from ztunnel.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger("ztunnel.access")
 
 
 async def handle(
-    ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
+    ctx: ProxyContext,
+    pod: LocalPod,
+    stream: HboneStream,
+    request: ConnectRequest,
+    peer: SpiffeId,
+    sockets: UpstreamSockets,
 ) -> None:
+    """``sockets``: the pod's, made in its netns and bound to the delivery source."""
     # The relay runs once _admit returned, so its locals are not kept for the connection's
     # life (see outbound.handle).
-    relay = await _admit(ctx, pod, stream, request, peer)
+    relay = await _admit(ctx, pod, stream, request, peer, sockets)
     if relay is not None:
         await relay
 
 
 async def _admit(
-    ctx: ProxyContext, pod: LocalPod, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
+    ctx: ProxyContext,
+    pod: LocalPod,
+    stream: HboneStream,
+    request: ConnectRequest,
+    peer: SpiffeId,
+    sockets: UpstreamSockets,
 ) -> Coroutine[Any, Any, None] | None:
     """The tunnel's relay to the app, not started, or None if it was refused."""
     target = (request.authority_host, request.authority_port)
@@ -65,7 +77,7 @@ async def _admit(
         stream.refuse(Status.UNAUTHENTICATED)  # Istio's ztunnel answers a denial with 401
         return None
     try:
-        app = await open_upstream(pod.netns, target, INBOUND_SOURCE)
+        app = await connect_upstream(sockets.take(), target)
     except OSError as exc:
         log.warning("inbound HBONE from %s: app at %s:%d unreachable: %s", peer, *target, exc)
         stream.refuse(Status.UPSTREAM_UNREACHABLE)

@@ -11,12 +11,16 @@ from mesh.hbone.tcp import TcpDuplex
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext, workload_labels
-from ztunnel.sockets import INBOUND_SOURCE, PROXY_PORTS, open_upstream
+from ztunnel.sockets import PROXY_PORTS, connect_upstream
+from ztunnel.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
+async def handle(
+    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, *, sockets: UpstreamSockets
+) -> None:
+    """``sockets``: the pod's, made in its netns and bound to the delivery source."""
     dst_ip, dst_port = client.get_extra_info("sockname")[:2]
     src_ip, src_port = client.get_extra_info("peername")[:2]
     state = ctx.state
@@ -61,7 +65,7 @@ async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
         client.close()
         return
     try:
-        app = await open_upstream(pod.netns, (dst_ip, dst_port), INBOUND_SOURCE)
+        app = await connect_upstream(sockets.take(), (dst_ip, dst_port))
     except OSError as exc:
         log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
         client.close()

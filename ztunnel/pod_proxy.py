@@ -9,6 +9,7 @@ handle end when the pod is released: nothing keeps serving with a released pod's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import weakref
@@ -25,7 +26,8 @@ from mesh.netns import socket_in, write_sysctl
 from mesh.spiffe import SpiffeId
 from ztunnel import inbound, inbound_passthrough, outbound
 from ztunnel.context import LocalPod, ProxyContext
-from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT
+from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, INBOUND_SOURCE, OUTBOUND_PORT
+from ztunnel.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class PodProxy:
                 sock.close()
             raise
         self.outbound_sock, self.inbound_sock, self.hbone_sock = bound
+        # Deliveries to the app (both inbound listeners); closed with the pod.
+        self.upstream = UpstreamSockets(pod.netns, INBOUND_SOURCE)
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -71,7 +75,10 @@ class PodProxy:
         loop = asyncio.get_running_loop()
         for handler, sock in (
             (outbound.handle, self.outbound_sock),
-            (inbound_passthrough.handle, self.inbound_sock),
+            (
+                functools.partial(inbound_passthrough.handle, sockets=self.upstream),
+                self.inbound_sock,
+            ),
         ):
             # create_server listen()s again: pass our backlog, or it falls back to 100.
             server = await loop.create_server(self._tracked(handler), sock=sock, backlog=BACKLOG)
@@ -117,7 +124,7 @@ class PodProxy:
             )
             stream.refuse(Status.UNAUTHENTICATED)
             return
-        await inbound.handle(self.ctx, self.pod, stream, request, peer)
+        await inbound.handle(self.ctx, self.pod, stream, request, peer, self.upstream)
 
     async def _serve_hbone(self) -> None:
         for attempt in range(1, CERT_ATTEMPTS + 1):
@@ -184,6 +191,7 @@ class PodProxy:
         for close in list(self.pod.fast_inbound):
             close()
         self.pod.pool.close()
+        self.upstream.close()
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()
