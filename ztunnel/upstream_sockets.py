@@ -5,8 +5,8 @@ the socket itself: 35-42 µs against 15-18 µs without, on every inbound connect
 socket keeps the netns it was made in, so it can be made early and connected later from
 the loop's own namespace: `UpstreamSockets` makes them a batch at a time with one `setns`
 pair, after the callbacks of the loop iteration that used the last one, and closes the
-spare ones with the pod (each holds the pod's netns alive). Bound with
-IP_BIND_ADDRESS_NO_PORT, a spare socket holds no port: the port is chosen at `connect`.
+spare ones with the pod (each holds the pod's netns alive). With the options of every
+upstream socket (`UPSTREAM_OPTIONS`), a spare socket holds no port until its `connect`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import logging
 import socket
 
 from mesh.netns import Netns, NetnsClosed, sockets_in
+from ztunnel.sockets import UPSTREAM_OPTIONS
 
 log = logging.getLogger(__name__)
 
 BATCH = 8
-IP_BIND_ADDRESS_NO_PORT = 24  # Linux 4.2; Python's socket module does not name it
-OPTIONS = (
-    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-    (socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1),
-)
 
 
 class UpstreamSockets:
@@ -66,7 +62,7 @@ class UpstreamSockets:
             sock.close()
 
     def _make(self) -> list[socket.socket]:
-        return sockets_in(self._netns, self._batch, bind=self._bind, options=OPTIONS)
+        return sockets_in(self._netns, self._batch, bind=self._bind, options=UPSTREAM_OPTIONS)
 
     def _refill(self) -> None:
         self._refill_due = False
