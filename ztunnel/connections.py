@@ -17,8 +17,11 @@ from ztunnel.metrics import DENY, ConnectionLabels, TcpMetrics
 log = logging.getLogger("ztunnel.access")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnectionInfo:
+    """One proxied connection. Not frozen: `ConnectionTable.relay` swaps ``labels`` for the
+    one kept equal instance before the connection is listed (a copy cost ~6 µs)."""
+
     direction: str  # outbound | inbound | inbound_plaintext
     source: str  # ip:port
     destination: str  # ip:port the client asked for
@@ -59,9 +62,8 @@ class ConnectionTable:
         received = request bytes (source to destination), sent = response bytes.
         """
         key = next(self._ids)
-        labels = self.metrics.open(info.labels)
-        if labels is not info.labels:  # hold the shared copy for the connection's life
-            info = replace(info, labels=labels)
+        # Hold the shared copy of the labels for the connection's life.
+        info.labels = self.metrics.open(info.labels)
         self._live[key] = info
         if authorized is not None:
             self._authorized[key] = (authorized, downstream, upstream)
