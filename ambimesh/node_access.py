@@ -23,7 +23,7 @@ import http.client
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +90,18 @@ class Controller:
                 False,
                 f"cannot read the mesh root {self.root_cert} ({exc.strerror}): pass --root-cert",
             )
-        context = ssl.create_default_context(cadata=root.decode())
+        try:
+            context = ssl.create_default_context(cadata=root.decode())
+        except (ssl.SSLError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            return False, f"{self.root_cert} is not a PEM CA certificate ({exc}): pass --root-cert"
         context.set_alpn_protocols(["h2"])
         try:
             sock = _connect(self.netns, host, int(port))
         except (OSError, ValueError) as exc:
-            return False, f"cannot connect to {self.target}: {exc}"
+            return (
+                False,
+                f"cannot connect to {self.target} ({exc}): is the controller running there?",
+            )
         try:
             with context.wrap_socket(sock, server_hostname=host) as tls:
                 version = tls.version()
@@ -192,8 +198,8 @@ def _host_scope(args: argparse.Namespace) -> Scope:
 
 
 def this_node(
-    environ: dict[str, str] | os._Environ[str],
-    env_file: dict[str, str],
+    environ: Mapping[str, str],
+    env_file: Mapping[str, str],
     hostname: Callable[[], str],
 ) -> str:
     """This host's node name, as its agent and ztunnel were told it (see the module doc)."""

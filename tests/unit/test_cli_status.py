@@ -11,7 +11,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ambimesh.node_access import CliError, read_env_file, resolve, running_labs, this_node
+from ambimesh.node_access import (
+    CliError,
+    Controller,
+    read_env_file,
+    resolve,
+    running_labs,
+    this_node,
+)
 from ambimesh.status import agent_view, problems, table, ztunnel_view
 
 NOW = 1_790_000_000.0  # 2026-09-21, before FUTURE
@@ -170,3 +177,16 @@ def test_another_node_from_this_host_says_where_to_run(monkeypatch: pytest.Monke
     scope = resolve(args)
     assert [n.name for n in scope.nodes] == ["node-1"]
     assert scope.nodes[0].netns is None
+
+
+def test_controller_check_without_a_usable_root_or_address_says_what_to_pass(
+    tmp_path: Path,
+) -> None:
+    bad_root = tmp_path / "root.pem"
+    bad_root.write_text("not a certificate")
+    reachable, detail = Controller("127.0.0.1:1", None, bad_root).check()
+    assert not reachable and "is not a PEM CA certificate" in detail and "--root-cert" in detail
+    reachable, detail = Controller("127.0.0.1:1", None, tmp_path / "none.pem").check()
+    assert not reachable and "cannot read the mesh root" in detail
+    reachable, detail = Controller("", None, bad_root, "pass --controller").check()
+    assert (reachable, detail) == (False, "pass --controller")
