@@ -10,10 +10,11 @@ from typing import Any
 
 from mesh.hbone.connection import HboneStream
 from mesh.hbone.protocol import ConnectRequest, Status
-from mesh.spiffe import SpiffeId, identity_of
+from mesh.spiffe import SpiffeId
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
-from ztunnel.context import LocalPod, ProxyContext, workload_labels
+from ztunnel.context import LocalPod, ProxyContext
+from ztunnel.inbound_memo import InboundMemo
 from ztunnel.sockets import PROXY_PORTS, connect_upstream
 from ztunnel.upstream_sockets import UpstreamSockets
 
@@ -27,11 +28,13 @@ async def handle(
     request: ConnectRequest,
     peer: SpiffeId,
     sockets: UpstreamSockets,
+    memo: InboundMemo,
 ) -> None:
-    """``sockets``: the pod's, made in its netns and bound to the delivery source."""
+    """``sockets``: the pod's, made in its netns and bound to the delivery source;
+    ``memo``: the pod's, for the tunnel's labels."""
     # The relay runs once _admit returned, so its locals are not kept for the connection's
     # life (see outbound.handle).
-    relay = await _admit(ctx, pod, stream, request, peer, sockets)
+    relay = await _admit(ctx, pod, stream, request, peer, sockets, memo)
     if relay is not None:
         await relay
 
@@ -43,6 +46,7 @@ async def _admit(
     request: ConnectRequest,
     peer: SpiffeId,
     sockets: UpstreamSockets,
+    memo: InboundMemo,
 ) -> Coroutine[Any, Any, None] | None:
     """The tunnel's relay to the app, not started, or None if it was refused."""
     target = (request.authority_host, request.authority_port)
@@ -56,17 +60,13 @@ async def _admit(
         stream.refuse(Status.BAD_REQUEST)
         return None
     state = ctx.state
-    source = state.by_address.get(stream.peer_address or "")
-    if source is not None and identity_of(source) != peer:
-        source = None  # the address says one workload, the certificate another: trust neither
-    workload = pod.workload(state)
-    service = state.service_for(workload, request.authority_port)
-    labels = workload_labels("destination", source, peer, workload, pod.identity, service, True)
+    peering = memo.lookup(state, stream.peer_address or "", peer, request.authority_port)
+    workload = peering.workload
     info = ConnectionInfo(
         direction="inbound",
         source=stream.peer_address or "unknown",
         destination=request.authority,
-        labels=labels,
+        labels=peering.labels,
         via="hbone",
         hbone=request.authority,
     )
