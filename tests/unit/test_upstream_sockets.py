@@ -25,6 +25,7 @@ from mesh.cert_manager import CertManager
 from mesh.netns import Netns, NetnsClosed, socket_in
 from tests.integration.privileged import require_privileged
 from tests.unit.certs import make_ca, make_leaf
+from ztunnel import sockets
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import LocalPod, ProxyContext
 from ztunnel.metrics import TcpMetrics
@@ -159,6 +160,40 @@ def test_a_socket_made_ahead_connects_from_the_pods_netns(
             await server.wait_closed()
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+def test_a_handshake_done_in_connect_waits_for_no_writable_event(
+    pod: Pod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app is in the socket's own netns: the kernel completes the handshake inside
+    `connect`, so nothing waits a loop iteration for it; a refused connect still waits."""
+    waits: list[tuple[str, int]] = []
+    real = sockets._writable
+
+    async def counted(
+        loop: asyncio.AbstractEventLoop, fd: int, timeout: float, address: tuple[str, int]
+    ) -> None:
+        waits.append(address)
+        await real(loop, fd, timeout, address)
+
+    monkeypatch.setattr(sockets, "_writable", counted)
+
+    async def main() -> None:
+        listener = socket_in(pod.netns, bind=("127.0.0.1", 0), listen=16)
+        pool = UpstreamSockets(pod.netns, INBOUND_SOURCE)
+        try:
+            duplex = await connect_upstream(pool.take(), listener.getsockname())
+            duplex.close()
+            assert waits == []
+            with pytest.raises(ConnectionRefusedError):
+                await connect_upstream(pool.take(), ("127.0.0.1", 9))
+            assert waits == [("127.0.0.1", 9)]
+        finally:
+            pool.close()
+            listener.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
 
 
