@@ -14,7 +14,7 @@ from mesh.spiffe import SpiffeId
 from ztunnel import authz
 from ztunnel.connections import ConnectionInfo
 from ztunnel.context import LocalPod, ProxyContext
-from ztunnel.inbound_memo import InboundMemo
+from ztunnel.label_memo import LabelMemo
 from ztunnel.sockets import PROXY_PORTS, connect_upstream
 from ztunnel.upstream_sockets import UpstreamSockets
 
@@ -28,7 +28,7 @@ async def handle(
     request: ConnectRequest,
     peer: SpiffeId,
     sockets: UpstreamSockets,
-    memo: InboundMemo,
+    memo: LabelMemo,
 ) -> None:
     """``sockets``: the pod's, made in its netns and bound to the delivery source;
     ``memo``: the pod's, for the tunnel's labels."""
@@ -46,7 +46,7 @@ async def _admit(
     request: ConnectRequest,
     peer: SpiffeId,
     sockets: UpstreamSockets,
-    memo: InboundMemo,
+    memo: LabelMemo,
 ) -> Coroutine[Any, Any, None] | None:
     """The tunnel's relay to the app, not started, or None if it was refused."""
     target = (request.authority_host, request.authority_port)
@@ -60,7 +60,7 @@ async def _admit(
         stream.refuse(Status.BAD_REQUEST)
         return None
     state = ctx.state
-    peering = memo.lookup(state, stream.peer_address or "", peer, request.authority_port)
+    peering = memo.inbound(state, stream.peer_address or "", peer, request.authority_port)
     workload = peering.workload
     info = ConnectionInfo(
         direction="inbound",

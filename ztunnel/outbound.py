@@ -14,24 +14,26 @@ from mesh.hbone.tcp import TcpDuplex
 from mesh.tls import TlsError
 from ztunnel import fastpath
 from ztunnel.connections import ConnectionInfo
-from ztunnel.context import LocalPod, ProxyContext, workload_labels
+from ztunnel.context import LocalPod, ProxyContext
+from ztunnel.label_memo import LabelMemo
 from ztunnel.route import NoHealthyEndpoint, Protocol, decide_outbound
 from ztunnel.sockets import open_upstream, original_destination, upstream_socket
 
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex) -> None:
+async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, *, memo: LabelMemo) -> None:
+    """``memo``: the pod's, for the connection's labels."""
     # The relay runs once _connect returned: what its frame held to decide (the route
     # decision, this connection's own copy of the labels, the dial closure) is not kept for
     # the connection's life, about 1 KiB per connection.
-    relay = await _connect(ctx, pod, client)
+    relay = await _connect(ctx, pod, client, memo)
     if relay is not None:
         await relay
 
 
 async def _connect(
-    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex
+    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, memo: LabelMemo
 ) -> Coroutine[Any, Any, None] | None:
     """The connection's relay, not started, or None if it was refused or failed."""
     try:
@@ -46,7 +48,6 @@ async def _connect(
         client.close()
         return None
     state = ctx.state
-    source = pod.workload(state)
     try:
         decision = decide_outbound(state, dst_ip, dst_port, pick=random.choice)
     except NoHealthyEndpoint as exc:
@@ -58,15 +59,7 @@ async def _connect(
         await fastpath.handle(ctx, pod, target, client, decision, f"{dst_ip}:{dst_port}")
         return None
     mtls = decision.protocol is Protocol.HBONE
-    labels = workload_labels(
-        "source",
-        source,
-        pod.identity,
-        decision.destination,
-        decision.expected_identity,
-        decision.service,
-        mtls,
-    )
+    labels = memo.outbound(state, decision)
     upstream: HboneStream | TcpDuplex
     try:
         if mtls:

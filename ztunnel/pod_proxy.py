@@ -26,7 +26,7 @@ from mesh.netns import socket_in, write_sysctl
 from mesh.spiffe import SpiffeId
 from ztunnel import inbound, inbound_passthrough, outbound
 from ztunnel.context import LocalPod, ProxyContext
-from ztunnel.inbound_memo import InboundMemo
+from ztunnel.label_memo import LabelMemo
 from ztunnel.sockets import HBONE_PORT, INBOUND_PORT, INBOUND_SOURCE, OUTBOUND_PORT
 from ztunnel.upstream_sockets import UpstreamSockets
 
@@ -57,7 +57,7 @@ class PodProxy:
         self.outbound_sock, self.inbound_sock, self.hbone_sock = bound
         # Deliveries to the app (both inbound listeners); closed with the pod.
         self.upstream = UpstreamSockets(pod.netns, INBOUND_SOURCE)
-        self.inbound_memo = InboundMemo(pod)
+        self.labels = LabelMemo(pod)  # both directions' connection labels
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -76,7 +76,7 @@ class PodProxy:
         write_sysctl(self.pod.netns, "net.ipv4.tcp_migrate_req", "1")
         loop = asyncio.get_running_loop()
         for handler, sock in (
-            (outbound.handle, self.outbound_sock),
+            (functools.partial(outbound.handle, memo=self.labels), self.outbound_sock),
             (
                 functools.partial(inbound_passthrough.handle, sockets=self.upstream),
                 self.inbound_sock,
@@ -126,9 +126,7 @@ class PodProxy:
             )
             stream.refuse(Status.UNAUTHENTICATED)
             return
-        await inbound.handle(
-            self.ctx, self.pod, stream, request, peer, self.upstream, self.inbound_memo
-        )
+        await inbound.handle(self.ctx, self.pod, stream, request, peer, self.upstream, self.labels)
 
     async def _serve_hbone(self) -> None:
         for attempt in range(1, CERT_ATTEMPTS + 1):

@@ -1,5 +1,5 @@
-"""ztunnel/inbound_memo.py: an inbound tunnel's labels worked out once per peer, port and
-mesh state, with the same answers as working them out for every tunnel."""
+"""ztunnel/label_memo.py: a connection's labels worked out once per pod, mesh state and
+what they depend on, with the same answers as working them out for every connection."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 from mesh.api import mesh_pb2, node_pb2
 from mesh.netns import Netns
 from mesh.spiffe import SpiffeId
-from ztunnel import inbound_memo
+from ztunnel import label_memo
 from ztunnel.context import LocalPod
-from ztunnel.inbound_memo import InboundMemo
+from ztunnel.label_memo import LabelMemo
+from ztunnel.route import OutboundDecision, Protocol
 from ztunnel.state import MeshState
 
 SERVER = mesh_pb2.Workload(
@@ -48,8 +49,8 @@ def pod() -> Iterator[LocalPod]:
 
 
 def test_labels_name_source_destination_and_service_and_are_kept(pod: LocalPod) -> None:
-    memo, mesh = InboundMemo(pod), state(SERVICE)
-    first = memo.lookup(mesh, "198.19.1.10", CLIENT_ID, 8080)
+    memo, mesh = LabelMemo(pod), state(SERVICE)
+    first = memo.inbound(mesh, "198.19.1.10", CLIENT_ID, 8080)
     labels = first.labels
     assert (labels.source_workload, labels.source_principal) == ("client", CLIENT_ID.uri)
     assert labels.destination_workload == "server"
@@ -57,32 +58,59 @@ def test_labels_name_source_destination_and_service_and_are_kept(pod: LocalPod) 
     assert labels.destination_service == "server.demo.svc.cluster.local"
     assert labels.connection_security_policy == "mutual_tls"
     assert first.workload is SERVER
-    assert memo.lookup(mesh, "198.19.1.10", CLIENT_ID, 8080) is first
-    assert memo.lookup(mesh, "198.19.1.10", CLIENT_ID, 9090).labels.destination_service == (
+    assert memo.inbound(mesh, "198.19.1.10", CLIENT_ID, 8080) is first
+    assert memo.inbound(mesh, "198.19.1.10", CLIENT_ID, 9090).labels.destination_service == (
         "unknown"
     )
 
 
 def test_an_address_whose_certificate_says_otherwise_is_no_source(pod: LocalPod) -> None:
-    memo, mesh = InboundMemo(pod), state(SERVICE)
-    assert memo.lookup(mesh, "198.19.1.10", CLIENT_ID, 8080).labels.source_workload == "client"
+    memo, mesh = LabelMemo(pod), state(SERVICE)
+    assert memo.inbound(mesh, "198.19.1.10", CLIENT_ID, 8080).labels.source_workload == "client"
     other = SpiffeId("cluster.local", "other", "intruder")
-    labels = memo.lookup(mesh, "198.19.1.10", other, 8080).labels
+    labels = memo.inbound(mesh, "198.19.1.10", other, 8080).labels
     assert (labels.source_workload, labels.source_principal) == ("unknown", other.uri)
 
 
 def test_a_new_state_is_worked_out_anew(pod: LocalPod) -> None:
-    memo = InboundMemo(pod)
-    before = memo.lookup(state(), "198.19.1.10", CLIENT_ID, 8080)
+    memo = LabelMemo(pod)
+    before = memo.inbound(state(), "198.19.1.10", CLIENT_ID, 8080)
     assert before.labels.destination_service == "unknown"
-    after = memo.lookup(state(SERVICE), "198.19.1.10", CLIENT_ID, 8080)
+    after = memo.inbound(state(SERVICE), "198.19.1.10", CLIENT_ID, 8080)
     assert after.labels.destination_service == "server.demo.svc.cluster.local"
     assert len(memo) == 1  # the old state's entries are gone
 
 
 def test_the_memo_is_bounded(pod: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inbound_memo, "MAX_ENTRIES", 3)
-    memo, mesh = InboundMemo(pod), state(SERVICE)
+    monkeypatch.setattr(label_memo, "MAX_ENTRIES", 3)
+    memo, mesh = LabelMemo(pod), state(SERVICE)
     for port in range(1, 11):
-        memo.lookup(mesh, "198.19.1.10", CLIENT_ID, port)
+        memo.inbound(mesh, "198.19.1.10", CLIENT_ID, port)
         assert len(memo) <= 3
+
+
+def to(destination: mesh_pb2.Workload | None, service: mesh_pb2.Service | None) -> OutboundDecision:
+    if destination is None:
+        identity, protocol = None, Protocol.TCP
+    else:
+        identity = SpiffeId("cluster.local", "demo", destination.service_account)
+        protocol = Protocol.HBONE
+    return OutboundDecision(protocol, ("198.19.2.10", 15008), "198.19.2.10:8080",
+                            destination, identity, service)  # fmt: skip
+
+
+def test_outbound_labels_follow_the_route_decision(pod: LocalPod) -> None:
+    memo, mesh = LabelMemo(pod), state(SERVICE)
+    labels = memo.outbound(mesh, to(CLIENT, SERVICE))
+    assert labels.reporter == "source"
+    assert (labels.source_workload, labels.source_principal) == ("server", pod.identity.uri)
+    assert labels.destination_workload == "client"
+    assert labels.destination_service == "server.demo.svc.cluster.local"
+    assert labels.connection_security_policy == "mutual_tls"
+    assert memo.outbound(mesh, to(CLIENT, SERVICE)) is labels
+    direct = memo.outbound(mesh, to(CLIENT, None))
+    assert direct.destination_service == "unknown" and direct is not labels
+    plain = memo.outbound(mesh, to(None, None))
+    assert (plain.destination_workload, plain.connection_security_policy) == ("unknown", "none")
+    moved = memo.outbound(state(), to(CLIENT, SERVICE))  # a new state: worked out anew
+    assert moved == labels and moved is not labels
