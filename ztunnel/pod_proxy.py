@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import socket
+import ssl
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -19,7 +20,6 @@ from typing import Any
 from h2.errors import ErrorCodes
 
 from mesh.hbone.connection import HboneServerProtocol, HboneStream, server_factory
-from mesh.hbone.limits import DEFAULT_LIMITS
 from mesh.hbone.protocol import ConnectRequest, Status
 from mesh.hbone.tcp import TcpDuplex
 from mesh.netns import socket_in, write_sysctl
@@ -101,8 +101,8 @@ class PodProxy:
 
         return lambda: TcpDuplex(on_connect=start)
 
-    def _hbone_protocol(self) -> HboneServerProtocol:
-        protocol = server_factory(self._inbound)()
+    def _hbone_protocol(self, context: ssl.SSLContext) -> HboneServerProtocol:
+        protocol = server_factory(self._inbound, tls=context)()
         self._tunnels.add(protocol)
         return protocol
 
@@ -148,11 +148,7 @@ class PodProxy:
             return
         self._servers.append(
             await asyncio.get_running_loop().create_server(
-                self._hbone_protocol,
-                sock=self.hbone_sock,
-                ssl=context,
-                backlog=BACKLOG,
-                ssl_handshake_timeout=DEFAULT_LIMITS.handshake_timeout,
+                lambda: self._hbone_protocol(context), sock=self.hbone_sock, backlog=BACKLOG
             )
         )
         self.serving = True

@@ -297,17 +297,49 @@ def _read_buffer() -> memoryview:
     return buffer
 
 
+def _cipher_buffer() -> memoryview:
+    """This thread's buffer the socket is read into, shared like `_read_buffer()`: its bytes
+    are in the connection's incoming `MemoryBIO` before the loop reads again."""
+    buffer: memoryview | None = getattr(_read_buffers, "cipher", None)
+    if buffer is None:
+        buffer = _read_buffers.cipher = memoryview(bytearray(_READ_BUFFER_SIZE))
+    return buffer
+
+
 class _HboneConnection(asyncio.BufferedProtocol):
-    """What client and server share: the h2 state machine, flow control, stream table,
+    """What client and server share: TLS, the h2 state machine, flow control, stream table,
     limits and deadlines.
 
-    A `BufferedProtocol`: TLS decrypts straight into `_read_buffer()`. As a plain Protocol,
-    each TLS record was read into a fresh 256 KiB bytes object (a big allocation, page
-    faults, a shrinking copy) and the records of one read were joined (another copy).
+    TLS is ours (an `ssl.SSLObject` between two `MemoryBIO`s over a plain TCP transport),
+    not the event loop's: uvloop's TLS transport mallocs a 256 KiB read buffer per
+    connection (partly resident, ~12 KiB per HBONE connection and end, more once heap memory
+    that bulk traffic touched is reused for it) and keeps a protocol, an app transport and
+    their queues; here the socket is read into one buffer per thread (`_cipher_buffer()`)
+    and TLS decrypts straight into another (`_read_buffer()`), with the same OpenSSL calls
+    per read and write as uvloop's. With ``tls=None`` the transport brings TLS itself (a
+    loop's ``ssl=`` transport, or a test's) and the protocol reads and writes plaintext.
     """
 
-    def __init__(self, *, client_side: bool, limits: HboneLimits, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        limits: HboneLimits,
+        idle_timeout: float,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None = None,
+    ) -> None:
         self._limits = limits
+        self._tls_context = tls
+        self._own_tls = tls is not None
+        self._server_hostname = server_hostname or None
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls_up = False
+        self._tls_closed = False  # close_notify sent: nothing more to write or read
+        # Why TLS ended the connection, for connection_lost (the transport reports None).
+        self._tls_error: Exception | None = None
         self._idle_timeout = idle_timeout
         self._h2 = h2.connection.H2Connection(
             h2fast.Config(
@@ -375,9 +407,64 @@ class _HboneConnection(asyncio.BufferedProtocol):
         await asyncio.shield(self._closed)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TCP connection is up: start the TLS handshake (`_established` follows it)."""
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self._transport = cast(asyncio.Transport, transport)
         self._transport.set_write_buffer_limits(high=self._limits.write_high_water)
+        if self._tls_context is None:
+            self._tls = transport.get_extra_info("ssl_object")
+            self._tls_up = True
+            self._established()
+            return
+        self._tls = self._tls_context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=not self._h2.config.client_side,
+            server_hostname=self._server_hostname,
+        )
+        self._handshake()
+
+    def _handshake(self) -> None:
+        """One step of the TLS handshake with what arrived; `_established` once it is done."""
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_tls()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._send_tls()  # the alert telling the peer why
+            self._tls_failed(exc, abort=False)
+            return
+        self._send_tls()
+        self._tls_up = True
+        self._established()
+
+    def _tls_failed(self, exc: Exception, *, abort: bool = True) -> None:
+        """TLS broke (handshake refused, a bad record): end the connection; what the
+        transport already holds (an alert) is sent first unless ``abort``."""
+        log.debug("TLS with HBONE peer %s failed: %r", self.peer or self._where(), exc)
+        if self._tls_error is None:
+            self._tls_error = exc
+        if self._transport is not None:
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
+
+    def _where(self) -> str:
+        peername = self._transport.get_extra_info("peername") if self._transport else None
+        return "{}:{}".format(*peername[:2]) if peername else "HBONE peer"
+
+    def _send_tls(self) -> None:
+        """Hand what TLS produced (handshake messages, alerts, records) to the socket."""
+        data = self._outgoing.read()
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing() and not self._tls_closed:
+            transport.write(data)
+
+    def _established(self) -> None:
+        """TLS is up: start HTTP/2."""
         client_side = self._h2.config.client_side
         settings = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._limits.stream_window,
@@ -400,10 +487,60 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._write_out()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        return _cipher_buffer() if self._own_tls else _read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffer()[:nbytes])
+        if not self._own_tls:
+            self.data_received(_read_buffer()[:nbytes])
+            return
+        if self._tls_closed:
+            return
+        self._incoming.write(_cipher_buffer()[:nbytes])
+        if not self._tls_up:
+            self._handshake()
+            if not self._tls_up:
+                return
+        self._decrypt()
+
+    def _decrypt(self) -> None:
+        """Decrypt what arrived into `_read_buffer()` (as many records as fit) and hand it
+        to `data_received` in one piece; the peer's close_notify ends the connection."""
+        tls = self._tls
+        transport = self._transport
+        if tls is None or transport is None or self._tls_error is not None or self._tls_closed:
+            return
+        incoming = self._incoming
+        view = _read_buffer()
+        size = len(view)
+        total = 0
+        ended = False
+        failed: Exception | None = None
+        try:
+            # Not until SSLWantReadError alone: raising it costs more than asking.
+            while incoming.pending or tls.pending():
+                # With a buffer, read() returns a count (typeshed knows only bytes).
+                count: int = tls.read(size - total, view[total:] if total else view)  # type: ignore[assignment]
+                if not count:
+                    ended = True
+                    break
+                total += count
+                if total == size:  # the rest once this buffer was handed on
+                    self._loop.call_soon(self._decrypt)
+                    break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            ended = True
+        except (ssl.SSLError, OSError) as exc:
+            failed = exc
+        if total:
+            self.data_received(view[:total])
+        if self._outgoing.pending:  # e.g. the answer to a KeyUpdate
+            self._send_tls()
+        if failed is not None:
+            self._tls_failed(failed)
+        elif ended and not transport.is_closing():
+            transport.close()
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._closing:
@@ -577,6 +714,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        exc = exc or self._tls_error
         self._closing = True
         for handle in (self._deadline, self._headers_deadline, self._abort_deadline):
             if handle is not None:
@@ -608,7 +746,19 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._write_out()
         self._closing = True
         self._fail_all(HboneConnectionClosed(reason))
-        self._transport.close()
+        if self._own_tls and self._tls_up and self._transport.can_write_eof():
+            # close_notify and FIN, then read (and drop) until the peer closes too, as the
+            # loop's TLS transport did: a close with the peer's bytes unread would be a
+            # reset, which can discard our GOAWAY before the peer read it.
+            assert self._tls is not None
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()
+            self._send_tls()
+            self._tls_closed = True
+            if not self._transport.is_closing():
+                self._transport.write_eof()
+        else:
+            self._transport.close()
         self._abort_deadline = asyncio.get_running_loop().call_later(
             self._limits.close_timeout, self._abort
         )
@@ -893,10 +1043,17 @@ class _HboneConnection(asyncio.BufferedProtocol):
             return
         self._out = []
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._tls_closed:
             return
+        if self._own_tls:
+            # One encrypted write for all the pieces, as uvloop's TLS transport made.
+            tls = self._tls
+            assert tls is not None
+            for piece in pieces:
+                tls.write(piece)
+            transport.write(self._outgoing.read())
         # Each piece is owned by the transport now: nothing here writes into it again.
-        if len(pieces) == 1:
+        elif len(pieces) == 1:
             transport.write(pieces[0])
         else:
             transport.writelines(pieces)
@@ -935,9 +1092,23 @@ async def connect_socket(
 class HboneClientConnection(_HboneConnection):
     """The client end: opens CONNECT tunnels to one verified peer."""
 
-    def __init__(self, limits: HboneLimits = DEFAULT_LIMITS) -> None:
-        super().__init__(client_side=True, limits=limits, idle_timeout=limits.client_idle_timeout)
-        self._preface: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def __init__(
+        self,
+        limits: HboneLimits = DEFAULT_LIMITS,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        super().__init__(
+            client_side=True,
+            limits=limits,
+            idle_timeout=limits.client_idle_timeout,
+            tls=tls,
+            server_hostname=server_hostname,
+        )
+        loop = asyncio.get_running_loop()
+        self._handshake_done: asyncio.Future[None] = loop.create_future()
+        self._preface: asyncio.Future[None] = loop.create_future()
 
     @classmethod
     async def connect(
@@ -965,11 +1136,9 @@ class HboneClientConnection(_HboneConnection):
                 if address is not None:
                     await connect_socket(sock, address, timeout=timeout)
                 _, conn = await loop.create_connection(
-                    lambda: cls(limits),
-                    sock=sock,
-                    ssl=ssl_context,
-                    server_hostname=server_hostname or "",
+                    lambda: cls(limits, tls=ssl_context, server_hostname=server_hostname), sock=sock
                 )
+                await asyncio.shield(conn._handshake_done)
                 conn._check_peer(expected_peer, where)
                 await asyncio.shield(conn._preface)
             return conn
@@ -996,10 +1165,8 @@ class HboneClientConnection(_HboneConnection):
         expected: SpiffeId | set[SpiffeId] | frozenset[SpiffeId] | None,
         where: str,
     ) -> None:
-        assert self._transport is not None
-        ssl_object = self._transport.get_extra_info("ssl_object")
-        if ssl_object is None:
-            raise HboneConnectError(f"connection to {where} is not TLS")
+        ssl_object = self._tls
+        assert ssl_object is not None and self._tls_up
         alpn = ssl_object.selected_alpn_protocol()
         if alpn != ALPN_H2:
             raise HboneConnectError(
@@ -1073,6 +1240,10 @@ class HboneClientConnection(_HboneConnection):
             raise HboneStreamRefused(status, authority)
         return stream
 
+    def _established(self) -> None:
+        self._handshake_done.set_result(None)
+        super()._established()
+
     def _on_settings(self) -> None:
         if not self._preface.done():
             self._preface.set_result(None)
@@ -1091,6 +1262,12 @@ class HboneClientConnection(_HboneConnection):
         stream._response.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        exc = exc or self._tls_error
+        if not self._handshake_done.done():
+            self._handshake_done.set_exception(
+                exc or ConnectionResetError("connection closed during the TLS handshake")
+            )
+            self._handshake_done.exception()
         if not self._preface.done():
             self._preface.set_exception(
                 HboneConnectError(
@@ -1113,31 +1290,52 @@ def _describe_peer(sock: socket.socket) -> str:
 class HboneServerProtocol(_HboneConnection):
     """The server end: one instance per accepted mTLS connection.
 
-    Use with `loop.create_server(lambda: HboneServerProtocol(handler), sock=..., ssl=...)`.
+    Use with `loop.create_server(server_factory(handler, tls=context), sock=...)`, not
+    with the loop's ``ssl=``: the protocol does TLS itself (see `_HboneConnection`).
     Each valid CONNECT runs `handler(stream, request, peer)` in its own task; the handler
     must `await stream.accept()` or `stream.refuse(status)`, then relay. Malformed requests
     get 400 without reaching the handler. A stream the peer resets (or sends DATA on)
     before it was answered cancels its handler, so no upstream is opened for nobody.
     """
 
-    def __init__(self, handler: Handler, *, limits: HboneLimits = DEFAULT_LIMITS) -> None:
-        super().__init__(client_side=False, limits=limits, idle_timeout=limits.idle_timeout)
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        limits: HboneLimits = DEFAULT_LIMITS,
+    ) -> None:
+        super().__init__(
+            client_side=False, limits=limits, idle_timeout=limits.idle_timeout, tls=tls
+        )
         self._handler = handler
         self._tasks: dict[HboneStream, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        where = transport.get_extra_info("peername")
+        if self._own_tls:
+            timeout = self._limits.handshake_timeout
+            self._deadline = asyncio.get_running_loop().call_later(
+                timeout,
+                self._tls_failed,
+                HboneTimeout(f"TLS handshake not done within {timeout}s"),
+            )
+        super().connection_made(transport)
+
+    def _established(self) -> None:
+        assert self._tls is not None and self._transport is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         try:
-            if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
+            if self._tls.selected_alpn_protocol() != ALPN_H2:
                 raise HboneProtocolError("client did not negotiate TLS with ALPN h2")
-            self.peer = peer_identity(ssl_object)
+            self.peer = peer_identity(self._tls)
         except (HboneError, TlsError) as exc:
-            log.warning("rejecting HBONE connection from %s: %s", where, exc)
-            self._transport = cast(asyncio.Transport, transport)
+            log.warning("rejecting HBONE connection from %s: %s", self._where(), exc)
+            self._closing = True
             self._transport.abort()
             return
-        super().connection_made(transport)
+        super()._established()
         timeout = self._limits.preface_timeout
         self._deadline = asyncio.get_running_loop().call_later(
             timeout,
@@ -1204,9 +1402,10 @@ class HboneServerProtocol(_HboneConnection):
 
 
 def server_factory(
-    handler: Handler, *, limits: HboneLimits = DEFAULT_LIMITS
+    handler: Handler, *, tls: ssl.SSLContext, limits: HboneLimits = DEFAULT_LIMITS
 ) -> Callable[[], HboneServerProtocol]:
-    return lambda: HboneServerProtocol(handler, limits=limits)
+    """A protocol factory for `loop.create_server` (without ``ssl=``: TLS is the protocol's)."""
+    return lambda: HboneServerProtocol(handler, tls=tls, limits=limits)
 
 
 async def serve(
@@ -1222,7 +1421,6 @@ async def serve(
     Extra keyword arguments go to `loop.create_server`; the TLS handshake is bounded by
     `limits.handshake_timeout`.
     """
-    kwargs.setdefault("ssl_handshake_timeout", limits.handshake_timeout)
     return await asyncio.get_running_loop().create_server(
-        server_factory(handler, limits=limits), sock=sock, ssl=ssl_context, **kwargs
+        server_factory(handler, tls=ssl_context, limits=limits), sock=sock, **kwargs
     )

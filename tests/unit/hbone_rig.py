@@ -91,15 +91,13 @@ class running_server:
         sock.listen(64)
         sock.setblocking(False)
         protocols: list[HboneServerProtocol] = []
-        make = server_factory(self.handler, limits=self.limits)
+        make = server_factory(self.handler, tls=server_context(self.identity), limits=self.limits)
 
         def factory() -> HboneServerProtocol:
             protocols.append(make())
             return protocols[-1]
 
-        server = await asyncio.get_running_loop().create_server(
-            factory, sock=sock, ssl=server_context(self.identity)
-        )
+        server = await asyncio.get_running_loop().create_server(factory, sock=sock)
         self.srv = Server(server, sock.getsockname()[:2], protocols)
         return self.srv
 
