@@ -1,7 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both run setup first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick bench-memory bench-same-node deploy image image-smoke test-vagrant
+.PHONY: setup demo test lint unit integration proto down clean bench bench-quick bench-waypoint bench-waypoint-quick bench-memory bench-same-node bench-controller bench-controller-quick deploy image image-smoke test-vagrant
 
 setup:
 	@scripts/setup.sh
@@ -59,6 +59,15 @@ bench-memory:
 bench-same-node:
 	@scripts/setup.sh --bench
 	$(PY) -m bench.same_node $(BENCH_ARGS)
+
+# The controller with 1000 simulated nodes over real gRPC and 10,000 pods: a relabel to every
+# node's ACK, startup, CPU, RSS, stuck and slow nodes (docs/performance.md, "Controller at
+# scale"). Needs nothing beyond setup. Extra flags: make bench-controller BENCH_ARGS="--rounds 10"
+bench-controller: setup
+	$(PY) -m bench.controller_scale $(BENCH_ARGS)
+
+bench-controller-quick: setup
+	$(PY) -m bench.controller_scale --quick $(BENCH_ARGS)
 
 # The Helm chart and plain manifests in deploy/ are generated from ambimesh/install
 # (docs/install.md); a unit test fails while they are stale.
