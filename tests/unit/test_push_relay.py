@@ -5,16 +5,18 @@ sockets with mTLS. No timing: every wait is for a condition, bounded only by TIM
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
 
 from mesh.hbone.connection import Handler, HboneClientConnection, HboneStream
 from mesh.hbone.protocol import ConnectRequest
-from mesh.hbone.relay import Duplex, relay
+from mesh.hbone.relay import Duplex, Push, _PushRelay, relay
 from mesh.hbone.tcp import READ_BUFFER_LIMIT, TcpDuplex, connect_tcp
 from mesh.spiffe import SpiffeId
 from tests.unit.hbone_rig import TIMEOUT, Pki, dial, echo, make_pki, running_server
@@ -237,3 +239,81 @@ async def test_tcp_duplex_stops_reading_when_nobody_takes_its_bytes() -> None:
         assert data and set(data) == {ord("y")}
         writing.cancel()
         client.abort()
+
+
+def _relay_objects() -> list[object]:
+    """The push relay's per-connection objects alive now."""
+    return [o for o in gc.get_objects() if isinstance(o, Push | _PushRelay)]
+
+
+@asynccontextmanager
+async def tcp_pairs(count: int) -> AsyncIterator[list[tuple[TcpDuplex, TcpDuplex]]]:
+    """``count`` loopback TCP connections as (client, server) duplexes."""
+    accepted: list[TcpDuplex] = []
+    async with tcp_server(accepted.append) as address:
+        clients = [await tcp_client(address) for _ in range(count)]
+        await until(lambda: len(accepted) == count)
+        yield list(zip(clients, accepted, strict=True))
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Only reference counting frees: a cycle through the relay would keep it alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def test_push_relay_half_closes_each_way_and_leaves_nothing(no_gc: None) -> None:
+    """relay() of two push duplexes is a future, not a coroutine; each side's EOF reaches
+    the other alone (the other direction goes on after it), the counts come once both
+    ended, both sides are closed and no relay object remains."""
+    async with tcp_pairs(2) as [(left, left_end), (right, right_end)]:
+        done = relay(left_end, right_end)
+        assert isinstance(done, asyncio.Future)
+        left.write(b"request")
+        left.write_eof()
+        assert await read_to_eof(right) == b"request"
+        assert not done.done()
+        right.write(b"reply after the request's EOF")
+        right.write_eof()
+        assert await read_to_eof(left) == b"reply after the request's EOF"
+        assert await asyncio.wait_for(done, TIMEOUT) == (7, 29)
+        await asyncio.sleep(0)  # the future's callbacks
+        assert left_end.transport.is_closing() and right_end.transport.is_closing()
+        assert _relay_objects() == []
+        left.close()
+        right.close()
+
+
+async def test_push_relay_ends_once_on_reset_and_releases(no_gc: None) -> None:
+    """A side that fails (the peer reset it) ends the relay with the counts so far and
+    closes the other side; nothing of the relay stays."""
+    async with tcp_pairs(2) as [(left, left_end), (right, right_end)]:
+        done = relay(left_end, right_end)
+        left.write(b"abc")
+        assert await asyncio.wait_for(right.read(10), TIMEOUT) == b"abc"
+        linger = struct.pack("ii", 1, 0)  # close with a RST: left_end fails
+        left.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        left.abort()
+        assert await asyncio.wait_for(done, TIMEOUT) == (3, 0)
+        assert await read_to_eof(right) == b""  # the other side was closed for it
+        await asyncio.sleep(0)
+        assert _relay_objects() == []
+        right.close()
+
+
+async def test_cancelling_the_relays_waiter_closes_both_sides(no_gc: None) -> None:
+    async with tcp_pairs(2) as [(left, left_end), (right, right_end)]:
+        waiter = asyncio.ensure_future(relay(left_end, right_end))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        assert await read_to_eof(left) == b""
+        assert await read_to_eof(right) == b""
+        await asyncio.sleep(0)
+        assert _relay_objects() == []
+        left.close()
+        right.close()
