@@ -59,7 +59,7 @@ async def test_copies_both_ways_and_half_closes() -> None:
 async def test_eof_one_way_keeps_the_other_way_open() -> None:
     a = MemoryDuplex([b"request"])
     b = MemoryDuplex([b"response"], hold_open=True)
-    task = asyncio.create_task(relay(a, b))
+    task = asyncio.ensure_future(relay(a, b))
     await asyncio.sleep(0.05)
     assert b.eof_written  # a's EOF already forwarded as a half-close
     assert not task.done()  # b->a still running
@@ -89,7 +89,7 @@ async def test_a_cancelled_relay_leaves_its_counts_behind() -> None:
     a = MemoryDuplex([b"12345"], hold_open=True)
     b = MemoryDuplex([b"678"], hold_open=True)
     counts = [0, 0]
-    task = asyncio.create_task(relay(a, b, counts=counts))
+    task = asyncio.ensure_future(relay(a, b, counts=counts))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
