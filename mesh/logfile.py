@@ -23,6 +23,8 @@ import os
 from argparse import ArgumentParser, ArgumentTypeError, Namespace
 from pathlib import Path
 
+from mesh.log_format import SecondCachedFormatter
+
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 3
 # A process re-reads the file's size after writing this share of max_bytes itself.
@@ -135,11 +137,12 @@ def configure_logging(args: Namespace, fmt: str) -> None:
     """The root logger to stderr, or to `--log-file` with rotation; only the record
     fields `fmt` shows are collected."""
     collect_only_shown_fields(fmt)
+    handler: logging.Handler
     if args.log_file is None:
-        logging.basicConfig(level=args.log_level, format=fmt)
-        return
-    handler = RotatingLog(args.log_file, max_bytes=args.log_max_bytes, backups=args.log_backups)
-    handler.setFormatter(logging.Formatter(fmt))
+        handler = logging.StreamHandler()  # stderr, as basicConfig's own
+    else:
+        handler = RotatingLog(args.log_file, max_bytes=args.log_max_bytes, backups=args.log_backups)
+    handler.setFormatter(SecondCachedFormatter(fmt))
     logging.basicConfig(level=args.log_level, handlers=[handler])
 
 
