@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -140,7 +141,9 @@ class HboneStream(PushSource):
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._unblocked: list[Callable[[], None]] = []
-        self._response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Client side, while open_stream waits for the answer (a future costs ~300 bytes, too
+        # much to keep for the stream's life); `_responded` says the answer came or was sent.
+        self._response: asyncio.Future[int] | None = None
         self._responded = False
 
     def __repr__(self) -> str:
@@ -270,7 +273,7 @@ class HboneStream(PushSource):
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        if not self._response.done():
+        if self._response is not None and not self._response.done():
             self._response.set_exception(error)
             # Retrieved or not, a failed open must not log "exception never retrieved".
             self._response.exception()
@@ -691,7 +694,7 @@ class _HboneConnection(asyncio.BufferedProtocol):
 
     def _data_allowed(self, stream: HboneStream) -> bool:
         """Whether DATA may reach the stream's reader (the server answered it)."""
-        return stream._responded or stream._response.done()
+        return stream._responded
 
     def _whole_frames(self, data: bytes | memoryview) -> bytes | memoryview | None:
         """The received bytes up to the last complete frame; the rest is held back.
@@ -1223,8 +1226,9 @@ class HboneClientConnection(_HboneConnection):
                     self, self._h2.get_next_available_stream_id(), request, self.peer
                 )
                 self._add_stream(stream)
+                stream._response = response = self._loop.create_future()
                 self._send_headers(stream, headers, end_stream=False)
-                status = await asyncio.shield(stream._response)
+                status = await asyncio.shield(response)
         except TimeoutError:
             if stream is not None:
                 stream.reset()
@@ -1235,6 +1239,9 @@ class HboneClientConnection(_HboneConnection):
             if stream is not None:
                 stream.reset()
             raise
+        finally:
+            if stream is not None:
+                stream._response = None
         if not is_success(status):
             stream.close()
             raise HboneStreamRefused(status, authority)
@@ -1251,7 +1258,7 @@ class HboneClientConnection(_HboneConnection):
 
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream._response.done():
+        if stream is None or stream._response is None or stream._response.done():
             return
         try:
             status = parse_response_status(event.headers or [])
@@ -1259,6 +1266,7 @@ class HboneClientConnection(_HboneConnection):
             stream.reset(ErrorCodes.PROTOCOL_ERROR)
             stream._fail(exc)
             return
+        stream._responded = True  # its DATA may reach the reader from now on
         stream._response.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1368,7 +1376,7 @@ class HboneServerProtocol(_HboneConnection):
         self._add_stream(stream)
         task = asyncio.get_running_loop().create_task(self._serve(stream))
         self._tasks[stream] = task
-        task.add_done_callback(lambda _: self._tasks.pop(stream, None))
+        task.add_done_callback(functools.partial(self._served, stream))
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -1382,6 +1390,9 @@ class HboneServerProtocol(_HboneConnection):
             )
             return
         super()._on_data(event)
+
+    def _served(self, stream: HboneStream, _: asyncio.Task[None]) -> None:
+        self._tasks.pop(stream, None)
 
     async def _serve(self, stream: HboneStream) -> None:
         try:
