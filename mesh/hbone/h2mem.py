@@ -1,10 +1,12 @@
-"""h2's per-connection SETTINGS state, in lists instead of deques.
+"""h2's per-connection SETTINGS state and HPACK tables, in lists instead of deques.
 
 h2 keeps every setting of both Settings objects of a connection (ours and the peer's) as a
 `collections.deque` of values awaiting acknowledgement: about sixteen deques per
 connection, each ~600 bytes for its first block although it nearly always holds one
 value. As lists (a deque's `popleft` is all h2 needs besides list operations) that is
 ~11 KiB less per HBONE connection and end, every HBONE connection a ztunnel holds.
+The same for the dynamic tables of HPACK's encoder and decoder (two deques per connection
+and end, ~1.5 KiB): a few entries each, so a list's insert at the front costs nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import collections
 from typing import Any
 
 from h2.settings import Settings
+from hpack.table import HeaderTable
 
 
 class SettingValues(list[Any]):
@@ -22,6 +25,16 @@ class SettingValues(list[Any]):
 
     def popleft(self) -> Any:
         return self.pop(0)
+
+
+class TableEntries(list[Any]):
+    """What hpack's `HeaderTable` expects of its dynamic entries: a list with `appendleft`
+    (newest first; eviction pops the oldest from the end)."""
+
+    __slots__ = ()
+
+    def appendleft(self, entry: Any) -> None:
+        self.insert(0, entry)
 
 
 def _compact(table: dict[Any, Any], key: Any) -> None:
@@ -43,6 +56,7 @@ def install() -> bool:
         return True
     if not _supported():
         return False
+    _install_tables()
     init, setitem = Settings.__init__, Settings.__setitem__
 
     def __init__(self: Settings, *args: Any, **kwargs: Any) -> None:
@@ -58,3 +72,17 @@ def install() -> bool:
     Settings.__setitem__ = __setitem__  # type: ignore[method-assign]
     Settings._compact_installed = True  # type: ignore[attr-defined]
     return True
+
+
+def _install_tables() -> None:
+    """HPACK tables made from now on keep their entries in a `TableEntries` (left alone if
+    this hpack keeps them otherwise)."""
+    if type(HeaderTable().dynamic_entries) is not collections.deque:
+        return
+    init = HeaderTable.__init__
+
+    def __init__(self: HeaderTable) -> None:
+        init(self)
+        self.dynamic_entries = TableEntries()  # type: ignore[assignment]
+
+    HeaderTable.__init__ = __init__  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ import collections
 
 import h2.config
 import h2.connection
+import hpack
 from h2.settings import SettingCodes, Settings
 
 import mesh.hbone.connection  # noqa: F401  (installs h2mem, as every HBONE process does)
@@ -47,3 +48,21 @@ def test_two_h2_peers_exchange_and_acknowledge_settings() -> None:
     for peer in (client, server):
         for settings in (peer.local_settings, peer.remote_settings):
             assert not any(type(v) is collections.deque for v in settings._settings.values())
+
+
+def test_hpack_tables_in_lists_encode_and_evict_as_with_deques() -> None:
+    """Many distinct headers through a small dynamic table (evictions all along): the same
+    bytes as hpack's own deque-backed table, and they decode back."""
+    encoder, reference, decoder = hpack.Encoder(), hpack.Encoder(), hpack.Decoder()
+    assert isinstance(encoder.header_table.dynamic_entries, h2mem.TableEntries)
+    assert isinstance(decoder.header_table.dynamic_entries, h2mem.TableEntries)
+    reference.header_table.dynamic_entries = collections.deque()
+    for table in (encoder, reference):
+        table.header_table_size = 256
+    decoder.header_table_size = 256
+    for i in range(200):
+        headers = [(":authority", f"10.0.{i % 7}.{i}:80"), ("x-n", str(i % 13))]
+        block = encoder.encode(headers)
+        assert block == reference.encode(headers)
+        assert decoder.decode(block) == headers
+    assert 0 < len(encoder.header_table.dynamic_entries) < 200
