@@ -1317,7 +1317,7 @@ class HboneServerProtocol(_HboneConnection):
             client_side=False, limits=limits, idle_timeout=limits.idle_timeout, tls=tls
         )
         self._handler = handler
-        self._tasks: dict[HboneStream, asyncio.Task[None]] = {}
+        self._tasks: dict[HboneStream, asyncio.Future[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._own_tls:
@@ -1374,7 +1374,9 @@ class HboneServerProtocol(_HboneConnection):
             return
         stream = HboneStream(self, event.stream_id, request, self.peer)
         self._add_stream(stream)
-        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        # The handler is the task's coroutine, cleaned up after by `_served`: no wrapping
+        # coroutine frame kept for the connection's life.
+        task = asyncio.ensure_future(self._handler(stream, request, self.peer))
         self._tasks[stream] = task
         task.add_done_callback(functools.partial(self._served, stream))
 
@@ -1391,25 +1393,25 @@ class HboneServerProtocol(_HboneConnection):
             return
         super()._on_data(event)
 
-    def _served(self, stream: HboneStream, _: asyncio.Task[None]) -> None:
+    def _served(self, stream: HboneStream, task: asyncio.Future[None]) -> None:
+        """The handler's task ended (also if cancelled before it started): log its error,
+        answer 503 if it never answered, release the stream."""
         self._tasks.pop(stream, None)
-
-    async def _serve(self, stream: HboneStream) -> None:
-        try:
-            await self._handler(stream, stream.request, stream.peer)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if exc is stream._error:  # the handler stopped because the stream failed
-                log.debug("HBONE stream %s from %s ended: %s", stream.request, stream.peer, exc)
-            else:
-                log.exception(
-                    "HBONE handler failed for %s from %s", stream.request.authority, stream.peer
-                )
-        finally:
-            if not stream._responded and stream._error is None and not self._closing:
-                stream.refuse(Status.UPSTREAM_UNREACHABLE)
-            stream.close()
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            pass
+        elif exc is stream._error:  # the handler stopped because the stream failed
+            log.debug("HBONE stream %s from %s ended: %s", stream.request, stream.peer, exc)
+        else:
+            log.error(
+                "HBONE handler failed for %s from %s",
+                stream.request.authority,
+                stream.peer,
+                exc_info=exc,
+            )
+        if not stream._responded and stream._error is None and not self._closing:
+            stream.refuse(Status.UPSTREAM_UNREACHABLE)
+        stream.close()
 
 
 def server_factory(
