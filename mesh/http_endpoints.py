@@ -7,6 +7,9 @@ the same ports while this one still serves (a handover).
 
 from __future__ import annotations
 
+import gc
+import json
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,3 +58,24 @@ def metrics_routes(registry: CollectorRegistry) -> dict[str, Route]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 
     return {"/metrics": metrics}
+
+
+def runtime_routes() -> dict[str, Route]:
+    """``/runtime``: how the interpreter runs this process (objects frozen out of the
+    collector, its thresholds and collections per generation, the GIL's switch interval,
+    the threads that may take the GIL from the event loop)."""
+
+    def runtime() -> Response:
+        body = {
+            "gc": {
+                "frozen_objects": gc.get_freeze_count(),
+                "thresholds": gc.get_threshold(),
+                "pending": gc.get_count(),
+                "generations": gc.get_stats(),
+            },
+            "switch_interval_seconds": sys.getswitchinterval(),
+            "threads": sorted(t.name for t in threading.enumerate()),
+        }
+        return 200, "application/json", json.dumps(body, indent=1).encode()
+
+    return {"/runtime": runtime}

@@ -1,9 +1,10 @@
 """What a proxy process (ztunnel, waypoint) wires up the same way around its event loop:
-the push stream and the drain signals."""
+the push stream, the drain signals, the collector's view of its startup heap."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable, Mapping
 
@@ -46,3 +47,17 @@ def drain_signals() -> tuple[asyncio.Event, asyncio.Event]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     return stop, cut
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then take every object alive now (modules, classes, functions: ~35k in
+    a started ztunnel) out of the collector's generations for good; how many.
+
+    Each full (gen 2) collection walked all of them: 30-50 ms of a stalled event loop on
+    this 2-vCPU VM (40-125 ms in the lab's ztunnels while it was loaded), about once per
+    few thousand connections. What the data path allocates afterwards is still collected
+    as before. ``--workers N`` gets the same from the master's freeze before it forks.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

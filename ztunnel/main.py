@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from mesh.cert_manager import CertManager
 from mesh.cert_metrics import CertCollector
 from mesh.cgroups import CgroupError, cgroup2_mount, cgroup_of
-from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
+from mesh.http_endpoints import metrics_routes, runtime_routes, serve_in_thread, stop_serving
 from mesh.logfile import add_log_file_flags, configure_logging
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
-from mesh.proxy_process import drain_signals, start_push
+from mesh.proxy_process import drain_signals, freeze_startup_heap, start_push
 from mesh.version import add_version_flag
 from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
@@ -145,18 +145,23 @@ async def run(args: argparse.Namespace) -> None:
             ("0.0.0.0", args.readiness_port),
             readiness_routes(lambda: inpod.synced.is_set() and ztunnel.ready),
         ),
-        serve_in_thread(("127.0.0.1", args.admin_port), admin_routes(ztunnel)),
+        serve_in_thread(
+            ("127.0.0.1", args.admin_port), {**admin_routes(ztunnel), **runtime_routes()}
+        ),
     ]
 
     push = start_push(access, ztunnel.update_state, certs)
+    # Last, so that this process's own long-lived objects are frozen too.
+    frozen = freeze_startup_heap()
     stop, cut = drain_signals()
     inpod_task = asyncio.create_task(inpod.run())
     log.info(
-        "ztunnel for %s up (pid %d): metrics :%d, readiness :%d",
+        "ztunnel for %s up (pid %d): metrics :%d, readiness :%d; %d objects frozen",
         args.node,
         os.getpid(),
         args.metrics_port,
         args.readiness_port,
+        frozen,
     )
     try:
         await stop.wait()

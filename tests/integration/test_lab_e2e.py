@@ -125,6 +125,16 @@ def test_admin_endpoint_dumps_config_on_localhost_only(lab: Lab) -> None:
         http_get(node.netns, node.address, 15000, "/config_dump", timeout=2)
 
 
+def test_ztunnel_froze_its_startup_heap(lab: Lab) -> None:
+    """A full garbage collection in a serving ztunnel never walks what it loaded at startup
+    (it stalled the event loop for milliseconds); admin view's /runtime says so."""
+    for node in ("node-1", "node-2"):
+        netns = lab.load_plan().node(node).netns
+        status, body = http_get(netns, "127.0.0.1", 15000, "/runtime")
+        assert status == 200
+        assert json.loads(body)["gc"]["frozen_objects"] > 10_000, node
+
+
 def test_legacy_client_is_plain_tcp_and_refused_by_strict_server(lab: Lab, tmp_path: Path) -> None:
     plan = lab.load_plan()
     server_ip = plan.pod("demo/server").address
