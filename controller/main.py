@@ -33,7 +33,7 @@ from controller.tokenreview import (
     DEFAULT_NODE_ACCOUNTS,
     TokenReviewAuthenticator,
 )
-from controller.translate import ConfigError, Settings, SourcedObject, translate
+from controller.translate import ConfigError, Memo, Settings, SourcedObject, translate
 from mesh.api import mesh_pb2_grpc
 from mesh.keepalive import KEEPALIVE, Keepalive
 from mesh.version import add_version_flag
@@ -149,8 +149,10 @@ async def serve(args: argparse.Namespace) -> None:
     store = Store()
     settings = Settings(args.trust_domain, args.root_namespace, args.cluster_domain)
 
+    memo = Memo()
+
     def apply(objects: list[SourcedObject]) -> None:
-        store.replace(translate(objects, settings, store.current.resources))
+        store.replace(translate(objects, settings, store.current.resources, memo))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

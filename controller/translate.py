@@ -154,19 +154,58 @@ class _Pod:
     uid: str
     workload: mesh_pb2.Workload | None
     container_ports: dict[str, int] = field(default_factory=dict)
+    # What the last translation made of it, and in which context (see Memo).
+    context: object = None
+    resource: mesh_pb2.Resource | None = None
+    claims: list[Claim] = field(default_factory=list)
+
+
+class Memo:
+    """What :func:`translate` reuses from its previous call: each pod as read and its
+    workload resource, so a change costs work for the pods it touches, not for all of them.
+
+    A pod is found by the identity of its object: the sources hand over the same mapping
+    while an object is unchanged and a new one when it changes (they never edit one in
+    place). Its workload is reused while its context is the same: settings, its
+    namespace's labels and the declared waypoints. Holds the pods of the last call only.
+    """
+
+    def __init__(self) -> None:
+        self._pods: dict[int, tuple[Mapping[str, Any], _Pod]] = {}
+        self._next: dict[int, tuple[Mapping[str, Any], _Pod]] = {}
+
+    def start(self) -> None:
+        self._next = {}
+
+    def get(self, sourced: SourcedObject) -> _Pod | None:
+        found = self._pods.get(id(sourced.obj))
+        if found is None or found[0] is not sourced.obj or found[1].obj.source != sourced.source:
+            return None
+        return found[1]
+
+    def keep(self, pod: _Pod) -> None:
+        self._next[id(pod.obj.raw)] = (pod.obj.raw, pod)
+
+    def done(self) -> None:
+        """The translation succeeded: what it kept is what the next one may reuse."""
+        self._pods, self._next = self._next, {}
 
 
 def translate(
     objects: Iterable[SourcedObject],
     settings: Settings | None = None,
     in_force: Mapping[str, mesh_pb2.Resource] | None = None,
+    memo: Memo | None = None,
 ) -> dict[str, mesh_pb2.Resource]:
     """Every object the mesh understands, as resources keyed by ``<kind>/<ns>/<name>``.
 
     ``in_force``, the configuration now served, decides which of two objects claiming one
-    address is the newcomer the error names (see :mod:`controller.addresses`).
+    address is the newcomer the error names (see :mod:`controller.addresses`). ``memo``
+    carries work over from one call to the next (the controller keeps one).
     """
     settings = settings or Settings()
+    memo = memo or Memo()
+    memo.start()
     namespaces: dict[str, dict[str, str]] = {}
     pods: list[_Pod] = []
     services: list[_Obj] = []
@@ -178,7 +217,8 @@ def translate(
     seen: dict[tuple[str, str, str], str] = {}
 
     for sourced in objects:
-        obj = _identify(sourced)
+        known = memo.get(sourced)
+        obj = known.obj if known is not None else _identify(sourced)
         if obj is None:
             continue
         ident = (obj.kind, obj.namespace, obj.name)
@@ -188,7 +228,8 @@ def translate(
         if obj.kind == "Namespace":
             namespaces[obj.name] = obj.labels("metadata.labels")
         elif obj.kind == "Pod":
-            pods.append(_read_pod(obj))
+            pods.append(known or _read_pod(obj))
+            memo.keep(pods[-1])
         elif obj.kind == "Service":
             services.append(obj)
         elif obj.kind == authz.KIND:
@@ -205,21 +246,28 @@ def translate(
 
     out: dict[str, mesh_pb2.Resource] = {}
     claims: list[Claim] = []
+    waypoint_types = frozenset((key, wp.traffic_type) for key, wp in declared.items())
+    contexts = {
+        ns: (settings, tuple(sorted(labels.items())), waypoint_types)
+        for ns, labels in namespaces.items()
+    }
     for pod in pods:
-        ns_labels = namespaces.get(pod.obj.namespace, {})
-        _finish_workload(pod, ns_labels, settings, declared)
-        if pod.workload is not None:
-            key = resource_key(KIND_WORKLOAD, pod.obj.namespace, pod.obj.name)
-            out[key] = mesh_pb2.Resource(key=key, workload=pod.workload)
-            host_network = pod.obj.get("spec.hostNetwork", bool, False)
-            claims += _claims(pod.obj, key, pod.workload.addresses, "status.podIP", host_network)
+        context = contexts.get(pod.obj.namespace) or (settings, (), waypoint_types)
+        if pod.context != context:
+            _finish_workload(pod, namespaces.get(pod.obj.namespace, {}), settings, declared)
+            pod.resource, pod.claims = _workload_resource(pod)
+            pod.context = context
+        if pod.resource is not None:
+            out[pod.resource.key] = pod.resource
+            claims += pod.claims
     by_key: dict[tuple[str, str], mesh_pb2.Service] = {}
     selectors: dict[tuple[str, str], dict[str, str]] = {}
     slices_of = endpoints.by_service(slices)
+    index = _PodIndex(pods)
     for svc in services:
         service, selector = _service(
             svc,
-            pods,
+            index,
             slices_of.get((svc.namespace, svc.name)),
             namespaces.get(svc.namespace, {}),
             settings,
@@ -243,20 +291,30 @@ def translate(
             out[key] = mesh_pb2.Resource(key=key, authorization_policy=authorization)
     in_use = {}
     for wp in declared.values():
-        waypoint = _waypoint(wp, pods, settings)
+        waypoint = _waypoint(wp, index.in_namespace(wp.obj.namespace), settings)
         in_use[f"{wp.obj.namespace}/{wp.obj.name}"] = waypoint
         key = resource_key(KIND_WAYPOINT, wp.obj.namespace, wp.obj.name)
         out[key] = mesh_pb2.Resource(key=key, waypoint=waypoint)
     l7.authorization_policies += authorization_policies
-    index = ServiceIndex(by_key, settings.cluster_domain, selectors)
-    for key, resource in l7_resources(l7, index, in_use).items():
+    service_index = ServiceIndex(by_key, settings.cluster_domain, selectors)
+    for key, resource in l7_resources(l7, service_index, in_use).items():
         if key in out:
             raise ConfigError(
                 f"{key}: generated to keep callers from bypassing a waypoint (see "
                 "docs/waypoint.md), but an object of that name exists: rename it"
             )
         out[key] = resource
+    memo.done()
     return out
+
+
+def _workload_resource(pod: _Pod) -> tuple[mesh_pb2.Resource | None, list[Claim]]:
+    if pod.workload is None:
+        return None, []
+    key = resource_key(KIND_WORKLOAD, pod.obj.namespace, pod.obj.name)
+    host_network = pod.obj.get("spec.hostNetwork", bool, False)
+    claims = _claims(pod.obj, key, pod.workload.addresses, "status.podIP", host_network)
+    return mesh_pb2.Resource(key=key, workload=pod.workload), claims
 
 
 def _l7_list(l7: L7Objects, kind: str) -> list[Any]:
@@ -269,7 +327,46 @@ def _l7_list(l7: L7Objects, kind: str) -> list[Any]:
     return lists[kind]
 
 
+class _PodIndex:
+    """The pods by namespace, by (namespace, label, value) and by (namespace, name), built
+    once per translation: matching every Service against every pod would cost services x
+    pods (10 million label checks for 10,000 pods and 1000 services)."""
+
+    def __init__(self, pods: list[_Pod]) -> None:
+        self._by_namespace: dict[str, list[_Pod]] = {}
+        self._by_label: dict[tuple[str, str, str], list[_Pod]] = {}
+        for pod in pods:
+            self._by_namespace.setdefault(pod.obj.namespace, []).append(pod)
+            for label in pod.labels.items():
+                self._by_label.setdefault((pod.obj.namespace, *label), []).append(pod)
+        self._pods = pods
+        self._by_key: dict[tuple[str, str], _Pod] | None = None
+        self._uids: dict[tuple[str, str], str] | None = None
+
+    def in_namespace(self, namespace: str) -> list[_Pod]:
+        return self._by_namespace.get(namespace, [])
+
+    def selected(self, namespace: str, selector: Mapping[str, str]) -> list[_Pod]:
+        """The pods of ``namespace`` whose labels include ``selector`` (none if empty)."""
+        if not selector:
+            return []
+        first, *rest = selector.items()
+        candidates = self._by_label.get((namespace, *first), [])
+        return [p for p in candidates if all(p.labels.get(k) == v for k, v in rest)]
+
+    def by_key(self) -> dict[tuple[str, str], _Pod]:
+        if self._by_key is None:
+            self._by_key = {(p.obj.namespace, p.obj.name): p for p in self._pods}
+        return self._by_key
+
+    def uids(self) -> dict[tuple[str, str], str]:
+        if self._uids is None:
+            self._uids = {key: p.uid for key, p in self.by_key().items()}
+        return self._uids
+
+
 def _waypoint(wp: waypoints.Declared, pods: list[_Pod], settings: Settings) -> mesh_pb2.Waypoint:
+    """``pods``: those of the waypoint's namespace."""
     members = [
         waypoints.Member(
             pod.obj.ref(),
@@ -277,8 +374,7 @@ def _waypoint(wp: waypoints.Declared, pods: list[_Pod], settings: Settings) -> m
             list(pod.workload.addresses) if pod.workload else [],
         )
         for pod in pods
-        if pod.obj.namespace == wp.obj.namespace
-        and pod.labels.get(waypoints.GATEWAY_NAME_LABEL) == wp.obj.name
+        if pod.labels.get(waypoints.GATEWAY_NAME_LABEL) == wp.obj.name
     ]
     return waypoints.waypoint(wp, members, settings.trust_domain)
 
@@ -345,6 +441,7 @@ def _finish_workload(
     declared: Mapping[tuple[str, str], waypoints.Declared],
 ) -> None:
     obj = pod.obj
+    pod.workload = None
     node = obj.get("spec.nodeName", str, "")
     addresses = _pod_addresses(obj)
     if not node or not addresses:
@@ -433,7 +530,7 @@ def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
 
 def _service(
     obj: _Obj,
-    pods: list[_Pod],
+    pods: _PodIndex,
     slices: list[ConfigObject] | None,
     ns_labels: Mapping[str, str],
     settings: Settings,
@@ -443,17 +540,10 @@ def _service(
     :mod:`controller.endpoints`), else from its selector."""
     selector = string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
     if slices is not None:
-        by_key = {(p.obj.namespace, p.obj.name): p for p in pods}
-        uids = {key: p.uid for key, p in by_key.items()}
-        selected = [by_key[key] for key in endpoints.endpoint_pods(slices, uids)]
+        by_key = pods.by_key()
+        selected = [by_key[key] for key in endpoints.endpoint_pods(slices, pods.uids())]
     else:
-        selected = [
-            p
-            for p in pods
-            if selector
-            and p.obj.namespace == obj.namespace
-            and all(p.labels.get(k) == v for k, v in selector.items())
-        ]
+        selected = pods.selected(obj.namespace, selector)
     candidates: list[tuple[str, Any]] = [("spec.clusterIP", obj.get("spec.clusterIP", str, ""))]
     for index, ip in enumerate(obj.get("spec.clusterIPs", list, [])):
         candidates.append((f"spec.clusterIPs[{index}]", ip))

@@ -194,12 +194,28 @@ class DirectoryWatcher:
         self._apply = apply
         self._interval = interval
         self._seen: Fingerprint | None = None
+        self._files: dict[str, tuple[tuple[int, int], list[SourcedObject]]] = {}
 
     def load_once(self) -> None:
         """Load and apply now; errors propagate (used at startup, where there is no last good)."""
         stamp = fingerprint(self._root)
-        self._apply(load_directory(self._root))
+        self._apply(self._load(stamp))
         self._seen = stamp
+
+    def _load(self, stamp: Fingerprint) -> list[SourcedObject]:
+        """Every object, parsing again only the files whose (mtime, size) changed: an edit
+        in a directory of 10,000 objects costs one file's parse, and the unchanged files'
+        objects stay the same mappings (which lets translation reuse its work)."""
+        files: dict[str, tuple[tuple[int, int], list[SourcedObject]]] = {}
+        objects: list[SourcedObject] = []
+        for path, mtime_ns, size in stamp:
+            cached = self._files.get(path)
+            if cached is None or cached[0] != (mtime_ns, size):
+                cached = ((mtime_ns, size), load_file(Path(path)))
+            files[path] = cached
+            objects.extend(cached[1])
+        self._files = files
+        return objects
 
     async def run(self) -> None:
         while True:
@@ -209,7 +225,7 @@ class DirectoryWatcher:
                 if stamp == self._seen:
                     continue
                 self._seen = stamp
-                objects = await asyncio.to_thread(load_directory, self._root)
+                objects = await asyncio.to_thread(self._load, stamp)
                 self._apply(objects)
             except ConfigError as e:
                 log.error("configuration rejected, keeping the last good one: %s", e)
