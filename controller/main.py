@@ -22,7 +22,7 @@ from controller.auth import (
 )
 from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
 from controller.ca_service import CertificateService
-from controller.push_service import DiscoveryService
+from controller.push_service import DiscoveryService, add_to_server
 from controller.quoting import quote
 from controller.sources.files import DirectoryWatcher
 from controller.sources.kubernetes import KubernetesSource
@@ -131,9 +131,7 @@ def grpc_server(
     """The push and CA services on one server, accepting the nodes' keepalive pings."""
     # A second controller on the same port must fail, not silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *keepalive.server_options()])
-    mesh_pb2_grpc.add_DiscoveryServicer_to_server(
-        discovery or DiscoveryService(store, authenticator), server
-    )
+    add_to_server(discovery or DiscoveryService(store, authenticator), server)
     mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
         CertificateService(ca, store, authenticator), server
     )

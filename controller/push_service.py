@@ -4,12 +4,18 @@ The stream is lock-step per node: the next version goes out only after the node 
 ACKed or NACKed the previous one, and every delta is computed from the last version the
 node ACKed. So a NACKed update never leaves the node out of step: the next delta simply
 carries everything it still lacks, and changes made while a node is busy coalesce.
+
+Nodes share their responses: a version's full snapshot, and the delta between two
+versions, are built and serialized once (:class:`Encoder`) and the same bytes go to every
+node that needs them, so a change costs one diff however many nodes there are, and 1000
+nodes connecting cost one snapshot's memory, not 1000 (bench/controller_scale.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,7 +23,7 @@ import grpc
 
 from controller.auth import AuthError, NodeAuthenticator
 from controller.store import Snapshot, Store, diff
-from mesh.api import mesh_pb2, mesh_pb2_grpc
+from mesh.api import mesh_pb2
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +45,65 @@ class _Reply:
     error_detail: str
 
 
-Context = grpc.aio.ServicerContext[mesh_pb2.DiscoveryRequest, mesh_pb2.DiscoveryResponse]
+Context = grpc.aio.ServicerContext[mesh_pb2.DiscoveryRequest, bytes]
+SERVICE = "ambimesh.v1.Discovery"
+DELTAS_KEPT = 16
 
 
-class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
+class Encoder:
+    """Serialized responses by version: the current full snapshot and the last
+    :data:`DELTAS_KEPT` deltas (nodes a version or two behind share them too)."""
+
+    def __init__(self) -> None:
+        self._full: tuple[Snapshot, bytes] | None = None
+        self._deltas: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def full(self, snapshot: Snapshot) -> bytes:
+        if self._full is None or self._full[0] is not snapshot:
+            self._full = (snapshot, _response(None, snapshot).SerializeToString())
+        return self._full[1]
+
+    def delta(self, base: Snapshot, new: Snapshot) -> bytes:
+        key = (base.serial, new.serial)
+        data = self._deltas.get(key)
+        if data is None:
+            data = self._deltas[key] = _response(base, new).SerializeToString()
+            while len(self._deltas) > DELTAS_KEPT:
+                self._deltas.popitem(last=False)
+        else:
+            self._deltas.move_to_end(key)
+        return data
+
+    def encode(self, base: Snapshot | None, new: Snapshot) -> bytes:
+        return self.full(new) if base is None else self.delta(base, new)
+
+
+def _serialize(response: bytes) -> bytes:
+    return response
+
+
+def add_to_server(service: DiscoveryService, server: grpc.aio.Server) -> None:
+    """Registers ``service`` like the generated ``add_DiscoveryServicer_to_server``, but its
+    stream yields responses already serialized (shared between nodes), sent as they are."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            service.Stream,
+            request_deserializer=mesh_pb2.DiscoveryRequest.FromString,
+            response_serializer=_serialize,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class DiscoveryService:
+    """The ``Discovery`` service; its stream yields serialized responses, so it is registered
+    with :func:`add_to_server`, not the generated servicer base."""
+
     def __init__(self, store: Store, authenticator: NodeAuthenticator) -> None:
         self._store = store
         self._auth = authenticator
+        self._encoder = Encoder()
         self.nodes: dict[str, NodeStatus] = {}
         self._readers: set[asyncio.Task[str | None]] = set()
         self._closing = False
@@ -59,7 +117,8 @@ class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
 
     async def Stream(
         self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Context
-    ) -> AsyncIterator[mesh_pb2.DiscoveryResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Serialized ``DiscoveryResponse`` messages (see :func:`add_to_server`)."""
         try:
             node = (await self._auth.authenticate(context.invocation_metadata() or ())).node
         except AuthError as e:
@@ -91,12 +150,12 @@ class DiscoveryService(mesh_pb2_grpc.DiscoveryServicer):
         status: NodeStatus,
         replies: asyncio.Queue[_Reply | None],
         reader: asyncio.Task[str | None],
-    ) -> AsyncIterator[mesh_pb2.DiscoveryResponse]:
+    ) -> AsyncIterator[bytes]:
         """Send, wait for the answer, wait for a newer version; until the node goes away."""
         acked: Snapshot | None = None
         sent = self._store.current
         while True:
-            yield _response(acked, sent)
+            yield self._encoder.encode(acked, sent)
             status.sent_version = sent.version
             while (reply := await replies.get()) is not None and reply.version != sent.version:
                 log.debug("node %s answered stale version %s", node, reply.version)
