@@ -13,6 +13,7 @@ from pathlib import Path
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.lab import METRICS_PORT, Lab, LabError, say
 from ambimesh.lab.netclient import http_get
+from ambimesh.lab.topology import PodPlan
 
 CLIENT_POD = "demo/client"
 SERVER_POD = "demo/server"
@@ -111,6 +112,21 @@ def poke_hints(lab: Lab) -> None:
     print(f"  logs in {lab.logs}; runtime config (edit me) in {lab.config_dir}")
 
 
+def answering_pod(lab: Lab, response: str) -> PodPlan:
+    """The pod that answered: with the canary's routes in force it may be server-v2, on the
+    other node, whose ztunnel then holds the proof."""
+    plan = lab.load_plan()
+    try:
+        name = json.loads(response)["pod"]
+    except (ValueError, KeyError, TypeError):
+        return plan.pod(SERVER_POD)
+    namespace = SERVER_POD.split("/")[0]
+    return next(
+        (p for p in plan.pods if p.namespace == namespace and p.name == name),
+        plan.pod(SERVER_POD),
+    )
+
+
 def run_l4(lab: Lab) -> int:
     plan = lab.load_plan()
     pcap = lab.state / "fabric.pcap"
@@ -129,16 +145,20 @@ def run_l4(lab: Lab) -> int:
         f"TCP ports {sorted(wire.ports())}: "
         + ("PLAINTEXT FOUND" if plaintext else "no plaintext of the request (mTLS to :15008)")
     )
-    server = plan.pod(SERVER_POD)
+    server = answering_pod(lab, result.stdout)
     principals = set()
     for node in plan.nodes:
         say(f"metrics of ztunnel on {node.name} (:{METRICS_PORT}/metrics):")
         for line in istio_metrics(lab, node.name):
             print(f"  {line}")
-            if node.name == server.node and 'reporter="destination"' in line:
+            if (
+                node.name == server.node
+                and 'reporter="destination"' in line
+                and f'destination_workload="{server.name}"' in line
+            ):
                 principals.update(_PRINCIPAL.findall(line))
     say(
-        f"ztunnel on {server.node} authenticated the caller of {SERVER_POD} as: "
+        f"ztunnel on {server.node} authenticated the caller of {server.ref} as: "
         + (", ".join(sorted(principals)) or "NOBODY (no mTLS connection was metered)")
     )
     if any(p.ref == CANARY_WAYPOINT for p in plan.pods):
