@@ -10,7 +10,7 @@ from collections.abc import Callable
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry
 
-from mesh.http_endpoints import Response, Route, metrics_routes
+from mesh.http_endpoints import Response, Route, metrics_routes, runtime_routes
 from waypoint.state import WaypointState
 
 
@@ -41,4 +41,5 @@ def routes(
         }
         return 200, "application/json", json.dumps(dump, indent=1, sort_keys=True).encode()
 
-    return metrics_routes(registry), {"/healthz/ready": healthz}, {"/config_dump": config_dump}
+    admin = {"/config_dump": config_dump, **runtime_routes()}
+    return metrics_routes(registry), {"/healthz/ready": healthz}, admin

@@ -20,7 +20,7 @@ from mesh.hbone.protocol import HBONE_PORT
 from mesh.http_endpoints import serve_in_thread, stop_serving
 from mesh.logfile import collect_only_shown_fields
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
-from mesh.proxy_process import drain_signals, start_push
+from mesh.proxy_process import drain_signals, freeze_startup_heap, start_push
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.version import add_version_flag
 from waypoint.access_log import LoopBatchedHandler
@@ -133,14 +133,18 @@ async def run(args: argparse.Namespace) -> None:
         sock = socket.create_server((args.listen, args.hbone_port), backlog=1024)
         await waypoint.serve(sock, await certs.server_context(sid))
         have_cert.set()
+        # Last, so that the serving waypoint's own long-lived objects are frozen too.
+        frozen = freeze_startup_heap()
         log.info(
-            "waypoint %s up (pid %d) as %s: HBONE :%d, metrics :%d, readiness :%d",
+            "waypoint %s up (pid %d) as %s: HBONE :%d, metrics :%d, readiness :%d; "
+            "%d startup objects frozen out of the collector",
             waypoint.ref,
             os.getpid(),
             sid,
             args.hbone_port,
             args.metrics_port,
             args.readiness_port,
+            frozen,
         )
         await stopped
         await waypoint.drain(args.drain_seconds, cut)
