@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             run.stop()
     result = {
         "started": stamp,
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": vars(args)
+        | {"out": str(args.out), "controller_root": str(args.controller_root)},
         "machine": facts,
         "summary": dataclasses.asdict(summary) | {"others": len(summary.others)},
         **extra,
