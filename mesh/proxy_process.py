@@ -1,10 +1,12 @@
 """What a proxy process (ztunnel, waypoint) wires up the same way around its event loop:
-the push stream, the drain signals, the collector's view of its startup heap."""
+the push stream, the drain signals, the collector's view of its startup heap, the open-file
+limit."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 import signal
 from collections.abc import Callable, Mapping
 
@@ -61,3 +63,16 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Soft limit on open files up to the hard one; (before, after).
+
+    Every proxied connection holds two descriptors or more, and ztunnel keeps a few spare
+    sockets per pod: systemd's and most shells' soft limit of 1024 would refuse connections
+    past ~500 while the hard limit (524288 under systemd) allows far more. Envoy and Istio's
+    ztunnel raise it the same way; children (``--workers``) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]

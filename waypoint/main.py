@@ -20,7 +20,12 @@ from mesh.hbone.protocol import HBONE_PORT
 from mesh.http_endpoints import serve_in_thread, stop_serving
 from mesh.logfile import collect_only_shown_fields
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
-from mesh.proxy_process import drain_signals, freeze_startup_heap, start_push
+from mesh.proxy_process import (
+    drain_signals,
+    freeze_startup_heap,
+    raise_open_file_limit,
+    start_push,
+)
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.version import add_version_flag
 from waypoint.access_log import LoopBatchedHandler
@@ -174,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     collect_only_shown_fields(LOG_FORMAT)
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     try:
+        raise_open_file_limit()
         uvloop.run(run(args))
     except (NodeConfigError, OSError, SpiffeError) as exc:
         log.error("%s", exc)

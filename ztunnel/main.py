@@ -21,7 +21,12 @@ from mesh.cgroups import CgroupError, cgroup2_mount, cgroup_of
 from mesh.http_endpoints import metrics_routes, runtime_routes, serve_in_thread, stop_serving
 from mesh.logfile import add_log_file_flags, configure_logging
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
-from mesh.proxy_process import drain_signals, freeze_startup_heap, start_push
+from mesh.proxy_process import (
+    drain_signals,
+    freeze_startup_heap,
+    raise_open_file_limit,
+    start_push,
+)
 from mesh.version import add_version_flag
 from ztunnel.admin import admin_routes, readiness_routes
 from ztunnel.connections import ConnectionTable
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        before, after = raise_open_file_limit()
+        log.info("open files: soft limit %d (was %d)", after, before)
         if args.workers > 1:
             ControllerAccess.from_args(args)  # fail here, not in every child
             sys.exit(run_master(args))

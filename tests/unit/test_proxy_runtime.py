@@ -1,5 +1,6 @@
 """A proxy's interpreter settings for its event loop's latency: the startup heap frozen out
-of the collector (mesh.proxy_process), and the admin view that shows it (``/runtime``).
+of the collector (mesh.proxy_process), and the admin view that shows it (``/runtime``);
+the open-file limit raised for many connections.
 That a started ztunnel has frozen its heap: tests/integration/test_lab_e2e.py."""
 
 from __future__ import annotations
@@ -48,3 +49,24 @@ def test_runtime_route_reports_the_collector_and_threads() -> None:
     assert len(body["gc"]["generations"]) == 3
     assert body["switch_interval_seconds"] == sys.getswitchinterval()
     assert "MainThread" in body["threads"]
+
+
+# In a child started with a soft limit of 256 open files: what the proxies call at startup.
+NOFILE_PROBE = """
+import json, resource
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+from mesh.proxy_process import raise_open_file_limit
+before, after = raise_open_file_limit()
+print(json.dumps({"before": before, "after": after, "hard": hard,
+                  "now": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}))
+"""
+
+
+def test_open_file_soft_limit_is_raised_to_the_hard_one() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NOFILE_PROBE], capture_output=True, text=True, timeout=60, check=True
+    )
+    probe = json.loads(out.stdout)
+    assert probe["before"] == 256
+    assert probe["after"] == probe["now"] == probe["hard"] > 256
