@@ -251,7 +251,11 @@ class HboneStream(PushSource):
         if self._error is not None:
             raise self._error
         self._responded = True
-        self._conn._send_headers(self, build_response(status), end_stream=end_stream)
+        try:
+            self._conn._send_headers(self, build_response(status), end_stream=end_stream)
+        except HboneError as exc:  # the stream or the connection ended meanwhile
+            self._fail(exc)
+            raise
 
     def _wake_reader(self) -> None:
         if self._read_waiter is not None and not self._read_waiter.done():
@@ -855,10 +859,24 @@ class _HboneConnection(asyncio.BufferedProtocol):
         self._shut(None, f"peer {self.peer} sent GOAWAY ({error_name(event.error_code)})")
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
-        self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        assert event.stream_id is not None
+        self._h2_reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
-        self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        assert event.stream_id is not None
+        self._h2_reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _h2_closed(self) -> bool:
+        """h2 takes no more frames to send: it closed the connection, also on a GOAWAY read
+        later in the same batch of frames whose earlier events are still being dispatched."""
+        return bool(self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED)
+
+    def _h2_reset(self, stream_id: int, error_code: ErrorCodes) -> None:
+        """RST_STREAM, unless h2 has ended the stream itself (a stream error it answered
+        while reading the same batch) or the connection."""
+        if not self._h2_closed():
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self._h2.reset_stream(stream_id, error_code)
 
     def _consumed(self, stream: HboneStream, size: int) -> None:
         if not size or self._closing:
@@ -935,17 +953,19 @@ class _HboneConnection(asyncio.BufferedProtocol):
     def _send_headers(
         self, stream: HboneStream, headers: list[Header], *, end_stream: bool
     ) -> None:
-        if self._closing:
+        if self._closing or self._h2_closed():
             raise HboneConnectionClosed(f"HBONE connection to {self.peer} is closed")
         raw = [(name.encode(), value.encode()) for name, value in headers]
-        if not h2fast.send_headers(self._h2, stream.stream_id, raw, end_stream):
-            self._h2.send_headers(stream.stream_id, raw, end_stream=end_stream)
+        try:
+            if not h2fast.send_headers(self._h2, stream.stream_id, raw, end_stream):
+                self._h2.send_headers(stream.stream_id, raw, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            raise HboneStreamReset(f"stream {stream.stream_id} was closed by h2") from None
         self._flush()
 
     def _reset_stream(self, stream: HboneStream, error_code: ErrorCodes) -> None:
         if not self._closing:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self._h2.reset_stream(stream.stream_id, error_code)
+            self._h2_reset(stream.stream_id, error_code)
             self._flush()
         self._forget(stream)
 
@@ -1362,15 +1382,17 @@ class HboneServerProtocol(_HboneConnection):
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and self.peer is not None
         if len(self._streams) >= self._limits.max_concurrent_streams:
-            self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            self._h2_reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         try:
             request = parse_connect_request(event.headers or [])
         except HboneProtocolError as exc:
             log.info("bad HBONE request from %s: %s", self.peer, exc)
-            self._h2.send_headers(
-                event.stream_id, build_response(Status.BAD_REQUEST), end_stream=True
-            )
+            if not self._h2_closed():
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    self._h2.send_headers(
+                        event.stream_id, build_response(Status.BAD_REQUEST), end_stream=True
+                    )
             return
         stream = HboneStream(self, event.stream_id, request, self.peer)
         self._add_stream(stream)
@@ -1384,8 +1406,12 @@ class HboneServerProtocol(_HboneConnection):
         stream = self._streams.get(event.stream_id)
         if stream is not None and not stream._responded and stream._error is None:
             # RFC 9113 §8.5: no DATA before the 2xx; those bytes must never reach the app.
-            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            if not self._h2_closed():
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    self._h2.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+            self._h2_reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
             self._peer_failed(
                 stream,
                 HboneStreamReset(f"peer {self.peer} sent data on stream {event.stream_id} early"),
