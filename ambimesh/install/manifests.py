@@ -332,10 +332,12 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
 
 # Capabilities of the node containers: the fewest with which every kernel call they make
 # passes, measured on Linux 6.18 by tests/integration/test_node_capabilities.py (which also
-# shows each one is needed). Both run as uid 0 without privileged: true.
+# shows each one is needed) and on Debian 12's 6.1 by make test-vagrant. Both run as uid 0
+# without privileged: true.
 AGENT_CAPABILITIES = [
-    # bpf(): create maps, load programs, pin them, link sk_lookup to a netns, read
-    # program and link info (also BPF_PROG_GET_FD_BY_ID to find a dead agent's programs).
+    # bpf(): create maps, load programs, pin them and open pins by path, link sk_lookup to
+    # a netns, read program and link info (a dead agent's programs are found through their
+    # pins; by id, which 6.1 allows only with CAP_SYS_ADMIN, is the fallback).
     "BPF",
     # The "net admin" BPF types: CGROUP_SOCK_ADDR, SOCK_OPS and CGROUP_SOCKOPT programs and
     # the SOCKHASH map need CAP_NET_ADMIN (bpf_net_capable()), as does BPF_PROG_QUERY.
