@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import os
 import socket
 import struct
 
 from mesh.hbone.connection import CONNECT_TIMEOUT
-from mesh.hbone.tcp import TcpDuplex
+from mesh.hbone.tcp import TcpDuplex, connect_nonblocking, connect_tcp
 from mesh.netns import Netns, sockets_in
 
 SO_ORIGINAL_DST = 80
@@ -51,61 +48,10 @@ async def open_upstream(
 async def connect_upstream(
     sock: socket.socket, address: tuple[str, int], timeout: float = CONNECT_TIMEOUT
 ) -> TcpDuplex:
-    """Connect a non-blocking socket of ours and wrap it; it is closed on failure.
-
-    `connect_ex`, then a writer callback and a loop timer only if the handshake is not
-    done yet: uvloop's `sock_connect` resolves the address in libuv's thread pool first
-    (its numeric fast path needs a socket type, which it does not pass).
-    """
+    """Connect a non-blocking socket of ours and wrap it; it is closed on failure."""
     try:
-        err = sock.connect_ex(address)
-        loop = asyncio.get_running_loop()
-        if err == errno.EINPROGRESS:
-            if _connected(sock):
-                err = 0
-            else:
-                await _writable(loop, sock.fileno(), timeout, address)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            # OSError picks the subclass (ConnectionRefusedError, ...) from the errno.
-            raise OSError(err, os.strerror(err), f"{address[0]}:{address[1]}")
-        _, duplex = await loop.create_connection(TcpDuplex, sock=sock)
-        return duplex
+        await connect_nonblocking(sock, address, timeout)
+        return await connect_tcp(sock)
     except BaseException:
         sock.close()
         raise
-
-
-def _connected(sock: socket.socket) -> bool:
-    """Already connected: to an address of the socket's own netns (the app, for inbound
-    delivery) the kernel has finished the handshake by the time `connect` returns
-    EINPROGRESS, so there is no writable event to wait a loop iteration for."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False  # still connecting (ENOTCONN), or failed: SO_ERROR tells after the wait
-    return True
-
-
-async def _writable(
-    loop: asyncio.AbstractEventLoop, fd: int, timeout: float, address: tuple[str, int]
-) -> None:
-    """Wait until a connecting socket is writable (connected or failed), at most ``timeout``."""
-    done = loop.create_future()
-    loop.add_writer(fd, _settle, done, True)
-    timer = loop.call_later(timeout, _settle, done, False)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
-        timer.cancel()
-    if not done.result():
-        raise TimeoutError(
-            errno.ETIMEDOUT, f"connect timed out after {timeout}s", f"{address[0]}:{address[1]}"
-        )
-
-
-def _settle(done: asyncio.Future[bool], writable: bool) -> None:
-    """Writable (the writer callback) or timed out (the timer): the first one tells."""
-    if not done.done():
-        done.set_result(writable)

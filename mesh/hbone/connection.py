@@ -43,6 +43,7 @@ from mesh.hbone.protocol import (
     parse_response_status,
 )
 from mesh.hbone.relay import PushSource
+from mesh.hbone.tcp import connect_nonblocking
 from mesh.spiffe import SpiffeId
 from mesh.tls import ALPN_H2, PeerIdentityError, TlsError, peer_identity
 
@@ -1099,8 +1100,7 @@ async def connect_socket(
     """Connect a caller-made socket (e.g. created inside a pod's netns) without blocking."""
     sock.setblocking(False)
     try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, address)
+        await connect_nonblocking(sock, address, timeout)
     except TimeoutError:
         raise HboneTimeout(
             f"TCP connect to {address[0]}:{address[1]} timed out after {timeout}s "

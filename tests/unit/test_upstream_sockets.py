@@ -22,10 +22,10 @@ from pyroute2 import NetNS, netns
 from mesh import netns as mesh_netns
 from mesh.api import node_pb2
 from mesh.cert_manager import CertManager
+from mesh.hbone import tcp
 from mesh.netns import Netns, NetnsClosed, socket_in
 from tests.integration.privileged import require_privileged
 from tests.unit.certs import make_ca, make_leaf
-from ztunnel import sockets
 from ztunnel.connections import ConnectionTable
 from ztunnel.context import LocalPod, ProxyContext
 from ztunnel.metrics import TcpMetrics
@@ -169,7 +169,7 @@ def test_a_handshake_done_in_connect_waits_for_no_writable_event(
     """The app is in the socket's own netns: the kernel completes the handshake inside
     `connect`, so nothing waits a loop iteration for it; a refused connect still waits."""
     waits: list[tuple[str, int]] = []
-    real = sockets._writable
+    real = tcp._writable
 
     async def counted(
         loop: asyncio.AbstractEventLoop, fd: int, timeout: float, address: tuple[str, int]
@@ -177,7 +177,7 @@ def test_a_handshake_done_in_connect_waits_for_no_writable_event(
         waits.append(address)
         await real(loop, fd, timeout, address)
 
-    monkeypatch.setattr(sockets, "_writable", counted)
+    monkeypatch.setattr(tcp, "_writable", counted)
 
     async def main() -> None:
         listener = socket_in(pod.netns, bind=("127.0.0.1", 0), listen=16)
