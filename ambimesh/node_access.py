@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ambimesh.lab.lab import DEFAULT_LAB, STATE_ROOT, Lab, LabError
-from ambimesh.lab.netclient import connect_in
+from ambimesh.lab.netclient import connect_in, http_get_over
 
 ZTUNNEL_ADMIN_PORT = 15000
 ENV_FILE = Path("/etc/default/ambimesh")  # deploy/systemd/ambimesh.env
@@ -55,18 +55,12 @@ class Node:
             raise CliError(
                 f"cannot reach {where} ({exc.strerror or exc}): is it running? ({self.check_hint})"
             ) from None
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_SECONDS)
-        conn.sock = sock
         try:
-            conn.request("GET", path, headers={"Connection": "close"})
-            response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
+            status, body = http_get_over(sock, "127.0.0.1", port, path, TIMEOUT_SECONDS)
         except (OSError, http.client.HTTPException) as exc:
             raise CliError(f"{where} did not answer {path} ({exc}) ({self.check_hint})") from None
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise CliError(f"{where} answered {path} with HTTP {response.status}: {body[:200]}")
+        if status != 200:
+            raise CliError(f"{where} answered {path} with HTTP {status}: {body[:200]}")
         return body
 
 

@@ -25,8 +25,16 @@ def http_get(
     netns_name: str, host: str, port: int, path: str, timeout: float = 5.0
 ) -> tuple[int, str]:
     """GET ``path`` from host:port as seen from inside ``netns_name``; (status, body)."""
+    return http_get_over(connect_in(netns_name, host, port, timeout), host, port, path, timeout)
+
+
+def http_get_over(
+    sock: socket.socket, host: str, port: int, path: str, timeout: float = 5.0
+) -> tuple[int, str]:
+    """GET ``path`` over ``sock``, already connected to host:port (wherever it was made);
+    (status, body). The socket is closed after."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.sock = connect_in(netns_name, host, port, timeout)
+    conn.sock = sock
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         response = conn.getresponse()
