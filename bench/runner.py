@@ -120,12 +120,17 @@ def progress(run: Run) -> str:
     )
 
 
-def warm_up(bed: Testbed, variants: tuple[Variant, ...], s: Settings) -> None:
-    """Certificates, pooled HBONE connections and caches exist before anything is timed."""
+def warm_up(
+    bed: Testbed, variants: tuple[Variant, ...], s: Settings, tests: tuple[str, ...] = TESTS
+) -> None:
+    """Certificates, pooled HBONE connections and caches exist before anything is timed
+    (the load generators of the tests that will run only)."""
     for variant in variants:
-        argv = loadgen.wrk_argv(variant.url, 1, s.connections, s.threads)
-        loadgen.wrk(bed.lab, variant.client_pod, argv, 1)
-        loadgen.iperf3(bed.lab, variant.client_pod, *variant.bulk, 1)
+        if set(tests) - {"bulk"}:
+            argv = loadgen.wrk_argv(variant.url, 1, s.connections, s.threads)
+            loadgen.wrk(bed.lab, variant.client_pod, argv, 1)
+        if "bulk" in tests:
+            loadgen.iperf3(bed.lab, variant.client_pod, *variant.bulk, 1)
 
 
 def idle_memory(variants: tuple[Variant, ...]) -> list[Run]:
@@ -167,7 +172,11 @@ def machine_facts() -> dict[str, str]:
 
 
 def profile_ztunnels(
-    bed: Testbed, variants: tuple[Variant, ...], s: Settings, out_dir: Path
+    bed: Testbed,
+    variants: tuple[Variant, ...],
+    s: Settings,
+    out_dir: Path,
+    tests: tuple[str, ...] = PROFILED_TESTS,
 ) -> dict[str, dict[str, LoopProfile]]:
     """py-spy on both ztunnels during ambimesh runs of the tests where it is furthest
     behind; long enough for a few hundred samples even when py-spy falls behind."""
@@ -176,7 +185,7 @@ def profile_ztunnels(
         s, bulk_s=PROFILE_SECONDS, rps_s=PROFILE_SECONDS, close_s=PROFILE_SECONDS
     )
     profiles = {}
-    for test in PROFILED_TESTS:
+    for test in tests:
         print(f"[bench] profiling both ztunnels during {test}", flush=True)
         profiles[test] = profile_during(
             mesh.proxies,
@@ -215,6 +224,17 @@ def stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+def only_tests(text: str) -> tuple[str, ...]:
+    """``--only``'s value: comma-separated test names, returned in the usual run order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(TESTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown test {', '.join(unknown) or repr(text)}: choose from {', '.join(TESTS)}"
+        )
+    return tuple(t for t in TESTS if t in names)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 short rounds, under 3 minutes")
@@ -223,6 +243,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="afterwards, py-spy both ztunnels during ambimesh bulk, keep-alive and close runs",
+    )
+    p.add_argument(
+        "--only",
+        type=only_tests,
+        default=TESTS,
+        metavar="TEST[,TEST]",
+        help=f"run only these tests (of {', '.join(TESTS)}), e.g. for an A/B of one figure",
     )
     p.add_argument("--lab", default=LAB_NAME, help=f"lab name (default {LAB_NAME})")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -250,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ambench-") as config_dir:
             variants = bed.up(Path(config_dir))
         runs += idle_memory(variants)
-        warm_up(bed, variants, s)
+        warm_up(bed, variants, s, args.only)
         for round_no in range(1, s.rounds + 1):
-            for test in TESTS:
+            for test in args.only:
                 for variant in variants:
                     runs.append(measure(bed, variant, test, s, round_no))
                     print(progress(runs[-1]), flush=True)
         if args.profile:
-            profiles = profile_ztunnels(bed, variants, s, args.out / stamp)
+            profiled = tuple(t for t in PROFILED_TESTS if t in args.only)
+            profiles = profile_ztunnels(bed, variants, s, args.out / stamp, profiled)
     finally:
         bed.down()
     lines = summarize(runs)
@@ -265,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": stamp,
         "mode": "quick" if args.quick else "full",
         "workers": args.workers,
+        "tests": list(args.only),
         "settings": dataclasses.asdict(s),
         "machine": facts,
         "table": [dataclasses.asdict(line) | {"ratio": line.ratio} for line in lines],
