@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from mesh.cert_manager import CertManager
 from mesh.hbone.protocol import HBONE_PORT
 from mesh.http_endpoints import serve_in_thread, stop_serving
+from mesh.log_format import SecondCachedFormatter
 from mesh.logfile import collect_only_shown_fields
 from mesh.node_config import ControllerAccess, NodeConfigError, add_controller_flags
 from mesh.proxy_process import (
@@ -165,9 +166,10 @@ async def run(args: argparse.Namespace) -> None:
 
 def batch_access_log() -> LoopBatchedHandler:
     """The access lines to stderr like every other line and in the same format, but
-    written once per loop iteration (waypoint/access_log.py)."""
+    written once per loop iteration (waypoint/access_log.py), the date formatted once per
+    second rather than once per request."""
     handler = LoopBatchedHandler(asyncio.get_running_loop())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(SecondCachedFormatter(LOG_FORMAT))
     access_logger.addHandler(handler)
     access_logger.propagate = False
     return handler
