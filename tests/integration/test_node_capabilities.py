@@ -9,87 +9,44 @@ DaemonSet's comments and docs/install.md report.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
-from pyroute2 import netns
 
 from ambimesh.install.manifests import AGENT_CAPABILITIES, ZTUNNEL_CAPABILITIES
-from bpf.loader import DEFAULT_BPFFS, cgroup2_mount, ensure_bpffs
-from tests.integration.privileged import require_privileged
+from tests.integration.bounded_caps import run_bounded, scratch_node
 
 pytestmark = pytest.mark.privileged
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
     """A netns with a process of another user in it (a pod), a cgroup, a pin dir."""
-    require_privileged()
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    ensure_bpffs()
-    tag = f"ambcap{secrets.token_hex(4)}"
-    cgroup = os.path.join(cgroup2_mount(), tag)
-    os.mkdir(cgroup)
-    netns.create(tag)
-    pod = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            tag,
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sleep",
-            "60",
-        ]
-    )
-    try:
-        yield {
-            "cgroup": cgroup,
-            "netns": tag,
-            "pins": f"{DEFAULT_BPFFS}/{tag}",
-            "pid": str(pod.pid),
-        }
-    finally:
-        pod.kill()
-        pod.wait()
-        netns.remove(tag)
-        os.rmdir(cgroup)
+    with scratch_node("ambcap") as scratch:
+        pod = subprocess.Popen(
+            [
+                *("ip", "netns", "exec", scratch.netns),
+                *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"),
+            ]
+        )
+        try:
+            yield {
+                "cgroup": scratch.cgroup,
+                "netns": scratch.netns,
+                "pins": scratch.pins,
+                "pid": str(pod.pid),
+            }
+        finally:
+            pod.kill()
+            pod.wait()
 
 
-def probe(capabilities: list[str], role: str, *args: str) -> dict[str, str | None]:
-    bounding = ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)])
-    result = subprocess.run(
-        [
-            "setpriv",
-            f"--bounding-set={bounding}",
-            "--inh-caps=-all",
-            sys.executable,
-            "-m",
-            "tests.integration.capability_probe",
-            role,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert isinstance(report, dict)
-    return report
+def probe(capabilities: list[str], role: str, *args: str) -> dict[str, Any]:
+    return run_bounded(capabilities, "tests.integration.capability_probe", role, *args)
 
 
 def wait_for_netns_owner(pid: str) -> None:
