@@ -29,7 +29,14 @@ class Claim:
 
 
 def conflict(claims: Iterable[Claim], in_force: Mapping[str, mesh_pb2.Resource]) -> str | None:
-    """The first address claimed twice, as an error naming both claimants; None if none."""
+    """The first address claimed twice, as an error naming both claimants; None if none.
+
+    Who holds what in force is looked up only when some address is claimed twice: for
+    10,000 claims with none twice, one set of addresses instead of a walk of every
+    resource in force."""
+    claims = list(claims)
+    if len({claim.address for claim in claims}) == len(claims):
+        return None
     holders = _holders(in_force)
     first: dict[str, Claim] = {}
     for claim in claims:

@@ -147,7 +147,7 @@ class _Obj:
         return string_map(self, path, self.get(path, Mapping, {}))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the memo compares lists of pods by which pods they are
 class _Pod:
     obj: _Obj
     labels: dict[str, str]
@@ -160,35 +160,101 @@ class _Pod:
     claims: list[Claim] = field(default_factory=list)
 
 
-class Memo:
-    """What :func:`translate` reuses from its previous call: each pod as read and its
-    workload resource, so a change costs work for the pods it touches, not for all of them.
+@dataclass
+class _Known:
+    """An object as :func:`_identify` read it (None: a kind ambimesh ignores), and for a
+    pod, as :func:`_read_pod` read it."""
 
-    A pod is found by the identity of its object: the sources hand over the same mapping
-    while an object is unchanged and a new one when it changes (they never edit one in
-    place). Its workload is reused while its context is the same: settings, its
-    namespace's labels and the declared waypoints. Holds the pods of the last call only.
+    raw: Mapping[str, Any]
+    source: str
+    obj: _Obj | None
+    pod: _Pod | None = None
+    ident: tuple[str, str, str] = ("", "", "")
+
+    def __post_init__(self) -> None:
+        if self.obj is not None:
+            self.ident = (self.obj.kind, self.obj.namespace, self.obj.name)
+
+
+@dataclass(frozen=True)
+class _ServiceDone:
+    """A Service's translation and what it was made from: the same Service object, in the
+    same context, selecting the same pods (a pod's workload or not is fixed by its object)
+    gives the same result."""
+
+    context: object
+    selected: tuple[_Pod, ...]
+    resource: mesh_pb2.Resource
+    selector: dict[str, str]
+    claims: list[Claim]
+
+
+class Memo:
+    """What :func:`translate` reuses from its previous call, so a change costs work for the
+    objects it touches, not for all 11,000 of a large mesh: every object as identified,
+    each pod as read with its workload resource, each Service's resource and address
+    claims, and each namespace's pods by label.
+
+    An object is found by its identity: the sources hand over the same mapping while an
+    object is unchanged and a new one when it changes (they never edit one in place). A
+    result is reused only while everything it was made from is the same: for a workload,
+    its context (settings, its namespace's labels, the declared waypoints); for a Service,
+    that context and the pods it selects. Holds what the last successful call used only.
     """
 
     def __init__(self) -> None:
-        self._pods: dict[int, tuple[Mapping[str, Any], _Pod]] = {}
-        self._next: dict[int, tuple[Mapping[str, Any], _Pod]] = {}
+        self._known: dict[int, _Known] = {}
+        self._next: dict[int, _Known] = {}
+        self._services: dict[int, tuple[_Obj, _ServiceDone]] = {}
+        self._next_services: dict[int, tuple[_Obj, _ServiceDone]] = {}
+        self._labels: dict[str, tuple[list[_Pod], dict[tuple[str, str], list[_Pod]]]] = {}
+        self._next_labels: dict[str, tuple[list[_Pod], dict[tuple[str, str], list[_Pod]]]] = {}
+        self._contexts: dict[object, object] = {}
+        self._next_contexts: dict[object, object] = {}
 
     def start(self) -> None:
-        self._next = {}
+        self._next, self._next_services, self._next_labels = {}, {}, {}
+        self._next_contexts = {}
 
-    def get(self, sourced: SourcedObject) -> _Pod | None:
-        found = self._pods.get(id(sourced.obj))
-        if found is None or found[0] is not sourced.obj or found[1].obj.source != sourced.source:
-            return None
+    def known(self, sourced: SourcedObject) -> _Known:
+        found = self._known.get(id(sourced.obj))
+        if found is None or found.raw is not sourced.obj or found.source != sourced.source:
+            found = _Known(sourced.obj, sourced.source, _identify(sourced))
+        self._next[id(sourced.obj)] = found
+        return found
+
+    def context(self, context: object) -> object:
+        """``context``, or the equal one seen before: results are then reused after an
+        identity check, not a comparison of settings, labels and waypoints per pod."""
+        found = self._contexts.get(context, context)
+        self._next_contexts[found] = found
+        return found
+
+    def service(self, obj: _Obj) -> _ServiceDone | None:
+        found = self._services.get(id(obj))
+        return found[1] if found is not None and found[0] is obj else None
+
+    def keep_service(self, obj: _Obj, done: _ServiceDone) -> None:
+        self._next_services[id(obj)] = (obj, done)
+
+    def labels(self, namespace: str, pods: list[_Pod]) -> dict[tuple[str, str], list[_Pod]]:
+        """The pods of ``namespace`` by (label, value), reused while they are the same pods."""
+        found = self._labels.get(namespace)
+        if found is None or found[0] != pods:
+            by_label: dict[tuple[str, str], list[_Pod]] = {}
+            for pod in pods:
+                for label in pod.labels.items():
+                    by_label.setdefault(label, []).append(pod)
+            found = (pods, by_label)
+        self._next_labels[namespace] = found
         return found[1]
 
-    def keep(self, pod: _Pod) -> None:
-        self._next[id(pod.obj.raw)] = (pod.obj.raw, pod)
-
     def done(self) -> None:
-        """The translation succeeded: what it kept is what the next one may reuse."""
-        self._pods, self._next = self._next, {}
+        """The translation succeeded: what it used is what the next one may reuse."""
+        self._known, self._next = self._next, {}
+        self._services, self._next_services = self._next_services, {}
+        self._labels, self._next_labels = self._next_labels, {}
+        self._contexts, self._next_contexts = self._next_contexts, {}
 
 
 def translate(
@@ -217,19 +283,20 @@ def translate(
     seen: dict[tuple[str, str, str], str] = {}
 
     for sourced in objects:
-        known = memo.get(sourced)
-        obj = known.obj if known is not None else _identify(sourced)
+        known = memo.known(sourced)
+        obj = known.obj
         if obj is None:
             continue
-        ident = (obj.kind, obj.namespace, obj.name)
+        ident = known.ident
         if ident in seen:
             raise obj.error("metadata.name", f"defined twice (first in {seen[ident]})")
         seen[ident] = obj.source
         if obj.kind == "Namespace":
             namespaces[obj.name] = obj.labels("metadata.labels")
         elif obj.kind == "Pod":
-            pods.append(known or _read_pod(obj))
-            memo.keep(pods[-1])
+            if known.pod is None:
+                known.pod = _read_pod(obj)
+            pods.append(known.pod)
         elif obj.kind == "Service":
             services.append(obj)
         elif obj.kind == authz.KIND:
@@ -248,11 +315,12 @@ def translate(
     claims: list[Claim] = []
     waypoint_types = frozenset((key, wp.traffic_type) for key, wp in declared.items())
     contexts = {
-        ns: (settings, tuple(sorted(labels.items())), waypoint_types)
+        ns: memo.context((settings, tuple(sorted(labels.items())), waypoint_types))
         for ns, labels in namespaces.items()
     }
+    no_namespace = memo.context((settings, (), waypoint_types))
     for pod in pods:
-        context = contexts.get(pod.obj.namespace) or (settings, (), waypoint_types)
+        context = contexts.get(pod.obj.namespace, no_namespace)
         if pod.context != context:
             _finish_workload(pod, namespaces.get(pod.obj.namespace, {}), settings, declared)
             pod.resource, pod.claims = _workload_resource(pod)
@@ -263,21 +331,24 @@ def translate(
     by_key: dict[tuple[str, str], mesh_pb2.Service] = {}
     selectors: dict[tuple[str, str], dict[str, str]] = {}
     slices_of = endpoints.by_service(slices)
-    index = _PodIndex(pods)
+    index = _PodIndex(pods, memo)
     for svc in services:
-        service, selector = _service(
-            svc,
-            index,
-            slices_of.get((svc.namespace, svc.name)),
-            namespaces.get(svc.namespace, {}),
-            settings,
-            declared,
-        )
-        key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
-        out[key] = mesh_pb2.Resource(key=key, service=service)
-        claims += _claims(svc, key, service.addresses, "spec.clusterIP")
-        by_key[(svc.namespace, svc.name)] = service
-        selectors[(svc.namespace, svc.name)] = selector
+        context = contexts.get(svc.namespace, no_namespace)
+        selector = string_map(svc, "spec.selector", svc.get("spec.selector", Mapping, {}))
+        selected = _selected(svc, index, slices_of.get((svc.namespace, svc.name)), selector)
+        used = tuple(selected)
+        done = memo.service(svc)
+        if done is None or done.context != context or done.selected != used:
+            service = _service(svc, selected, namespaces.get(svc.namespace, {}), settings, declared)
+            key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
+            resource = mesh_pb2.Resource(key=key, service=service)
+            service_claims = _claims(svc, key, service.addresses, "spec.clusterIP")
+            done = _ServiceDone(context, used, resource, selector, service_claims)
+        memo.keep_service(svc, done)
+        out[done.resource.key] = done.resource
+        claims += done.claims
+        by_key[(svc.namespace, svc.name)] = done.resource.service
+        selectors[(svc.namespace, svc.name)] = done.selector
     if (problem := conflict(claims, in_force or {})) is not None:
         raise ConfigError(problem)
     for pa in policies:
@@ -329,16 +400,15 @@ def _l7_list(l7: L7Objects, kind: str) -> list[Any]:
 
 class _PodIndex:
     """The pods by namespace, by (namespace, label, value) and by (namespace, name), built
-    once per translation: matching every Service against every pod would cost services x
-    pods (10 million label checks for 10,000 pods and 1000 services)."""
+    once per translation (each namespace's labels reused from ``memo`` while its pods are
+    the same): matching every Service against every pod would cost services x pods (10
+    million label checks for 10,000 pods and 1000 services)."""
 
-    def __init__(self, pods: list[_Pod]) -> None:
+    def __init__(self, pods: list[_Pod], memo: Memo) -> None:
         self._by_namespace: dict[str, list[_Pod]] = {}
-        self._by_label: dict[tuple[str, str, str], list[_Pod]] = {}
         for pod in pods:
             self._by_namespace.setdefault(pod.obj.namespace, []).append(pod)
-            for label in pod.labels.items():
-                self._by_label.setdefault((pod.obj.namespace, *label), []).append(pod)
+        self._by_label = {ns: memo.labels(ns, found) for ns, found in self._by_namespace.items()}
         self._pods = pods
         self._by_key: dict[tuple[str, str], _Pod] | None = None
         self._uids: dict[tuple[str, str], str] | None = None
@@ -351,7 +421,7 @@ class _PodIndex:
         if not selector:
             return []
         first, *rest = selector.items()
-        candidates = self._by_label.get((namespace, *first), [])
+        candidates = self._by_label.get(namespace, {}).get(first, [])
         return [p for p in candidates if all(p.labels.get(k) == v for k, v in rest)]
 
     def by_key(self) -> dict[tuple[str, str], _Pod]:
@@ -528,27 +598,29 @@ def _workload_name(obj: _Obj, labels: Mapping[str, str]) -> str:
     return name
 
 
+def _selected(
+    obj: _Obj, pods: _PodIndex, slices: list[ConfigObject] | None, selector: Mapping[str, str]
+) -> list[_Pod]:
+    """The Service's endpoints: from its EndpointSlices when it has any (see
+    :mod:`controller.endpoints`), else from its selector."""
+    if slices is not None:
+        by_key = pods.by_key()
+        return [by_key[key] for key in endpoints.endpoint_pods(slices, pods.uids())]
+    return pods.selected(obj.namespace, selector)
+
+
 def _service(
     obj: _Obj,
-    pods: _PodIndex,
-    slices: list[ConfigObject] | None,
+    selected: list[_Pod],
     ns_labels: Mapping[str, str],
     settings: Settings,
     declared: Mapping[tuple[str, str], waypoints.Declared],
-) -> tuple[mesh_pb2.Service, dict[str, str]]:
-    """The Service; its endpoints come from its EndpointSlices when it has any (see
-    :mod:`controller.endpoints`), else from its selector."""
-    selector = string_map(obj, "spec.selector", obj.get("spec.selector", Mapping, {}))
-    if slices is not None:
-        by_key = pods.by_key()
-        selected = [by_key[key] for key in endpoints.endpoint_pods(slices, pods.uids())]
-    else:
-        selected = pods.selected(obj.namespace, selector)
+) -> mesh_pb2.Service:
     candidates: list[tuple[str, Any]] = [("spec.clusterIP", obj.get("spec.clusterIP", str, ""))]
     for index, ip in enumerate(obj.get("spec.clusterIPs", list, [])):
         candidates.append((f"spec.clusterIPs[{index}]", ip))
     candidates = [(path, ip) for path, ip in candidates if ip != "None"]
-    service = mesh_pb2.Service(
+    return mesh_pb2.Service(
         name=obj.name,
         namespace=obj.namespace,
         hostname=f"{obj.name}.{obj.namespace}.svc.{settings.cluster_domain}",
@@ -563,7 +635,6 @@ def _service(
             obj, "service", obj.labels("metadata.labels"), ns_labels, declared
         ),
     )
-    return service, selector
 
 
 def _service_port(
