@@ -53,16 +53,20 @@ class RotatingLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-            if self._size + len(line) > self.max_bytes or self._unchecked >= self._check_every:
-                self._follow()
-                if self._size and self._size + len(line) > self.max_bytes:
-                    self._rotate(len(line))
-            os.write(self._fd, line)
-            self._size += len(line)
-            self._unchecked += len(line)
+            self.write_line(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def write_line(self, text: str) -> None:
+        """Write one formatted line (also `mesh.log_format.InfoLines`, without a record)."""
+        line = (text + "\n").encode("utf-8", "backslashreplace")
+        if self._size + len(line) > self.max_bytes or self._unchecked >= self._check_every:
+            self._follow()
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate(len(line))
+        os.write(self._fd, line)
+        self._size += len(line)
+        self._unchecked += len(line)
 
     def close(self) -> None:
         with self.lock or contextlib.nullcontext():

@@ -22,7 +22,7 @@ _SPIFFE = "spiffe://"
 NOT_ALLOWED = "allow policies exist, but none allowed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Connection:
     """What L4 authorization looks at; ``source`` is None for plaintext."""
 
@@ -40,7 +40,7 @@ class Decision:
     audit: tuple[str, ...] = ()  # namespace/name of every AUDIT policy that matched
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Authorized:
     """An admitted inbound connection's input, kept to re-check it when policies change."""
 

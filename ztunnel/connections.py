@@ -1,34 +1,34 @@
 """Every proxied connection goes through one table: Istio metrics on open and close, the
 access log line, and the live view the admin endpoint shows. Inbound connections admitted
-by L4 authorization are re-checked here when policies change, and closed if now denied."""
+by L4 authorization are re-checked here when policies change, and closed if now denied.
+
+A connection is one `ConnectionInfo` from `ConnectionTable.start` on: the live-table
+entry, the relay's byte counts and what a re-check needs. The relay runs in the two
+sides' protocol callbacks and the closing accounting in its completion callback, so an
+open connection keeps no task or coroutine frame of ours.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from mesh.hbone.relay import Duplex, relay
+from mesh.log_format import InfoLines
 from ztunnel.authz import Authorized, Decision
 from ztunnel.metrics import DENY, ConnectionLabels, TcpMetrics
 
 log = logging.getLogger("ztunnel.access")
-
-
-@dataclass(slots=True)
-class ConnectionInfo:
-    """One proxied connection. Not frozen: `ConnectionTable.relay` swaps ``labels`` for the
-    one kept equal instance before the connection is listed (a copy cost ~6 µs)."""
-
-    direction: str  # outbound | inbound | inbound_plaintext
-    source: str  # ip:port
-    destination: str  # ip:port the client asked for
-    labels: ConnectionLabels
-    via: str  # hbone | tcp
-    hbone: str = "-"  # the CONNECT :authority, when tunnelled
-    started: float = field(default_factory=time.time)
+_access = InfoLines(log)
+# The completion callback reads no context variable: no copy of the context per connection.
+_EMPTY_CONTEXT = contextvars.Context()
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,70 @@ class Bypass:
     counted: Callable[[], tuple[int, int]]  # (request, response) bytes, asked once at close
 
 
+@dataclass(slots=True)
+class ConnectionInfo:
+    """One proxied connection. Not frozen: `ConnectionTable.start` swaps ``labels`` for
+    the one kept equal instance (a copy cost ~6 µs) and fills in the relay's state."""
+
+    direction: str  # outbound | inbound | inbound_plaintext
+    source: str  # ip:port
+    destination: str  # ip:port the client asked for
+    labels: ConnectionLabels
+    via: str  # hbone | tcp
+    hbone: str = "-"  # the CONNECT :authority, when tunnelled
+    started: float = field(default_factory=time.time)
+    # Set by ConnectionTable.start: [request, response] bytes so far, kept up to date by
+    # the relay; the authorization input and both sides, for re-checks; the fast path's
+    # report; the decision that revoked it.
+    counts: list[int] = field(default_factory=lambda: [0, 0], init=False, repr=False)
+    authorized: Authorized | None = field(default=None, init=False, repr=False)
+    downstream: Duplex | None = field(default=None, init=False, repr=False)  # if authorized
+    upstream: Duplex | None = field(default=None, init=False, repr=False)  # if authorized
+    bypass: Bypass | None = field(default=None, init=False, repr=False)
+    revoked: Decision | None = field(default=None, init=False, repr=False)
+
+
 class ConnectionTable:
     def __init__(self, metrics: TcpMetrics) -> None:
         self.metrics = metrics
         self._ids = itertools.count(1)
         self._live: dict[int, ConnectionInfo] = {}
-        self._authorized: dict[int, tuple[Authorized, Duplex, Duplex]] = {}
-        self._revoked: dict[int, Decision] = {}
+
+    def start(
+        self,
+        info: ConnectionInfo,
+        downstream: Duplex,
+        upstream: Duplex,
+        authorized: Authorized | None = None,
+        bypass: Bypass | None = None,
+    ) -> asyncio.Future[Any]:
+        """Pump ``downstream`` (the side that opened) <-> ``upstream`` until both are done,
+        then count the close and write the access line. The returned future is done once
+        that accounting ran (awaiting it sees it); cancelling it closes both sides.
+
+        Istio's byte counters are from the destination's point of view for both reporters:
+        received = request bytes (source to destination), sent = response bytes.
+        """
+        key = next(self._ids)
+        # Hold the shared copy of the labels for the connection's life.
+        info.labels = self.metrics.open(info.labels)
+        if authorized is not None:
+            info.authorized = authorized
+            info.downstream = downstream
+            info.upstream = upstream
+        if bypass is not None:
+            info.bypass = bypass
+            self.metrics.open(bypass.destination)
+        self._live[key] = info
+        try:
+            relaying = asyncio.ensure_future(relay(downstream, upstream, counts=info.counts))
+        except BaseException:
+            self._closed(key, info, None)
+            raise
+        relaying.add_done_callback(
+            functools.partial(self._closed, key, info), context=_EMPTY_CONTEXT
+        )
+        return relaying
 
     async def relay(
         self,
@@ -56,81 +113,81 @@ class ConnectionTable:
         authorized: Authorized | None = None,
         bypass: Bypass | None = None,
     ) -> None:
-        """Pump ``downstream`` (the side that opened) <-> ``upstream`` until both are done.
+        """`start`, and wait until the connection ended and was accounted for; cancelling
+        the waiting task closes it."""
+        await self.start(info, downstream, upstream, authorized, bypass)
 
-        Istio's byte counters are from the destination's point of view for both reporters:
-        received = request bytes (source to destination), sent = response bytes.
-        """
-        key = next(self._ids)
-        # Hold the shared copy of the labels for the connection's life.
-        info.labels = self.metrics.open(info.labels)
-        self._live[key] = info
-        if authorized is not None:
-            self._authorized[key] = (authorized, downstream, upstream)
-        if bypass is not None:
-            self.metrics.open(bypass.destination)
-        counts = [0, 0]  # kept up to date by relay(), also if this task is cancelled
+    def _closed(self, key: int, info: ConnectionInfo, relaying: asyncio.Future[Any] | None) -> None:
+        if relaying is not None and not relaying.cancelled():
+            exc = relaying.exception()
+            if exc is not None:
+                log.warning("relay of %s %s failed: %r", info.direction, info.source, exc)
+        request, response = info.counts
+        bypass = info.bypass
         kernel = (0, 0)
-        try:
-            await relay(downstream, upstream, counts=counts)
-        finally:
-            request, response = counts
-            if bypass is not None:
-                kernel = bypass.counted()
-                request += kernel[0]
-                response += kernel[1]
-            del self._live[key]
-            self._authorized.pop(key, None)
-            revoked = self._revoked.pop(key, None)
-            labels = info.labels if revoked is None else replace(info.labels, response_flags=DENY)
-            self.metrics.close(labels, sent=response, received=request)
-            if bypass is not None:
-                closed = bypass.destination
-                if revoked is not None:
-                    closed = replace(closed, response_flags=DENY)
-                self.metrics.close(closed, sent=response, received=request)
-            log.info(
-                "%s %s %s request_bytes=%d response_bytes=%d%s duration=%.0fms%s%s",
-                info.direction,
-                "complete" if revoked is None else "closed",
-                _describe(info),
-                request,
-                response,
-                "" if bypass is None else f" kernel_bytes={sum(kernel)}",
-                (time.time() - info.started) * 1000,
-                _audit(authorized.audit if authorized else ()),
-                "" if revoked is None else _denial(revoked),
-            )
+        if bypass is not None:
+            kernel = bypass.counted()
+            request += kernel[0]
+            response += kernel[1]
+        del self._live[key]
+        revoked = info.revoked
+        labels = info.labels if revoked is None else replace(info.labels, response_flags=DENY)
+        self.metrics.close(labels, sent=response, received=request)
+        if bypass is not None:
+            closed = bypass.destination
+            if revoked is not None:
+                closed = replace(closed, response_flags=DENY)
+            self.metrics.close(closed, sent=response, received=request)
+        authorized = info.authorized
+        audit = _audit(authorized.audit) if authorized is not None else ""
+        duration = (time.time() - info.started) * 1000
+        _access.info(
+            f"{info.direction} {'complete' if revoked is None else 'closed'} {_describe(info)} "
+            f"request_bytes={request} response_bytes={response}"
+            f"{'' if bypass is None else f' kernel_bytes={sum(kernel)}'} "
+            f"duration={duration:.0f}ms{audit}{'' if revoked is None else _denial(revoked)}"
+        )
 
     def deny(self, info: ConnectionInfo, decision: Decision) -> None:
         """Count and log a connection L4 authorization refused, as Istio's ztunnel does: an
         open, and a close with ``response_flags="DENY"``."""
         self.metrics.open(info.labels)
         self.metrics.close(replace(info.labels, response_flags=DENY), sent=0, received=0)
-        log.info(
-            "%s denied %s%s%s",
-            info.direction,
-            _describe(info),
-            _audit(decision.audit),
-            _denial(decision),
+        _access.info(
+            f"{info.direction} denied {_describe(info)}{_audit(decision.audit)}{_denial(decision)}"
         )
 
     def recheck(self, decide: Callable[[Authorized], Decision]) -> int:
         """Close the admitted connections ``decide`` now denies; how many were closed."""
         closed = 0
-        for key, (authorized, downstream, upstream) in list(self._authorized.items()):
-            decision = decide(authorized)
-            if decision.allowed or key in self._revoked:
+        for info in list(self._live.values()):
+            if info.authorized is None or info.revoked is not None:
                 continue
-            self._revoked[key] = decision
-            downstream.close()
-            upstream.close()
+            decision = decide(info.authorized)
+            if decision.allowed:
+                continue
+            info.revoked = decision
+            for side in (info.downstream, info.upstream):
+                if side is not None:
+                    side.close()
             closed += 1
         return closed
 
     def live(self) -> list[dict[str, object]]:
         """A copy of the open connections, safe to serialize from another thread."""
-        return [{"id": key, **asdict(info)} for key, info in list(self._live.items())]
+        return [
+            {
+                "id": key,
+                "direction": info.direction,
+                "source": info.source,
+                "destination": info.destination,
+                "labels": asdict(info.labels),
+                "via": info.via,
+                "hbone": info.hbone,
+                "started": info.started,
+            }
+            for key, info in list(self._live.items())
+        ]
 
     def __len__(self) -> int:
         return len(self._live)

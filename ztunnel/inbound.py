@@ -4,8 +4,9 @@ lets the delivery through."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Coroutine
 from typing import Any
 
 from mesh.hbone.connection import HboneStream
@@ -21,7 +22,7 @@ from ztunnel.upstream_sockets import UpstreamSockets
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(
+def handle(
     ctx: ProxyContext,
     pod: LocalPod,
     stream: HboneStream,
@@ -29,14 +30,55 @@ async def handle(
     peer: SpiffeId,
     sockets: UpstreamSockets,
     memo: LabelMemo,
+) -> asyncio.Future[None]:
+    """The tunnel's end, for the HBONE server to await as the stream's handler: done
+    once the tunnel was refused, or relayed and closed; cancelling it (the peer reset an
+    unanswered stream) stops the admission or closes the relay. ``sockets``: the pod's,
+    made in its netns and bound to the delivery source; ``memo``: the pod's, for the
+    tunnel's labels.
+
+    Admission runs in a task that ends once the relay started: an open tunnel keeps a
+    future, not a task and coroutine frames (~1 KiB per connection)."""
+    end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    admission = asyncio.ensure_future(_admit(ctx, pod, stream, request, peer, sockets, memo))
+    abandon = functools.partial(_cancel, admission)
+    end.add_done_callback(abandon)
+    admission.add_done_callback(functools.partial(_admitted, end, abandon))
+    return end
+
+
+def _cancel(future: asyncio.Future[Any], _: asyncio.Future[Any]) -> None:
+    future.cancel()
+
+
+def _settle(end: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
+    if not end.done():
+        end.set_result(None)
+
+
+def _admitted(
+    end: asyncio.Future[None],
+    abandon: Any,
+    admission: asyncio.Future[asyncio.Future[Any] | None],
 ) -> None:
-    """``sockets``: the pod's, made in its netns and bound to the delivery source;
-    ``memo``: the pod's, for the tunnel's labels."""
-    # The relay runs once _admit returned, so its locals are not kept for the connection's
-    # life (see outbound.handle).
-    relay = await _admit(ctx, pod, stream, request, peer, sockets, memo)
-    if relay is not None:
-        await relay
+    """Admission ended: hand its outcome to ``end``, or chain ``end`` to the relay."""
+    end.remove_done_callback(abandon)
+    if admission.cancelled():
+        end.cancel()
+        return
+    exc = admission.exception()
+    relaying = admission.result() if exc is None else None
+    if end.done():  # cancelled while the relay was being started
+        if relaying is not None:
+            relaying.cancel()
+        return
+    if exc is not None:
+        end.set_exception(exc)
+    elif relaying is None:
+        end.set_result(None)
+    else:
+        relaying.add_done_callback(functools.partial(_settle, end))
+        end.add_done_callback(functools.partial(_cancel, relaying))
 
 
 async def _admit(
@@ -47,8 +89,8 @@ async def _admit(
     peer: SpiffeId,
     sockets: UpstreamSockets,
     memo: LabelMemo,
-) -> Coroutine[Any, Any, None] | None:
-    """The tunnel's relay to the app, not started, or None if it was refused."""
+) -> asyncio.Future[Any] | None:
+    """The tunnel's relay to the app, started, or None if it was refused."""
     target = (request.authority_host, request.authority_port)
     if request.authority_host not in pod.info.addresses or request.authority_port in PROXY_PORTS:
         log.warning(
@@ -60,17 +102,18 @@ async def _admit(
         stream.refuse(Status.BAD_REQUEST)
         return None
     state = ctx.state
-    peering = memo.inbound(state, stream.peer_address or "", peer, request.authority_port)
+    peer_address = stream.peer_address  # made anew on each read
+    peering = memo.inbound(state, peer_address or "", peer, request.authority_port)
     workload = peering.workload
     info = ConnectionInfo(
         direction="inbound",
-        source=stream.peer_address or "unknown",
+        source=peer_address or "unknown",
         destination=request.authority,
         labels=peering.labels,
         via="hbone",
         hbone=request.authority,
     )
-    conn = authz.Connection(stream.peer_address or "", peer, *target)
+    conn = authz.Connection(peer_address or "", peer, *target)
     decision = authz.authorize(state, workload, conn)
     if not decision.allowed:
         ctx.connections.deny(info, decision)
@@ -84,4 +127,4 @@ async def _admit(
         return None
     await stream.accept()
     authorized = authz.Authorized(workload.uid, conn, decision.audit)
-    return ctx.connections.relay(info, stream, app, authorized)
+    return ctx.connections.start(info, stream, app, authorized)

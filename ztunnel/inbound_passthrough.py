@@ -4,7 +4,9 @@ unless L4 authorization denies them (evaluated without a peer identity)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from mesh.api import mesh_pb2
 from mesh.hbone.tcp import TcpDuplex
@@ -19,8 +21,10 @@ log = logging.getLogger("ztunnel.access")
 
 async def handle(
     ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, *, sockets: UpstreamSockets
-) -> None:
-    """``sockets``: the pod's, made in its netns and bound to the delivery source."""
+) -> asyncio.Future[Any] | None:
+    """Deliver to the app and start relaying: the relay's future (see
+    `ConnectionTable.start`), or None if refused or failed. ``sockets``: the pod's, made
+    in its netns and bound to the delivery source."""
     dst_ip, dst_port = client.get_extra_info("sockname")[:2]
     src_ip, src_port = client.get_extra_info("peername")[:2]
     state = ctx.state
@@ -34,7 +38,7 @@ async def handle(
             dst_port,
         )
         client.close()
-        return
+        return None
     if state.mtls_mode(workload, dst_port) == mesh_pb2.STRICT:
         log.warning(
             "inbound plaintext %s:%d -> %s:%d refused: pod %s requires mTLS "
@@ -46,7 +50,7 @@ async def handle(
             pod.ref,
         )
         client.close()
-        return
+        return None
     source = state.by_address.get(src_ip)
     service = state.service_for(workload, dst_port)
     labels = workload_labels("destination", source, None, workload, None, service, False)
@@ -63,12 +67,12 @@ async def handle(
     if not decision.allowed:
         ctx.connections.deny(info, decision)
         client.close()
-        return
+        return None
     try:
         app = await connect_upstream(sockets.take(), (dst_ip, dst_port))
     except OSError as exc:
         log.warning("inbound plaintext to %s:%d: app unreachable: %s", dst_ip, dst_port, exc)
         client.close()
-        return
+        return None
     authorized = authz.Authorized(workload.uid, conn, decision.audit)
-    await ctx.connections.relay(info, client, app, authorized)
+    return ctx.connections.start(info, client, app, authorized)

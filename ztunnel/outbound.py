@@ -3,9 +3,9 @@ on as HBONE (mesh destinations) or plain TCP (everything else)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from collections.abc import Coroutine
 from typing import Any
 
 from mesh.hbone.connection import HboneClientConnection, HboneStream
@@ -22,20 +22,12 @@ from ztunnel.sockets import open_upstream, original_destination, upstream_socket
 log = logging.getLogger("ztunnel.access")
 
 
-async def handle(ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, *, memo: LabelMemo) -> None:
-    """``memo``: the pod's, for the connection's labels."""
-    # The relay runs once _connect returned: what its frame held to decide (the route
-    # decision, this connection's own copy of the labels, the dial closure) is not kept for
-    # the connection's life, about 1 KiB per connection.
-    relay = await _connect(ctx, pod, client, memo)
-    if relay is not None:
-        await relay
-
-
-async def _connect(
-    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, memo: LabelMemo
-) -> Coroutine[Any, Any, None] | None:
-    """The connection's relay, not started, or None if it was refused or failed."""
+async def handle(
+    ctx: ProxyContext, pod: LocalPod, client: TcpDuplex, *, memo: LabelMemo
+) -> asyncio.Future[Any] | None:
+    """Open the connection's upstream and start relaying: the relay's future (see
+    `ConnectionTable.start`), or None if it was refused, failed or took the fast path.
+    ``memo``: the pod's, for the connection's labels."""
     try:
         dst_ip, dst_port = original_destination(client.get_extra_info("socket"))
     except OSError as exc:
@@ -99,4 +91,4 @@ async def _connect(
         via=decision.protocol.value,
         hbone=decision.authority if mtls else "-",
     )
-    return ctx.connections.relay(info, client, upstream)
+    return ctx.connections.start(info, client, upstream)

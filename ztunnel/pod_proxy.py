@@ -32,7 +32,10 @@ from ztunnel.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger(__name__)
 
-TcpHandler = Callable[[ProxyContext, LocalPod, TcpDuplex], Coroutine[Any, Any, None]]
+# Returns the relay it started (see `ConnectionTable.start`), or None.
+TcpHandler = Callable[
+    [ProxyContext, LocalPod, TcpDuplex], Coroutine[Any, Any, asyncio.Future[Any] | None]
+]
 
 BACKLOG = 1024
 CERT_ATTEMPTS = 60
@@ -60,7 +63,8 @@ class PodProxy:
         self.labels = LabelMemo(pod)  # both directions' connection labels
         self._servers: list[asyncio.Server] = []
         self._hbone_task: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        # Handler tasks, then the relays they started: what `close` ends.
+        self._handlers: set[asyncio.Future[Any]] = set()
         self._tunnels: weakref.WeakSet[HboneServerProtocol] = weakref.WeakSet()
         self.serving = False
         self.draining = False
@@ -88,8 +92,8 @@ class PodProxy:
         self._hbone_task = asyncio.create_task(self._serve_hbone())
 
     def _tracked(self, handler: TcpHandler) -> Callable[[], TcpDuplex]:
-        """A protocol factory running ``handler`` per connection, as a task this pod can
-        cancel when it is released."""
+        """A protocol factory running ``handler`` per connection as a task, then tracking
+        the relay it started, so that this pod can close both when it is released."""
 
         def start(client: TcpDuplex) -> None:
             if self.closed:
@@ -97,25 +101,46 @@ class PodProxy:
                 return
             task = asyncio.get_running_loop().create_task(handler(self.ctx, self.pod, client))
             self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            task.add_done_callback(self._handled)
 
         return lambda: TcpDuplex(on_connect=start)
+
+    def _handled(self, task: asyncio.Task[asyncio.Future[Any] | None]) -> None:
+        """A handler ended: track the relay it started until it ends (no task kept)."""
+        self._handlers.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("pod %s: connection handler failed", self.pod.ref, exc_info=exc)
+            return
+        relaying = task.result()
+        if relaying is None or relaying.done():
+            return
+        if self.closed:  # released while the handler was finishing
+            relaying.cancel()
+            return
+        self._handlers.add(relaying)
+        relaying.add_done_callback(self._handlers.discard)
 
     def _hbone_protocol(self, context: ssl.SSLContext) -> HboneServerProtocol:
         protocol = server_factory(self._inbound, tls=context)()
         self._tunnels.add(protocol)
         return protocol
 
-    async def _inbound(self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId) -> None:
+    def _inbound(
+        self, stream: HboneStream, request: ConnectRequest, peer: SpiffeId
+    ) -> asyncio.Future[None]:
+        """The stream's handler: what the HBONE server awaits (see `inbound.handle`)."""
         # A handshake that was under way when the pod was released ends here.
         if self.closed:
             stream.refuse(Status.UPSTREAM_UNREACHABLE)
-            return
+            return _done()
         # Draining: "not processed, retry elsewhere" (RFC 9113 8.7); the peer's pool dials
         # again and reaches the ztunnel that now holds the listener.
         if self.draining:
             stream.reset(ErrorCodes.REFUSED_STREAM)
-            return
+            return _done()
         # Our root may sign for other trust domains (federation); they are not our mesh.
         if peer.trust_domain != self.ctx.trust_domain:
             log.warning(
@@ -125,8 +150,8 @@ class PodProxy:
                 self.ctx.trust_domain,
             )
             stream.refuse(Status.UNAUTHENTICATED)
-            return
-        await inbound.handle(self.ctx, self.pod, stream, request, peer, self.upstream, self.labels)
+            return _done()
+        return inbound.handle(self.ctx, self.pod, stream, request, peer, self.upstream, self.labels)
 
     async def _serve_hbone(self) -> None:
         for attempt in range(1, CERT_ATTEMPTS + 1):
@@ -195,3 +220,10 @@ class PodProxy:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)
         self.pod.netns.close()
+
+
+def _done() -> asyncio.Future[None]:
+    """The handler of a stream already answered: nothing left to await."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done

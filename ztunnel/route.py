@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mesh.api import mesh_pb2
-from mesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, identity_of
+from mesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from ztunnel.sockets import HBONE_PORT
 from ztunnel.state import MeshState
 
@@ -65,7 +65,7 @@ def decide_outbound(
             (target_ip, HBONE_PORT),
             authority,
             destination,
-            identity_of(destination),
+            state.identity(destination),
             service,
         )
     return OutboundDecision(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from mesh.api import mesh_pb2
 from mesh.mesh_index import MeshIndex
+from mesh.spiffe import SpiffeId, identity_of
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class MeshState:
     )
     # By "<namespace>/<name>", as Service.waypoint and Workload.waypoint name them.
     waypoints: Mapping[str, mesh_pb2.Waypoint] = field(default_factory=dict)
+    # Identities of this state's workloads by uid, made on first use: a `SpiffeId` is
+    # validated by three regular expressions, ~7 µs on every outbound connection.
+    _identities: dict[str, SpiffeId] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @classmethod
     def build(cls, version: str, resources: Mapping[str, mesh_pb2.Resource]) -> MeshState:
@@ -50,6 +56,16 @@ class MeshState:
             by_namespace,
             index.waypoints,
         )
+
+    def identity(self, workload: mesh_pb2.Workload) -> SpiffeId:
+        """`identity_of(workload)`, kept for the workloads of this state."""
+        uid = workload.uid
+        if self.workloads.get(uid) is not workload:
+            return identity_of(workload)
+        found = self._identities.get(uid)
+        if found is None:
+            found = self._identities[uid] = identity_of(workload)
+        return found
 
     def waypoint_for(
         self, ref: str, traffic: str

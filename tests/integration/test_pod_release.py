@@ -118,6 +118,12 @@ async def until(check: object, what: str) -> None:
             await asyncio.sleep(0.02)
 
 
+def task_file(task: asyncio.Task[object]) -> str:
+    """The source file of the coroutine a task runs."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code.co_filename if code is not None else ""
+
+
 def netns_fds(inode: int) -> int:
     """How many of this process's fds refer to the namespace with this inode."""
     count = 0
@@ -203,6 +209,9 @@ async def test_release_ends_tunnels_in_and_out_and_readd_serves_at_once(
         assert await roundtrip(inbound, b"in-1") == b"in-1"
         assert rig.app.open == 1
         assert proxy.live_connections == 1
+        # The open tunnel keeps no task of ztunnel's: its admission ended once it relayed.
+        assert [t for t in asyncio.all_tasks() if "ztunnel" in task_file(t)] == []
+        assert len(rig.ztunnel.ctx.connections) == 1
 
         async def dial_peer() -> HboneClientConnection:
             return await HboneClientConnection.connect(
@@ -229,6 +238,7 @@ async def test_release_ends_tunnels_in_and_out_and_readd_serves_at_once(
             await outbound.read()
         assert len(proxy.pod.pool) == 0
         await until(lambda: rig.app.open == 0, "the app connection to close")
+        await until(lambda: len(rig.ztunnel.ctx.connections) == 0, "the close to be counted")
         # ztunnel holds no fd on the namespace, and its handle refuses to be used again.
         assert netns_fds(inode) == 1
         with pytest.raises(NetnsClosed):

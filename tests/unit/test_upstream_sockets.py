@@ -1,6 +1,7 @@
 """Upstream sockets made ahead in a pod's netns (ztunnel/upstream_sockets.py) and connected
 without entering it (ztunnel/sockets.py): the netns they live in, one `setns` pair per
-batch, nothing left open once the pod is gone, and connect errors on both event loops."""
+batch, nothing left open once the pod is gone, and connect errors on both event loops;
+the relays a pod's handlers started end with the pod."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvloop
@@ -253,5 +255,44 @@ def test_a_released_pod_leaves_no_socket_of_its_netns(pod: Pod) -> None:
         assert sockets_in_netns(pod.netns.inode) == 0
         with pytest.raises(NetnsClosed):
             proxy.upstream.take()
+
+    asyncio.run(main())
+
+
+def test_a_released_pod_ends_the_relays_its_handlers_left_running(pod: Pod) -> None:
+    """A handler returns once its relay runs; the pod still tracks (and counts) the relay
+    and ends it when released."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ca = make_ca()
+        ctx = ProxyContext(
+            certs=CertManager(lambda sid: make_leaf(ca, sid)),
+            connections=ConnectionTable(TcpMetrics(CollectorRegistry())),
+        )
+        info = node_pb2.PodInfo(uid="uid-ups", name="ups", namespace="demo")
+        with Netns.open(pod.path) as borrowed:
+            local = LocalPod.adopt(info, borrowed.fileno(), "cluster.local")
+        proxy = PodProxy(ctx, local)
+        started: asyncio.Future[asyncio.Future[Any]] = loop.create_future()
+
+        async def handler(
+            ctx: ProxyContext, pod: LocalPod, client: tcp.TcpDuplex
+        ) -> asyncio.Future[Any]:
+            relaying: asyncio.Future[Any] = loop.create_future()  # stands in for the relay
+            started.set_result(relaying)
+            return relaying
+
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(proxy._tracked(handler), ours)
+        relaying = await asyncio.wait_for(started, 5)
+        async with asyncio.timeout(5):
+            while proxy._handlers != {relaying}:
+                await asyncio.sleep(0.01)
+        assert proxy.live_connections == 1
+        await proxy.close()
+        assert relaying.cancelled()
+        assert proxy.live_connections == 0
+        theirs.close()
 
     asyncio.run(main())
