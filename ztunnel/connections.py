@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import itertools
 import logging
 import time
@@ -61,6 +60,13 @@ class ConnectionInfo:
     upstream: Duplex | None = field(default=None, init=False, repr=False)  # if authorized
     bypass: Bypass | None = field(default=None, init=False, repr=False)
     revoked: Decision | None = field(default=None, init=False, repr=False)
+    table: ConnectionTable | None = field(default=None, init=False, repr=False, compare=False)
+    key: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __call__(self, relaying: asyncio.Future[Any] | None) -> None:
+        """The relay's done callback (itself: no bound method or partial per connection)."""
+        assert self.table is not None
+        self.table._closed(self, relaying)
 
 
 class ConnectionTable:
@@ -84,7 +90,8 @@ class ConnectionTable:
         Istio's byte counters are from the destination's point of view for both reporters:
         received = request bytes (source to destination), sent = response bytes.
         """
-        key = next(self._ids)
+        info.table = self
+        info.key = next(self._ids)
         # Hold the shared copy of the labels for the connection's life.
         info.labels = self.metrics.open(info.labels)
         if authorized is not None:
@@ -94,15 +101,13 @@ class ConnectionTable:
         if bypass is not None:
             info.bypass = bypass
             self.metrics.open(bypass.destination)
-        self._live[key] = info
+        self._live[info.key] = info
         try:
             relaying = asyncio.ensure_future(relay(downstream, upstream, counts=info.counts))
         except BaseException:
-            self._closed(key, info, None)
+            self._closed(info, None)
             raise
-        relaying.add_done_callback(
-            functools.partial(self._closed, key, info), context=_EMPTY_CONTEXT
-        )
+        relaying.add_done_callback(info, context=_EMPTY_CONTEXT)
         return relaying
 
     async def relay(
@@ -117,7 +122,7 @@ class ConnectionTable:
         the waiting task closes it."""
         await self.start(info, downstream, upstream, authorized, bypass)
 
-    def _closed(self, key: int, info: ConnectionInfo, relaying: asyncio.Future[Any] | None) -> None:
+    def _closed(self, info: ConnectionInfo, relaying: asyncio.Future[Any] | None) -> None:
         if relaying is not None and not relaying.cancelled():
             exc = relaying.exception()
             if exc is not None:
@@ -129,7 +134,7 @@ class ConnectionTable:
             kernel = bypass.counted()
             request += kernel[0]
             response += kernel[1]
-        del self._live[key]
+        del self._live[info.key]
         revoked = info.revoked
         labels = info.labels if revoked is None else replace(info.labels, response_flags=DENY)
         self.metrics.close(labels, sent=response, received=request)

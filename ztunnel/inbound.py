@@ -5,7 +5,7 @@ lets the delivery through."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 import logging
 from typing import Any
 
@@ -20,6 +20,8 @@ from ztunnel.sockets import PROXY_PORTS, connect_upstream
 from ztunnel.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger("ztunnel.access")
+# The callbacks read no context variable: no copy of the context per tunnel.
+_EMPTY_CONTEXT = contextvars.Context()
 
 
 def handle(
@@ -38,47 +40,54 @@ def handle(
     tunnel's labels.
 
     Admission runs in a task that ends once the relay started: an open tunnel keeps a
-    future, not a task and coroutine frames (~1 KiB per connection)."""
+    future and a `_Link`, not a task and coroutine frames (~1 KiB per connection)."""
     end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     admission = asyncio.ensure_future(_admit(ctx, pod, stream, request, peer, sockets, memo))
-    abandon = functools.partial(_cancel, admission)
-    end.add_done_callback(abandon)
-    admission.add_done_callback(functools.partial(_admitted, end, abandon))
+    link = _Link(end, admission)
+    end.add_done_callback(link, context=_EMPTY_CONTEXT)
+    admission.add_done_callback(link, context=_EMPTY_CONTEXT)
     return end
 
 
-def _cancel(future: asyncio.Future[Any], _: asyncio.Future[Any]) -> None:
-    future.cancel()
+class _Link:
+    """Ties a tunnel's ``end`` to what runs for it: the admission task, then the relay.
+    The done callback of all three (one object per tunnel, no partial per callback)."""
 
+    __slots__ = ("end", "relaying", "running")
 
-def _settle(end: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
-    if not end.done():
-        end.set_result(None)
+    def __init__(self, end: asyncio.Future[None], admission: asyncio.Future[Any]) -> None:
+        self.end = end
+        self.running: asyncio.Future[Any] = admission
+        self.relaying = False
 
+    def __call__(self, done: asyncio.Future[Any]) -> None:
+        end = self.end
+        if done is end:  # cancelled by the server, or finished: stop what still runs
+            self.running.cancel()
+        elif not self.relaying:
+            self._admitted(done)
+        elif not end.done():  # the relay ended
+            end.set_result(None)
 
-def _admitted(
-    end: asyncio.Future[None],
-    abandon: Any,
-    admission: asyncio.Future[asyncio.Future[Any] | None],
-) -> None:
-    """Admission ended: hand its outcome to ``end``, or chain ``end`` to the relay."""
-    end.remove_done_callback(abandon)
-    if admission.cancelled():
-        end.cancel()
-        return
-    exc = admission.exception()
-    relaying = admission.result() if exc is None else None
-    if end.done():  # cancelled while the relay was being started
-        if relaying is not None:
-            relaying.cancel()
-        return
-    if exc is not None:
-        end.set_exception(exc)
-    elif relaying is None:
-        end.set_result(None)
-    else:
-        relaying.add_done_callback(functools.partial(_settle, end))
-        end.add_done_callback(functools.partial(_cancel, relaying))
+    def _admitted(self, admission: asyncio.Future[Any]) -> None:
+        end = self.end
+        if admission.cancelled():
+            end.cancel()
+            return
+        exc = admission.exception()
+        relaying = admission.result() if exc is None else None
+        if end.done():  # cancelled while the relay was being started
+            if relaying is not None:
+                relaying.cancel()
+            return
+        if exc is not None:
+            end.set_exception(exc)
+        elif relaying is None:
+            end.set_result(None)
+        else:
+            self.running = relaying
+            self.relaying = True
+            relaying.add_done_callback(self, context=_EMPTY_CONTEXT)
 
 
 async def _admit(
