@@ -12,8 +12,8 @@ import ipaddress
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller import (
@@ -184,6 +184,7 @@ class _ServiceDone:
 
     context: object
     selected: tuple[_Pod, ...]
+    labels: object  # the namespace's label index it selected from
     resource: mesh_pb2.Resource
     selector: dict[str, str]
     claims: list[Claim]
@@ -334,16 +335,22 @@ def translate(
     index = _PodIndex(pods, memo)
     for svc in services:
         context = contexts.get(svc.namespace, no_namespace)
-        selector = string_map(svc, "spec.selector", svc.get("spec.selector", Mapping, {}))
-        selected = _selected(svc, index, slices_of.get((svc.namespace, svc.name)), selector)
-        used = tuple(selected)
+        svc_slices = slices_of.get((svc.namespace, svc.name))
+        labels = index.labels(svc.namespace)
         done = memo.service(svc)
+        if done is None or svc_slices is not None or done.labels is not labels:
+            selector = string_map(svc, "spec.selector", svc.get("spec.selector", Mapping, {}))
+            used = tuple(_selected(svc, index, svc_slices, selector))
+        else:  # the same Service over the same label index selects the same pods
+            selector, used = done.selector, done.selected
         if done is None or done.context != context or done.selected != used:
-            service = _service(svc, selected, namespaces.get(svc.namespace, {}), settings, declared)
+            service = _service(svc, used, namespaces.get(svc.namespace, {}), settings, declared)
             key = resource_key(KIND_SERVICE, svc.namespace, svc.name)
             resource = mesh_pb2.Resource(key=key, service=service)
             service_claims = _claims(svc, key, service.addresses, "spec.clusterIP")
-            done = _ServiceDone(context, used, resource, selector, service_claims)
+            done = _ServiceDone(context, used, labels, resource, selector, service_claims)
+        elif done.labels is not labels:
+            done = replace(done, labels=labels)
         memo.keep_service(svc, done)
         out[done.resource.key] = done.resource
         claims += done.claims
@@ -415,6 +422,10 @@ class _PodIndex:
 
     def in_namespace(self, namespace: str) -> list[_Pod]:
         return self._by_namespace.get(namespace, [])
+
+    def labels(self, namespace: str) -> object:
+        """The namespace's label index: the same object while its pods are the same."""
+        return self._by_label.get(namespace)
 
     def selected(self, namespace: str, selector: Mapping[str, str]) -> list[_Pod]:
         """The pods of ``namespace`` whose labels include ``selector`` (none if empty)."""
@@ -611,7 +622,7 @@ def _selected(
 
 def _service(
     obj: _Obj,
-    selected: list[_Pod],
+    selected: Sequence[_Pod],
     ns_labels: Mapping[str, str],
     settings: Settings,
     declared: Mapping[tuple[str, str], waypoints.Declared],
@@ -638,7 +649,7 @@ def _service(
 
 
 def _service_port(
-    obj: _Obj, index: int, raw: Any, selected: list[_Pod]
+    obj: _Obj, index: int, raw: Any, selected: Sequence[_Pod]
 ) -> mesh_pb2.ServicePort | None:
     """None for a named targetPort no selected pod declares (yet): like Kubernetes, the
     service then has no endpoints on that port, which is no reason to reject the config."""
