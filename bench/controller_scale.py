@@ -46,6 +46,7 @@ from pathlib import Path
 from bench.controller_config import Shape, config_files, namespace_file, tokens_file
 from bench.controller_report import Ack, Round, Summary, first_after, latencies, table
 from bench.parsers import parse_pid_stat_ticks, parse_status_kib
+from bench.profile import py_spy
 from bench.runner import stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +164,7 @@ class Run:
         self.modes = ["ambient"] * self.shape.namespaces
         self.controller: subprocess.Popen[bytes] | None = None
         self.clients: list[Clients] = []
+        self.recorder: subprocess.Popen[bytes] | None = None
 
     def start_controller(self) -> str:
         self.config.mkdir()
@@ -245,7 +247,20 @@ class Run:
             status_mib(self.pid, "VmRSS"),
         )
 
+    def profile(self, out: Path) -> subprocess.Popen[bytes]:
+        """py-spy on the controller until SIGINT: the stack of the thread holding the GIL
+        (Python and native frames, e.g. gRPC's ``sendmsg``), as collapsed stacks. It pauses
+        the process for each sample: the rounds recorded are a bit slower."""
+        argv = [str(py_spy()), "record", "--pid", str(self.pid), "--rate", "100", "--gil"]
+        argv += ["--native", "--format", "raw", "--output", str(out)]
+        self.recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches
+        return self.recorder
+
     def stop(self) -> None:
+        if self.recorder is not None and self.recorder.poll() is None:
+            self.recorder.kill()
+            self.recorder.wait(STOP_TIMEOUT)
         for c in self.clients:
             c.stop()
         if self.controller is not None and self.controller.poll() is None:
@@ -299,12 +314,16 @@ def measure(args: argparse.Namespace, run: Run) -> tuple[Summary, dict[str, obje
     print(f"startup: {startup} s, {len(fulls)} of {len(nodes)} nodes", flush=True)
 
     healthy: list[Round] = []
+    recorder = run.profile(args.profile) if args.profile is not None else None
     cpu1 = cpu_seconds(run.pid)
     for number in range(args.rounds):
         healthy.append(run.relabel(number, set(nodes)))
         print(f"relabel {number + 1}: {healthy[-1].all_acked_s} s", flush=True)
         time.sleep(ROUND_GAP)
     cpu_per_round = (cpu_seconds(run.pid) - cpu1) / max(1, args.rounds)
+    if recorder is not None:
+        recorder.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
+        recorder.wait(STOP_TIMEOUT)
 
     stuck_group = run.clients[-1] if stuck else None
     if stuck_group is not None:
@@ -360,6 +379,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--round-timeout", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="py-spy the controller during the healthy relabels into FILE (collapsed stacks)",
+    )
+    p.add_argument(
         "--controller-root",
         type=Path,
         default=REPO,
@@ -391,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "started": stamp,
         "settings": vars(args)
-        | {"out": str(args.out), "controller_root": str(args.controller_root)},
+        | {"out": str(args.out), "controller_root": str(args.controller_root)}
+        | {"profile": str(args.profile) if args.profile else None},
         "machine": facts,
         "summary": dataclasses.asdict(summary) | {"others": len(summary.others)},
         **extra,

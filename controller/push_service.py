@@ -45,6 +45,31 @@ class _Reply:
     error_detail: str
 
 
+class _Newer:
+    """Queued to a stream when the store has a new version."""
+
+
+NEWER = _Newer()
+
+
+class Inbox(asyncio.Queue[_Reply | _Newer | None]):
+    """A stream's events: the node's answers, None when it is gone, and :data:`NEWER`, at
+    most once in the queue (a stuck node's inbox does not grow with every version)."""
+
+    newer_queued = False
+
+    def announce(self) -> None:
+        if not self.newer_queued:
+            self.newer_queued = True
+            self.put_nowait(NEWER)
+
+    async def next(self) -> _Reply | _Newer | None:
+        event = await self.get()
+        if event is NEWER:
+            self.newer_queued = False
+        return event
+
+
 Context = grpc.aio.ServicerContext[mesh_pb2.DiscoveryRequest, bytes]
 SERVICE = "ambimesh.v1.Discovery"
 DELTAS_KEPT = 16
@@ -106,6 +131,8 @@ class DiscoveryService:
         self._encoder = Encoder()
         self.nodes: dict[str, NodeStatus] = {}
         self._readers: set[asyncio.Task[str | None]] = set()
+        self._inboxes: set[Inbox] = set()
+        self._announcer: asyncio.Task[None] | None = None
         self._closing = False
 
     def close(self) -> None:
@@ -114,6 +141,17 @@ class DiscoveryService:
         self._closing = True
         for reader in self._readers:
             reader.cancel()
+        if self._announcer is not None:
+            self._announcer.cancel()
+
+    async def _announce(self) -> None:
+        """Tell every stream about each new version: one wait on the store for all of them,
+        where a wait per stream cost 1000 futures and callbacks per change."""
+        serial = self._store.current.serial
+        while True:
+            serial = (await self._store.wait_newer(serial)).serial
+            for inbox in self._inboxes:
+                inbox.announce()
 
     async def Stream(
         self, request_iterator: AsyncIterator[mesh_pb2.DiscoveryRequest], context: Context
@@ -128,12 +166,15 @@ class DiscoveryService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
         status = self.nodes.setdefault(node, NodeStatus())
         status.connected += 1
-        replies: asyncio.Queue[_Reply | None] = asyncio.Queue()
+        if self._announcer is None:
+            self._announcer = asyncio.create_task(self._announce())
+        replies = Inbox()
+        self._inboxes.add(replies)
         reader = asyncio.create_task(_read(node, request_iterator, replies))
         self._readers.add(reader)
         log.info("node %s connected (%s)", node, context.peer())
         try:
-            async for response in self._push(node, status, replies, reader):
+            async for response in self._push(node, status, replies):
                 yield response
             if reader.done() and not reader.cancelled() and (mismatch := reader.result()):
                 log.warning("push stream: %s", mismatch)
@@ -141,24 +182,24 @@ class DiscoveryService:
         finally:
             reader.cancel()
             self._readers.discard(reader)
+            self._inboxes.discard(replies)
             status.connected -= 1
             log.info("node %s disconnected", node)
 
-    async def _push(
-        self,
-        node: str,
-        status: NodeStatus,
-        replies: asyncio.Queue[_Reply | None],
-        reader: asyncio.Task[str | None],
-    ) -> AsyncIterator[bytes]:
-        """Send, wait for the answer, wait for a newer version; until the node goes away."""
+    async def _push(self, node: str, status: NodeStatus, replies: Inbox) -> AsyncIterator[bytes]:
+        """Send, wait for the answer, wait for a newer version; until the node goes away
+        (its reader ends and queues None). ``replies`` carries the node's answers and
+        :data:`NEWER`, so a stream waits on one queue and nothing else."""
         acked: Snapshot | None = None
         sent = self._store.current
         while True:
             yield self._encoder.encode(acked, sent)
             status.sent_version = sent.version
-            while (reply := await replies.get()) is not None and reply.version != sent.version:
-                log.debug("node %s answered stale version %s", node, reply.version)
+            while (reply := await replies.next()) is not None:
+                if isinstance(reply, _Reply):
+                    if reply.version == sent.version:
+                        break
+                    log.debug("node %s answered stale version %s", node, reply.version)
             if reply is None:
                 return
             if reply.error_detail:
@@ -169,18 +210,16 @@ class DiscoveryService:
             else:
                 acked, status.acked_version = sent, sent.version
                 log.debug("node %s applied version %s", node, sent.version)
-            newer = asyncio.ensure_future(self._store.wait_newer(sent.serial))
-            await asyncio.wait({newer, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not newer.done():
-                newer.cancel()
-                return
-            sent = newer.result()
+            while self._store.current.serial <= sent.serial:
+                if (event := await replies.next()) is None:
+                    return
+                if isinstance(event, _Reply):
+                    log.debug("node %s answered stale version %s", node, event.version)
+            sent = self._store.current
 
 
 async def _read(
-    node: str,
-    requests: AsyncIterator[mesh_pb2.DiscoveryRequest],
-    replies: asyncio.Queue[_Reply | None],
+    node: str, requests: AsyncIterator[mesh_pb2.DiscoveryRequest], replies: Inbox
 ) -> str | None:
     """Queue the node's ACK/NACKs; the result is why the stream must end, if not its end."""
     try:

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from controller.push_service import DELTAS_KEPT, Encoder
+from controller.push_service import DELTAS_KEPT, NEWER, Encoder, Inbox
 from controller.sources.files import DirectoryWatcher
 from controller.store import Store, diff
 from controller.translate import Memo, SourcedObject, translate
@@ -119,3 +119,18 @@ def test_store_keeps_the_published_copy_of_an_unchanged_resource() -> None:
     assert two.resources["workload/ns/a"] is one.resources["workload/ns/a"]
     assert two.resources["workload/ns/b"].workload.node == "elsewhere"
     assert [r.key for r in diff(one, two).changed] == ["workload/ns/b"]
+
+
+def test_a_streams_inbox_holds_one_notice_of_newer_versions_however_many_come() -> None:
+    """A stuck node reads nothing: its inbox must not grow with every version."""
+
+    async def scenario() -> None:
+        inbox = Inbox()
+        for _ in range(3):
+            inbox.announce()
+        assert inbox.qsize() == 1
+        assert await inbox.next() is NEWER
+        inbox.announce()
+        assert inbox.qsize() == 1
+
+    asyncio.run(scenario())
