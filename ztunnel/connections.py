@@ -123,6 +123,9 @@ class ConnectionTable:
         await self.start(info, downstream, upstream, authorized, bypass)
 
     def _closed(self, info: ConnectionInfo, relaying: asyncio.Future[Any] | None) -> None:
+        """The relay ended (``relaying`` done; None: it failed to start): count, log."""
+        del self._live[info.key]
+        info.downstream = info.upstream = None  # the table keeps no closed sides alive
         if relaying is not None and not relaying.cancelled():
             exc = relaying.exception()
             if exc is not None:
@@ -134,7 +137,6 @@ class ConnectionTable:
             kernel = bypass.counted()
             request += kernel[0]
             response += kernel[1]
-        del self._live[info.key]
         revoked = info.revoked
         labels = info.labels if revoked is None else replace(info.labels, response_flags=DENY)
         self.metrics.close(labels, sent=response, received=request)
