@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +82,38 @@ def peek(data: bytes) -> Peek:
     return Peek(version, full, resources, removed)
 
 
-def _emit(node: str, seen: Peek, received: float, acked: float) -> None:
-    line = {
-        "node": node,
-        "version": seen.version,
-        "full": seen.full,
-        "resources": seen.resources,
-        "removed": seen.removed,
-        "received": received,
-        "acked": acked,
-    }
-    sys.stdout.write(json.dumps(line) + "\n")
-    sys.stdout.flush()
+class Reports:
+    """The JSON lines to the bench, written by a thread of their own: a write to a full
+    pipe (1000 ACKs are 150 KB) must block that thread, not the nodes' event loop, or the
+    bench's own reading would delay the ACKs it measures."""
+
+    def __init__(self) -> None:
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, daemon=True)
+        self._writer.start()
+
+    def emit(self, node: str, seen: Peek, received: float, acked: float) -> None:
+        line = {
+            "node": node,
+            "version": seen.version,
+            "full": seen.full,
+            "resources": seen.resources,
+            "removed": seen.removed,
+            "received": received,
+            "acked": acked,
+        }
+        self._lines.put(json.dumps(line) + "\n")
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            sys.stdout.write(line)
+            if self._lines.empty():
+                sys.stdout.flush()
+
+    def close(self) -> None:
+        self._lines.put(None)
+        self._writer.join()
+        sys.stdout.flush()
 
 
 class Node:
@@ -99,9 +121,15 @@ class Node:
     reconnects after an error (logged to stderr) until stopped."""
 
     def __init__(
-        self, name: str, token: str, target: str, credentials: grpc.ChannelCredentials
+        self,
+        name: str,
+        token: str,
+        target: str,
+        credentials: grpc.ChannelCredentials,
+        reports: Reports,
     ) -> None:
         self.name = name
+        self._reports = reports
         self.delay = 0.0
         self._token = token
         self._target = target
@@ -133,7 +161,7 @@ class Node:
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 await call.write(mesh_pb2.DiscoveryRequest(node=self.name, version=seen.version))
-                _emit(self.name, seen, received, time.monotonic())
+                self._reports.emit(self.name, seen, received, time.monotonic())
 
 
 async def _commands(nodes: dict[str, Node]) -> None:
@@ -149,7 +177,8 @@ async def _commands(nodes: dict[str, Node]) -> None:
 
 async def run(target: str, root_pem: bytes, tokens: dict[str, str]) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=root_pem)
-    nodes = {name: Node(name, token, target, credentials) for name, token in tokens.items()}
+    reports = Reports()
+    nodes = {n: Node(n, token, target, credentials, reports) for n, token in tokens.items()}
     tasks = [asyncio.create_task(node.run()) for node in nodes.values()]
     try:
         await _commands(nodes)
@@ -157,6 +186,7 @@ async def run(target: str, root_pem: bytes, tokens: dict[str, str]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        reports.close()
 
 
 def read_tokens() -> dict[str, str]:
