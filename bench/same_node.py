@@ -1,8 +1,10 @@
-"""``python -m bench.same_node [--quick]``: same-node bulk throughput, one iperf3 stream.
+"""``python -m bench.same_node [--quick] [--lab NAME]``: same-node bulk throughput, one
+iperf3 stream.
 
-Lab ``amfastb``: the bundled cluster (its ztunnels with ``--same-node-fast-path``) plus two
-pods that are not enrolled, ``legacy/plain-client-2`` and ``legacy/plain-server``, both on
-node-2 beside ``demo/client-2`` and ``demo/server``; an iperf3 server in each server pod.
+Lab ``amfastb`` (or ``--lab``): the bundled cluster (its ztunnels with
+``--same-node-fast-path``) plus two pods that are not enrolled, ``legacy/plain-client-2``
+and ``legacy/plain-server``, both on node-2 beside ``demo/client-2`` and ``demo/server``;
+an iperf3 server in each server pod.
 
 - direct: plain-client-2 -> plain-server (veth -> node-2 bridge -> veth, nothing between)
 - fast path: demo/client-2 -> demo/server's pod IP: authorized by ztunnel, then socket to
@@ -90,7 +92,7 @@ def measure(lab: Lab, variant: str, seconds: int) -> float:
 
 
 def run(lab: Lab, rounds: int, seconds: int) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory(prefix=f"{LAB_NAME}-config-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{lab.name}-config-") as tmp:
         config = write_config(Path(tmp))
         (config / "zz-same-node.yaml").write_text(yaml.safe_dump(PLAIN_CLIENT_POD))
         lab.up(config_dir=config)
@@ -115,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.same_node", description=__doc__)
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 s instead of 3 of 10 s")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--lab", default=LAB_NAME, help=f"lab name (default {LAB_NAME})")
     args = p.parse_args(argv)
     rounds, seconds = (2, 3) if args.quick else (3, 10)
-    lab = Lab(LAB_NAME, same_node_fast_path=True)
+    lab = Lab(args.lab, same_node_fast_path=True)
     try:
         gbps = run(lab, rounds, seconds)
     finally:

@@ -122,6 +122,8 @@ _SK_LOOKUP_PROGRAM = ("ambimesh_sk_lookup", _PROG_SK_LOOKUP, _ATTACH_SK_LOOKUP)
 # Attached to the fastpath_socks map, not to a cgroup: the map holds it (and its pin the
 # map), so it outlives the agent like the cgroup programs; the next agent's replaces it.
 _FASTPATH_PROGRAM = ("ambimesh_fastpath", _PROG_SK_MSG, _ATTACH_SK_MSG_VERDICT)
+# On the sock_recv_length tracepoint, held by this process (see _attach_fastpath_reader).
+_FASTPATH_READER = b"ambimesh_fastpath_read"
 
 
 class BpfError(Exception):
@@ -472,7 +474,10 @@ class MeshBpf:
         pin_dir: str | None = None,
     ) -> None:
         self.pin_dir = None if pin_dir is None else os.path.abspath(pin_dir)
-        flags = cflags(outbound_port, inbound_port, hbone_port)
+        # Which agent's ambimesh_fastpath_read counts, should two share the pinned maps.
+        self._reader_token = int.from_bytes(os.urandom(4), "little") % 0xFFFFFFFE + 1
+        flags = [*cflags(outbound_port, inbound_port, hbone_port)]
+        flags.append(f"-DAMBIMESH_READER_TOKEN={self._reader_token}")
         if self.pin_dir is not None:
             _prepare_pin_dir(self.pin_dir)
         self.outbound_port = outbound_port
@@ -516,6 +521,7 @@ class MeshBpf:
             self._fastpath_socks_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"fastpath_socks"))
             name, _, attach_type = _FASTPATH_PROGRAM
             self._libbpf.prog_attach(self._fns[name].fd, self._fastpath_socks_fd, attach_type, 0)
+            self._attach_fastpath_reader()
         except Exception as exc:
             self._bpf.cleanup()
             raise BpfError(
@@ -822,6 +828,17 @@ class MeshBpf:
         self.close()
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _attach_fastpath_reader(self) -> None:
+        """Count what fast-path apps read (fastpath.c), where the kernel has the tracepoint
+        (Linux >= 6.4); without it fastpath.c keeps to the TCP connections. From here on
+        only this agent's program counts; it stops counting when this process ends."""
+        try:
+            self._bpf.attach_raw_tracepoint(tp=b"sock_recv_length", fn_name=_FASTPATH_READER)
+        except Exception as exc:  # bcc raises plain Exception
+            log.info("same-node fast path without receive queues: %s", exc)
+            return
+        self._bpf[b"fastpath_config"][ctypes.c_int(1)] = ctypes.c_uint32(self._reader_token)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -53,13 +53,19 @@ class FastpathKey(ctypes.Structure):
 class FastpathBytes(ctypes.Structure):
     """``struct fastpath_bytes``: what an app socket sent through TCP / straight to its pair."""
 
-    _fields_ = (("passed", ctypes.c_uint64), ("redirected", ctypes.c_uint64))
+    _fields_ = (
+        ("passed", ctypes.c_uint64),
+        ("redirected", ctypes.c_uint64),
+        ("to_tcp", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("ingress", ctypes.c_uint64),
+    )
 
 
 class FastpathPair(ctypes.Structure):
     """``struct fastpath_pair``: where a socket's bytes go once ``relayed`` equals its passed."""
 
-    _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64))
+    _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64), ("peer", FastpathKey))
 
 
 # Per map: (key type, value type), in C's terms.
@@ -72,6 +78,7 @@ LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
     "fastpath_bytes": (FastpathKey, FastpathBytes),
     "fastpath_pairs": (FastpathKey, FastpathPair),
     "fastpath_config": (ctypes.c_uint32, ctypes.c_uint32),
+    "fastpath_read": (ctypes.c_uint64, ctypes.c_uint64),
 }
 
 # ``enum ambimesh_counter`` in order: index in the ``counters`` per-CPU array -> name.

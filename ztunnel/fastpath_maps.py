@@ -54,13 +54,19 @@ class FastpathKey(ctypes.Structure):
 class FastpathBytes(ctypes.Structure):
     """``struct fastpath_bytes``."""
 
-    _fields_ = (("passed", ctypes.c_uint64), ("redirected", ctypes.c_uint64))
+    _fields_ = (
+        ("passed", ctypes.c_uint64),
+        ("redirected", ctypes.c_uint64),
+        ("to_tcp", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("ingress", ctypes.c_uint64),
+    )
 
 
 class FastpathPair(ctypes.Structure):
     """``struct fastpath_pair``."""
 
-    _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64))
+    _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64), ("peer", FastpathKey))
 
 
 class SocketLike(Protocol):
@@ -157,7 +163,10 @@ class FastPathMaps:
         return self._lookup("fastpath_bytes", app, FastpathBytes()) is not None
 
     def pair(self, app: FastpathKey, target: FastpathKey, relayed: int) -> None:
-        self._update("fastpath_pairs", app, FastpathPair(target, relayed))
+        """``target`` is ztunnel's socket towards the other app (the pair's TCP connection);
+        the other app's own socket, whose receive queue the kernel may fill directly, is
+        the one at its other end."""
+        self._update("fastpath_pairs", app, FastpathPair(target, relayed, target.reversed()))
 
     def unpair(self, app: FastpathKey) -> None:
         """From the next send on, the app socket's bytes take its TCP connection again."""

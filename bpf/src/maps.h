@@ -113,18 +113,28 @@ struct fastpath_key {
     __u32 remote_port;
 };
 
-/* What an app socket sent: through its own TCP connection to ztunnel, or straight into the
- * socket ztunnel paired it with. Written only by fastpath.c (created by sockops). */
+/* What an app socket sent: through its own TCP connection to ztunnel (passed), or by the
+ * kernel (redirected), of which ``to_tcp`` into the egress of ztunnel's socket towards the
+ * other app, the rest straight into the other app's receive queue. Created by sockops with
+ * ``cookie`` (the socket's, the key of its fastpath_read entry); the counters and
+ * ``ingress`` (the last redirect went to the receive queue) are written only by
+ * fastpath.c, under the socket's lock. */
 struct fastpath_bytes {
     __u64 passed;
     __u64 redirected;
+    __u64 to_tcp;
+    __u64 cookie;
+    __u64 ingress;
 };
 
 /* Written only by ztunnel: where an app socket's bytes go once ztunnel has relayed all it
- * passed (``relayed`` is that count, so nothing overtakes bytes still in user space). */
+ * passed (``relayed`` is that count, so nothing overtakes bytes still in user space):
+ * ``peer``, the other app's socket (its receive queue), or ``target``, ztunnel's socket
+ * towards it (that TCP connection's egress). */
 struct fastpath_pair {
     struct fastpath_key target;
     __u64 relayed;
+    struct fastpath_key peer;
 };
 
 union fastpath_key_words {
@@ -146,8 +156,12 @@ static __always_inline void fastpath_key_build(union fastpath_key_words *k, __u6
 BPF_SOCKHASH(fastpath_socks, struct fastpath_key, 65536);
 BPF_TABLE("lru_hash", struct fastpath_key, struct fastpath_bytes, fastpath_bytes, 65536);
 BPF_TABLE("lru_hash", struct fastpath_key, struct fastpath_pair, fastpath_pairs, 65536);
-/* [0] != 0: ztunnel runs with the fast path on, so sockops tracks app sockets for it. */
-BPF_TABLE("array", int, __u32, fastpath_config, 1);
+/* [0] != 0: ztunnel runs with the fast path on, so sockops tracks app sockets for it.
+ * [1]: the token of the agent whose fastpath.c counts fastpath_read (0: none does). */
+BPF_TABLE("array", int, __u32, fastpath_config, 2);
+/* Bytes each tracked app socket has read (fastpath.c, on the sock_recv_length tracepoint),
+ * by socket cookie: what the other side sent minus this is what still waits for the app. */
+BPF_TABLE("lru_hash", __u64, __u64, fastpath_read, 65536);
 
 static __always_inline void count(__u32 which)
 {

@@ -17,7 +17,7 @@
 /* The same-node fast path needs every byte an app socket sends counted from the first
  * one, so the socket joins fastpath_socks (where fastpath.c sees its sends) as it is
  * established, before ztunnel has decided anything about it. */
-static __always_inline void fastpath_track(struct bpf_sock_ops *skops)
+static __always_inline void fastpath_track(struct bpf_sock_ops *skops, __u64 cookie)
 {
     __u64 zero = 0; /* whole words on the stack (Linux 6.1's verifier, see maps.h) */
     __u32 *enabled = fastpath_config.lookup((int *)&zero);
@@ -26,8 +26,9 @@ static __always_inline void fastpath_track(struct bpf_sock_ops *skops)
     union fastpath_key_words key;
     fastpath_key_build(&key, bpf_get_netns_cookie(skops), skops->local_ip4, skops->remote_ip4,
                        skops->local_port, bpf_ntohl(skops->remote_port));
-    struct fastpath_bytes zeros = {};
+    struct fastpath_bytes zeros = {.cookie = cookie};
     fastpath_bytes.update(&key.key, &zeros);
+    fastpath_read.update(&cookie, &zero);
     fastpath_socks.sock_hash_update(skops, &key.key, BPF_NOEXIST);
 }
 
@@ -47,10 +48,10 @@ int ambimesh_sockops(struct bpf_sock_ops *skops)
         bpf_sock_ops_cb_flags_set(skops,
                                   skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         count(COUNTER_OUTBOUND_ESTABLISHED);
-        fastpath_track(skops);
+        fastpath_track(skops, cookie);
     } else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
                skops->remote_ip4 == bpf_htonl(AMBIMESH_FASTPATH_SOURCE)) {
-        fastpath_track(skops); /* the app's end of a fast-path delivery */
+        fastpath_track(skops, cookie); /* the app's end of a fast-path delivery */
     } else if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == BPF_TCP_CLOSE) {
         orig_dst_by_cookie.delete(&cookie);
     }

@@ -20,6 +20,7 @@ import pytest
 
 from bpf.loader import (
     _FASTPATH_PROGRAM,
+    _FASTPATH_READER,
     _POD_CGROUP_PROGRAMS,
     _PROXY_PROGRAM,
     _SK_LOOKUP_PROGRAM,
@@ -29,7 +30,8 @@ from bpf.loader import (
 from tests.integration.privileged import require_privileged
 
 PROGRAMS = [
-    p[0] for p in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM, _SK_LOOKUP_PROGRAM, _FASTPATH_PROGRAM)
+    *(p[0] for p in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM, _SK_LOOKUP_PROGRAM, _FASTPATH_PROGRAM)),
+    _FASTPATH_READER.decode(),
 ]
 
 # include/uapi/linux/bpf.h and bpf_common.h

@@ -4,14 +4,19 @@ handle (ztunnel/fastpath_maps.py) against real sockets in two pod netns.
 
 What it shows: bytes an app sent before the pairing keep their order ahead of redirected
 ones; once paired, sends skip ztunnel's sockets in both directions; FIN and close still
-travel the TCP connections (so ztunnel sees them); a slow reader pushes back on the
-sender; a redirect whose target is gone falls back to the TCP connection.
+travel the TCP connections (so ztunnel sees them); a reader that does not read holds the
+sender back after a bounded amount (at most FASTPATH_QUEUE_MAX in its receive queue, the
+rest in the TCP connection's buffers), and the bytes stay in order across the switches
+between receive queue and TCP connection; a redirect whose target is gone falls back to
+the TCP connection.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,8 @@ pytestmark = pytest.mark.privileged
 
 APP = ("127.0.0.1", 8080)
 FASTPATH_SOURCE = "127.0.0.7"
-MAX_SENDS = 10_000  # bound for filling socket buffers
+QUEUE_MAX = 4 << 20  # FASTPATH_QUEUE_MAX in bpf/src/fastpath.c
+FILL_BLOCKS = 1024  # 64 MiB: a sender the kernel holds back blocks long before
 
 
 @pytest.fixture
@@ -144,25 +150,81 @@ def test_paired_apps_talk_in_the_kernel_in_order_and_fin_takes_tcp(
     assert maps.redirected(server) == 21
 
 
-def test_a_slow_reader_pushes_back_on_the_sender(
+def fill(sock: socket.socket, start: int = 0) -> bytes:
+    """Non-blocking sends of numbered 64 KiB blocks until the kernel takes no more."""
+    sock.setblocking(False)
+    sent = b""
+    try:
+        for number in range(start, start + FILL_BLOCKS):
+            block = number.to_bytes(8, "big") * 8192
+            try:
+                taken = sock.send(block)
+            except BlockingIOError:
+                return sent
+            sent += block[:taken]
+            if taken < len(block):
+                return sent
+    finally:
+        sock.setblocking(True)
+        sock.settimeout(10)
+    pytest.fail(f"the sender never blocked ({len(sent)} bytes taken, the reader read none)")
+
+
+def kernel_bytes(mesh: MeshBpf, app: FastpathKey) -> tuple[int, int]:
+    """(bytes redirected into the other app's receive queue, into ztunnel's TCP egress)."""
+    found = mesh.table("fastpath_bytes")[app]
+    return found.redirected - found.to_tcp, found.to_tcp
+
+
+def numbered(first: int, count: int) -> bytes:
+    return b"".join(n.to_bytes(8, "big") * 8192 for n in range(first, first + count))
+
+
+def test_a_reader_that_does_not_read_bounds_what_the_kernel_holds(
     lab: Lab, pinned: tuple[MeshBpf, FastPathMaps]
 ) -> None:
     mesh, maps = pinned
     maps.set_enabled(True)
     conn = connect(lab, mesh)
-    pair(maps, conn)
-    conn.client.setblocking(False)
-    accepted = 0
-    for _ in range(MAX_SENDS):
-        try:
-            accepted += conn.client.send(b"x" * 65536)
-        except BlockingIOError:
-            break
-    else:
-        pytest.fail(f"the sender never blocked ({accepted} bytes taken, the reader read none)")
-    assert accepted < 64 * 1024 * 1024
-    conn.client.setblocking(True)
-    assert len(recv_exactly(conn.server, accepted)) == accepted
+    client, _ = pair(maps, conn)
+    sent = fill(conn.client)
+    queued, through_tcp = kernel_bytes(mesh, client)
+    # The receive queue took at most its bound, then the TCP connection's buffers held the
+    # sender back (unbounded, the kernel would have taken every send above). The program
+    # counts a send the TCP connection cut short in full: >=.
+    assert 0 < queued <= QUEUE_MAX
+    assert through_tcp > 0 and queued + through_tcp >= len(sent)
+    # Read in order: the receive queue first, then what waited in the TCP connection.
+    assert recv_exactly(conn.server, len(sent)) == sent
+    assert nothing_to_read(conn.z1)
+
+
+def test_once_everything_was_read_sends_take_the_receive_queue_again_in_order(
+    lab: Lab, pinned: tuple[MeshBpf, FastPathMaps]
+) -> None:
+    mesh, maps = pinned
+    maps.set_enabled(True)
+    conn = connect(lab, mesh)
+    client, _ = pair(maps, conn)
+    first = numbered(0, 160)  # 10 MiB: more than the queue and the TCP buffers take
+    conn.client.settimeout(None)  # blocking sends: counted exactly
+    sender = threading.Thread(target=conn.client.sendall, args=(first,))
+    sender.start()
+    try:
+        deadline = time.monotonic() + 10
+        while kernel_bytes(mesh, client)[1] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued, through_tcp = kernel_bytes(mesh, client)
+        assert 0 < queued <= QUEUE_MAX and through_tcp > 0, "never switched to TCP"
+        assert recv_exactly(conn.server, len(first)) == first
+    finally:
+        sender.join(10)
+    assert not sender.is_alive()
+    conn.client.sendall(numbered(160, 1))
+    assert recv_exactly(conn.server, 65536) == numbered(160, 1)
+    queued_again, through_tcp_again = kernel_bytes(mesh, client)
+    assert queued_again > queued, "everything was read, yet the queue was not used again"
+    assert queued_again + through_tcp_again == len(first) + 65536
     assert nothing_to_read(conn.z1)
 
 
