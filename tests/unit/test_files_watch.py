@@ -152,3 +152,22 @@ async def test_when_a_directory_cannot_be_watched_the_source_polls(
         assert "No space left" in caplog.text and "polling the configuration" in caplog.text
     finally:
         task.cancel()
+
+
+async def test_a_directory_replaced_between_two_scans_is_watched_again(
+    tmp_path: Path, running: Running
+) -> None:
+    """``rm -r team && cp -r new-team team``: the kernel drops the old directory's watch;
+    the path, still the same, must be watched anew."""
+    team = tmp_path / "team"
+    team.mkdir()
+    (team / "c.yaml").write_text(NAMESPACE.format(name="c"))
+    await wait_for(lambda: running.last() == ["a", "c"])
+    (team / "c.yaml").unlink()
+    team.rmdir()
+    team.mkdir()
+    (team / "d.yaml").write_text(NAMESPACE.format(name="d"))
+    await wait_for(lambda: running.last() == ["a", "d"])
+    await asyncio.sleep(0.1)  # every event of the replacement read
+    (team / "d.yaml").write_text(NAMESPACE.format(name="d2"))  # seen only through a new watch
+    await wait_for(lambda: running.last() == ["a", "d2"])
