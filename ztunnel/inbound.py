@@ -123,7 +123,7 @@ async def _admit(
         hbone=request.authority,
     )
     conn = authz.Connection(peer_address or "", peer, *target)
-    decision = authz.authorize(state, workload, conn)
+    decision = memo.authorize(state, workload, conn)
     if not decision.allowed:
         ctx.connections.deny(info, decision)
         stream.refuse(Status.UNAUTHENTICATED)  # Istio's ztunnel answers a denial with 401

@@ -47,6 +47,7 @@ from mesh.api import node_pb2
 from mesh.cert_manager import CertManager
 from mesh.cert_metrics import CertCollector
 from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
+from mesh.log_format import SecondCachedFormatter
 from mesh.netns import Netns
 from mesh.node_config import ControllerAccess
 from mesh.proxy_process import drain_signals, start_push
@@ -188,9 +189,11 @@ class _Master:
 
 
 def _label_logs(role: str) -> None:
+    """The process's role in each line; the formatter whose lines (the access lines) skip
+    the `LogRecord` (`mesh.log_format`), as the single-process ztunnel's."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+            SecondCachedFormatter(f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
         )
 
 

@@ -1,8 +1,10 @@
-"""ztunnel/label_memo.py: a connection's labels worked out once per pod, mesh state and
-what they depend on, with the same answers as working them out for every connection."""
+"""ztunnel/label_memo.py: a connection's labels (and an inbound tunnel's authorization)
+worked out once per pod, mesh state and what they depend on, with the same answers as
+working them out for every connection."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +12,9 @@ import pytest
 from mesh.api import mesh_pb2, node_pb2
 from mesh.netns import Netns
 from mesh.spiffe import SpiffeId
-from ztunnel import label_memo
+from tests.unit.test_authz import policies, src
+from ztunnel import authz, label_memo
+from ztunnel.authz import Connection
 from ztunnel.context import LocalPod
 from ztunnel.label_memo import LabelMemo
 from ztunnel.route import OutboundDecision, Protocol
@@ -114,3 +118,31 @@ def test_outbound_labels_follow_the_route_decision(pod: LocalPod) -> None:
     assert (plain.destination_workload, plain.connection_security_policy) == ("unknown", "none")
     moved = memo.outbound(state(), to(CLIENT, SERVICE))  # a new state: worked out anew
     assert moved == labels and moved is not labels
+
+
+def test_authorization_is_decided_once_per_state_and_connection(
+    pod: LocalPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deny_client = {
+        "demo": tuple(policies(src("DENY", principals=["cluster.local/ns/demo/sa/client"])))
+    }
+    allowing, denying = state(), dataclasses.replace(state(), authorization_policies=deny_client)
+    conn = Connection("198.19.1.10", CLIENT_ID, "198.19.2.10", 8080)
+    calls: list[Connection] = []
+    real = authz.authorize
+
+    def counted(mesh: MeshState, workload: mesh_pb2.Workload, c: Connection) -> authz.Decision:
+        calls.append(c)
+        return real(mesh, workload, c)
+
+    monkeypatch.setattr(authz, "authorize", counted)
+    memo = LabelMemo(pod)
+    assert memo.authorize(allowing, SERVER, conn).allowed
+    assert memo.authorize(allowing, SERVER, conn).allowed
+    assert len(calls) == 1
+    other = Connection("198.19.1.11", CLIENT_ID, "198.19.2.10", 8080)
+    assert memo.authorize(allowing, SERVER, other).allowed and len(calls) == 2
+    # A new state (the policy update) decides again: now denied, as authz.authorize says.
+    decision = memo.authorize(denying, SERVER, conn)
+    assert not decision.allowed and decision == real(denying, SERVER, conn)
+    assert len(calls) == 3

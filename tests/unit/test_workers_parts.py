@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import base64
 import datetime
+import io
+import logging
 import os
 import socket
 import threading
@@ -20,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from mesh.api import node_pb2
+from mesh.log_format import InfoLines
 from mesh.spiffe import SpiffeId
 from mesh.tls import TlsIdentity
 from tests.unit.certs import CertAuthority, make_ca, make_leaf
@@ -27,7 +30,7 @@ from ztunnel.main import default_workers, parse_args, quota_cpus
 from ztunnel.node_certs import NodeCertificates
 from ztunnel.node_metrics import Totals, WorkersCollector, families_of
 from ztunnel.worker_link import Body, LinkClosed, RemoteError, WorkerLink
-from ztunnel.workers import Supervisor
+from ztunnel.workers import Supervisor, _label_logs
 
 TIMEOUT = 5.0
 SID = SpiffeId("cluster.local", "demo", "client")
@@ -345,3 +348,28 @@ async def test_supervisor_gives_every_worker_every_pod_and_resyncs_when_the_acke
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)
+
+
+def test_a_worker_s_lines_name_its_role_and_access_lines_skip_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    stream = io.StringIO()
+    saved = list(root.handlers)
+    root.handlers = [logging.StreamHandler(stream)]
+    try:
+        _label_logs("worker-1")
+        logging.getLogger("ztunnel.access").warning("as a record")
+
+        def refuse(*args: object, **kwargs: object) -> logging.LogRecord:
+            raise AssertionError("a LogRecord was made")
+
+        monkeypatch.setattr(logging.Logger, "makeRecord", refuse)
+        monkeypatch.setattr(root, "level", logging.INFO)
+        InfoLines(logging.getLogger("ztunnel.access")).info("outbound complete")
+    finally:
+        root.handlers = saved
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(" WARNING worker-1 ztunnel.access: as a record")
+    assert second.endswith(" INFO worker-1 ztunnel.access: outbound complete")
+    assert first[:10] == second[:10]  # the same date format
