@@ -122,8 +122,12 @@ _SK_LOOKUP_PROGRAM = ("ambimesh_sk_lookup", _PROG_SK_LOOKUP, _ATTACH_SK_LOOKUP)
 # Attached to the fastpath_socks map, not to a cgroup: the map holds it (and its pin the
 # map), so it outlives the agent like the cgroup programs; the next agent's replaces it.
 _FASTPATH_PROGRAM = ("ambimesh_fastpath", _PROG_SK_MSG, _ATTACH_SK_MSG_VERDICT)
-# On the sock_recv_length tracepoint, held by this process (see _attach_fastpath_reader).
-_FASTPATH_READER = b"ambimesh_fastpath_read"
+# On the sock_recv_length and sock_send_length tracepoints, held by this process (see
+# _attach_fastpath_counters).
+_FASTPATH_COUNTERS = {
+    b"sock_recv_length": b"ambimesh_fastpath_read",
+    b"sock_send_length": b"ambimesh_fastpath_sent",
+}
 
 
 class BpfError(Exception):
@@ -474,7 +478,7 @@ class MeshBpf:
         pin_dir: str | None = None,
     ) -> None:
         self.pin_dir = None if pin_dir is None else os.path.abspath(pin_dir)
-        # Which agent's ambimesh_fastpath_read counts, should two share the pinned maps.
+        # Which agent's tracepoint programs count, should two share the pinned maps.
         self._reader_token = int.from_bytes(os.urandom(4), "little") % 0xFFFFFFFE + 1
         flags = [*cflags(outbound_port, inbound_port, hbone_port)]
         flags.append(f"-DAMBIMESH_READER_TOKEN={self._reader_token}")
@@ -521,7 +525,7 @@ class MeshBpf:
             self._fastpath_socks_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"fastpath_socks"))
             name, _, attach_type = _FASTPATH_PROGRAM
             self._libbpf.prog_attach(self._fns[name].fd, self._fastpath_socks_fd, attach_type, 0)
-            self._attach_fastpath_reader()
+            self._attach_fastpath_counters()
         except Exception as exc:
             self._bpf.cleanup()
             raise BpfError(
@@ -829,12 +833,14 @@ class MeshBpf:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _attach_fastpath_reader(self) -> None:
-        """Count what fast-path apps read (fastpath.c), where the kernel has the tracepoint
-        (Linux >= 6.4); without it fastpath.c keeps to the TCP connections. From here on
-        only this agent's program counts; it stops counting when this process ends."""
+    def _attach_fastpath_counters(self) -> None:
+        """Count what fast-path apps read and really sent (fastpath.c), where the kernel has
+        both tracepoints (Linux >= 6.4); without them fastpath.c keeps to the TCP
+        connections. From here on only this agent's programs count; they stop when this
+        process ends."""
         try:
-            self._bpf.attach_raw_tracepoint(tp=b"sock_recv_length", fn_name=_FASTPATH_READER)
+            for tracepoint, function in _FASTPATH_COUNTERS.items():
+                self._bpf.attach_raw_tracepoint(tp=tracepoint, fn_name=function)
         except Exception as exc:  # bcc raises plain Exception
             log.info("same-node fast path without receive queues: %s", exc)
             return

@@ -68,6 +68,24 @@ class FastpathPair(ctypes.Structure):
     _fields_ = (("target", FastpathKey), ("relayed", ctypes.c_uint64), ("peer", FastpathKey))
 
 
+class FastpathFlow(ctypes.Structure):
+    """``struct fastpath_flow``: what an app socket read, and the corrections of its sends."""
+
+    _fields_ = tuple(
+        (name, ctypes.c_uint64)
+        for name in (
+            "read",
+            "excess_passed",
+            "excess_kernel",
+            "call",
+            "thread",
+            "last",
+            "token",
+            "tainted",
+        )
+    )
+
+
 # Per map: (key type, value type), in C's terms.
 LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
     "orig_dst_by_cookie": (ctypes.c_uint64, OrigDst),
@@ -78,7 +96,7 @@ LAYOUTS: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {
     "fastpath_bytes": (FastpathKey, FastpathBytes),
     "fastpath_pairs": (FastpathKey, FastpathPair),
     "fastpath_config": (ctypes.c_uint32, ctypes.c_uint32),
-    "fastpath_read": (ctypes.c_uint64, ctypes.c_uint64),
+    "fastpath_read": (ctypes.c_uint64, FastpathFlow),
 }
 
 # ``enum ambimesh_counter`` in order: index in the ``counters`` per-CPU array -> name.

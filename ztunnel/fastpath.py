@@ -11,11 +11,12 @@ both identities are the ones the agent handed over, no plaintext peer is involve
 Then ztunnel connects to the app inside the destination pod from 127.0.0.7 (HBONE
 deliveries come from 127.0.0.6), so sockops tracks the app's end, and pairs the two app
 sockets in the agent's maps: fastpath.c redirects each app socket's sends straight into
-the egress of ztunnel's socket towards the other app. ztunnel keeps relaying what the apps
-sent before the pairing (and tells the kernel how much it relayed, so nothing overtakes
-it), and it keeps both connections: FIN and close still travel through them, so
-half-close, close, the live policy re-check (it unpairs, then closes both) and metrics
-work as on every other path. Without the maps (agent not there yet, old kernel) the same
+the other app's receive queue, or, while that one has unread bytes from the TCP connection
+or too many queued, into the egress of ztunnel's socket towards it. ztunnel keeps relaying
+what the apps sent before the pairing (and tells the kernel how much it relayed, so
+nothing overtakes it), and it keeps both connections: FIN and close still travel through
+them, so half-close, close, the live policy re-check (it unpairs, then closes both) and
+metrics work as on every other path. Without the maps (agent not there yet, old kernel) the same
 decision is relayed in user space.
 """
 

@@ -159,9 +159,26 @@ BPF_TABLE("lru_hash", struct fastpath_key, struct fastpath_pair, fastpath_pairs,
 /* [0] != 0: ztunnel runs with the fast path on, so sockops tracks app sockets for it.
  * [1]: the token of the agent whose fastpath.c counts fastpath_read (0: none does). */
 BPF_TABLE("array", int, __u32, fastpath_config, 2);
-/* Bytes each tracked app socket has read (fastpath.c, on the sock_recv_length tracepoint),
- * by socket cookie: what the other side sent minus this is what still waits for the app. */
-BPF_TABLE("lru_hash", __u64, __u64, fastpath_read, 65536);
+/* Per tracked app socket, by socket cookie (fastpath.c's tracepoint programs and sk_msg):
+ * ``read``: bytes the app read (what the other side sent minus this still waits for it);
+ * ``excess_passed``/``excess_kernel``: bytes the sk_msg program counted in ``passed`` /
+ * ``redirected`` that the send did not take after all (a send cut short), so that the
+ * counts stay exact; ``call``, ``thread``, ``last``, ``token``: the current send call's
+ * count, its thread, the way its last bytes took and the counting agent's token when it
+ * began; ``tainted``: two threads' sends overlapped, or the counting agent changed during
+ * a call, so the corrections cannot be trusted and the receive queue is not used any
+ * more. */
+struct fastpath_flow {
+    __u64 read;
+    __u64 excess_passed;
+    __u64 excess_kernel;
+    __u64 call;
+    __u64 thread;
+    __u64 last;
+    __u64 token;
+    __u64 tainted;
+};
+BPF_TABLE("lru_hash", __u64, struct fastpath_flow, fastpath_read, 65536);
 
 static __always_inline void count(__u32 which)
 {

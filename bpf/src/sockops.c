@@ -28,7 +28,8 @@ static __always_inline void fastpath_track(struct bpf_sock_ops *skops, __u64 coo
                        skops->local_port, bpf_ntohl(skops->remote_port));
     struct fastpath_bytes zeros = {.cookie = cookie};
     fastpath_bytes.update(&key.key, &zeros);
-    fastpath_read.update(&cookie, &zero);
+    struct fastpath_flow flow = {};
+    fastpath_read.update(&cookie, &flow);
     fastpath_socks.sock_hash_update(skops, &key.key, BPF_NOEXIST);
 }
 

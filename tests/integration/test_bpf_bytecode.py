@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from bpf.loader import (
+    _FASTPATH_COUNTERS,
     _FASTPATH_PROGRAM,
-    _FASTPATH_READER,
     _POD_CGROUP_PROGRAMS,
     _PROXY_PROGRAM,
     _SK_LOOKUP_PROGRAM,
@@ -31,7 +31,7 @@ from tests.integration.privileged import require_privileged
 
 PROGRAMS = [
     *(p[0] for p in (*_POD_CGROUP_PROGRAMS, _PROXY_PROGRAM, _SK_LOOKUP_PROGRAM, _FASTPATH_PROGRAM)),
-    _FASTPATH_READER.decode(),
+    *(name.decode() for name in _FASTPATH_COUNTERS.values()),
 ]
 
 # include/uapi/linux/bpf.h and bpf_common.h
