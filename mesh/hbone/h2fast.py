@@ -60,6 +60,9 @@ END_STREAM = 0x1
 END_HEADERS = 0x4
 # length (24 bits) and type in one 32-bit field, then flags and stream id.
 _HEADER = struct.Struct(">IBI")
+# A frame header at an offset: (length << 8 | type, flags, stream id with its reserved bit).
+parse_frame_header = _HEADER.unpack_from
+STREAM_ID_MASK = 0x7FFFFFFF
 _WINDOW_UPDATE = struct.Struct(">IBII")
 
 _CAN_SEND = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})

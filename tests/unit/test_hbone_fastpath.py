@@ -302,3 +302,24 @@ async def test_frames_of_one_iteration_go_out_in_order_in_one_write() -> None:
     await pair.exchange(lambda: pair.ended(1) and pair.ended(3))
     for sid in (1, 3):
         assert bytes(pair.received[sid]) == b"small" + big + b"tail"
+
+
+async def test_writes_while_the_transport_is_paused_wait_and_keep_their_order() -> None:
+    """A write with nothing queued goes out at once as a DATA frame, but not while the
+    transport has paused writing: then it is queued, and after resume_writing everything
+    written meanwhile follows in order, the windows agreeing."""
+    pair = Pair(split=100_000)
+    pair.client.send_headers(1, CONNECT)
+    await pair.exchange(lambda: len(pair.server._streams) == 1)
+    await pair.exchange(lambda: any(isinstance(e, h2.events.ResponseReceived) for e in pair.events))
+    (stream,) = pair.server._streams.values()
+    stream.write(b"first ")
+    await pair.exchange(lambda: bytes(pair.received.get(1, b"")) == b"first ")
+    pair.server.pause_writing()
+    stream.write(b"second ")
+    stream.write(b"third")
+    await asyncio.sleep(0)
+    assert not pair.transport.output
+    pair.server.resume_writing()
+    await pair.exchange(lambda: bytes(pair.received.get(1, b"")) == b"first second third")
+    pair.windows_agree(1)
