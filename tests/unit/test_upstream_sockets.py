@@ -237,17 +237,23 @@ def test_closing_the_pool_closes_its_spare_sockets_and_refuses_more(pod: Pod) ->
     assert sockets_in_netns(pod.netns.inode) == 0
 
 
+def pod_proxy(pod: Pod) -> PodProxy:
+    """ztunnel's proxy for ``pod`` (in-pod listeners and upstream sockets), certificates
+    from a test CA; call inside a running loop."""
+    ca = make_ca()
+    ctx = ProxyContext(
+        certs=CertManager(lambda sid: make_leaf(ca, sid)),
+        connections=ConnectionTable(TcpMetrics(CollectorRegistry())),
+    )
+    info = node_pb2.PodInfo(uid="uid-ups", name="ups", namespace="demo")
+    with Netns.open(pod.path) as borrowed:
+        local = LocalPod.adopt(info, borrowed.fileno(), "cluster.local")
+    return PodProxy(ctx, local)
+
+
 def test_a_released_pod_leaves_no_socket_of_its_netns(pod: Pod) -> None:
     async def main() -> None:
-        ca = make_ca()
-        ctx = ProxyContext(
-            certs=CertManager(lambda sid: make_leaf(ca, sid)),
-            connections=ConnectionTable(TcpMetrics(CollectorRegistry())),
-        )
-        info = node_pb2.PodInfo(uid="uid-ups", name="ups", namespace="demo")
-        with Netns.open(pod.path) as borrowed:
-            local = LocalPod.adopt(info, borrowed.fileno(), "cluster.local")
-        proxy = PodProxy(ctx, local)  # its three listeners
+        proxy = pod_proxy(pod)  # its three listeners
         proxy.upstream.take().close()
         await asyncio.sleep(0)
         assert sockets_in_netns(pod.netns.inode) == 3 + proxy.upstream.spare > 3
@@ -265,15 +271,7 @@ def test_a_released_pod_ends_the_relays_its_handlers_left_running(pod: Pod) -> N
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        ca = make_ca()
-        ctx = ProxyContext(
-            certs=CertManager(lambda sid: make_leaf(ca, sid)),
-            connections=ConnectionTable(TcpMetrics(CollectorRegistry())),
-        )
-        info = node_pb2.PodInfo(uid="uid-ups", name="ups", namespace="demo")
-        with Netns.open(pod.path) as borrowed:
-            local = LocalPod.adopt(info, borrowed.fileno(), "cluster.local")
-        proxy = PodProxy(ctx, local)
+        proxy = pod_proxy(pod)
         started: asyncio.Future[asyncio.Future[Any]] = loop.create_future()
 
         async def handler(
