@@ -879,7 +879,9 @@ class MeshBpf:
                     raise BpfError(
                         f"the map pinned at {path} is {pinned} but this ambimesh needs "
                         f"{declared}: another version made it. Remove the pin dir "
-                        f"{self.pin_dir} (ambimesh lab down, or rm -r) and start the agent again"
+                        f"{self.pin_dir} and start the agent again: on a node, stop agent and "
+                        "ztunnel and run `ambimesh uninstall` (pods are not captured until "
+                        "the agent is back); in the lab, `ambimesh lab down`"
                     )
                 os.dup2(pinned_fd, fd, inheritable=False)
             finally:
