@@ -1,7 +1,9 @@
 """gRPC keepalive of the node -> controller connections, one source for both ends.
 
 The push stream is idle for long stretches, and keepalive pings are how a node notices a
-controller that vanished without closing the connection. A gRPC server answers pings
+controller that vanished without closing the connection, and how the controller notices a
+node that did (its host gone, its process stopped): that stream ends, the node no longer
+counts as connected, and its stream's memory is freed. A gRPC server answers pings
 that come more often than it allows (by default one per 5 minutes without data) with
 ``GOAWAY too_many_pings``, and the client reconnects: so the server's allowance is
 derived here from the client's interval, never written down twice. The client must also
@@ -20,7 +22,7 @@ GrpcOptions = list[tuple[str, int]]
 
 @dataclass(frozen=True)
 class Keepalive:
-    """The client pings every ``time_ms`` and gives up ``timeout_ms`` after an unanswered one."""
+    """Each end pings every ``time_ms`` and gives up ``timeout_ms`` after an unanswered ping."""
 
     time_ms: int = 30_000
     timeout_ms: int = 10_000
@@ -34,8 +36,10 @@ class Keepalive:
         ]
 
     def server_options(self) -> GrpcOptions:
-        """Allows pings at half the client's interval: margin for timer and network jitter."""
+        """Pings the nodes on the clients' schedule, and allows their pings at half their
+        interval: margin for timer and network jitter."""
         return [
+            *self.client_options(),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", self.time_ms // 2),
         ]

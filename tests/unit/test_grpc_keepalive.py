@@ -1,6 +1,7 @@
 """Keepalive between the real controller gRPC server and the real PushClient, in-process,
 with the shared settings scaled down to a one-second ping: an idle push stream lives on,
-a silent dead link is noticed, and a server that disagrees would cut the stream."""
+a silent dead link is noticed by both ends, and a server that disagrees would cut the
+stream."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from controller.auth import TokenAuthenticator
 from controller.ca import ROOT_CERT_FILE, CertificateAuthority
 from controller.main import grpc_server
+from controller.push_service import DiscoveryService
 from controller.store import Store
 from mesh.keepalive import Keepalive
 from mesh.push_client import PushClient
@@ -72,9 +74,14 @@ class Harness:
         self._root = (tmp_path / ROOT_CERT_FILE).read_bytes()
         self._servers: list[grpc.aio.Server] = []
         self._nodes: list[tuple[PushClient, Relay]] = []
+        self.discovery: DiscoveryService | None = None
 
-    async def start(self, server_keepalive: Keepalive) -> tuple[PushClient, Relay]:
-        server = grpc_server(Store(), TokenAuthenticator(self._tokens), self._ca, server_keepalive)
+    async def start(
+        self, server_keepalive: Keepalive, client_keepalive: Keepalive = FAST
+    ) -> tuple[PushClient, Relay]:
+        store, authenticator = Store(), TokenAuthenticator(self._tokens)
+        self.discovery = DiscoveryService(store, authenticator)
+        server = grpc_server(store, authenticator, self._ca, server_keepalive, self.discovery)
         serving = self._ca.serving_cert(["127.0.0.1"])
         credentials = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
         port = server.add_secure_port("127.0.0.1:0", credentials)
@@ -88,7 +95,7 @@ class Harness:
             "node-a",
             lambda version, state: None,
             initial_backoff=0.1,
-            keepalive=FAST,
+            keepalive=client_keepalive,
         )
         self._nodes.append((client, relay))
         client.start()
@@ -142,3 +149,19 @@ async def test_a_server_allowing_fewer_pings_cuts_the_stream(
         await asyncio.sleep(0.05)
     assert relay.accepted == 2
     assert "too many pings" in caplog.text.lower()
+
+
+async def test_the_controller_notices_a_node_gone_silent(harness: Harness) -> None:
+    """A node whose host vanished (or whose process stopped) without a FIN: the server's own
+    pings end its stream, here with the node pinging too rarely to notice anything."""
+    _, relay = await harness.start(FAST, client_keepalive=Keepalive(time_ms=600_000))
+    assert harness.discovery is not None
+    status = harness.discovery.nodes["node-a"]
+    assert status.connected == 1
+    relay.silent = True
+    started = time.monotonic()
+    limit = (FAST.time_ms + FAST.timeout_ms) / 1000 + 3
+    while status.connected and time.monotonic() - started < limit:
+        await asyncio.sleep(0.05)
+    assert status.connected == 0, f"the controller kept a silent node's stream for {limit} s"
+    assert relay.accepted == 1  # the node itself noticed nothing
