@@ -185,6 +185,9 @@ class Run:
         command += ["--state-dir", str(self.work / "state"), "--tokens", str(tokens)]
         command += ["--listen", target, "--log-level", "INFO"]
         root = self.args.controller_root
+        # Metrics on loopback only; a --controller-root older than them has no such flag.
+        if "--metrics-listen" in (root / "controller" / "main.py").read_text():
+            command += ["--metrics-listen", f"127.0.0.1:{free_port()}"]
         env = os.environ | {"PYTHONPATH": str(root)}
         with (self.work / "controller.log").open("ab") as log:
             self.controller = subprocess.Popen(

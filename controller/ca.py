@@ -54,6 +54,7 @@ class CertificateAuthority:
         self._key = key
         self._root = root
         self.root_pem = root.public_bytes(serialization.Encoding.PEM)
+        self.root_not_after = root.not_valid_after_utc
 
     @classmethod
     def load_or_create(cls, state_dir: Path, trust_domain: str) -> CertificateAuthority:

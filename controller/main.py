@@ -1,5 +1,5 @@
 """``ambimesh-controller``: config store + one source (a YAML directory or the Kubernetes
-API) + CA + push API on one gRPC port."""
+API) + CA + push API on one gRPC port, and its metrics on another (HTTP)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.process_collector import ProcessCollector
 
 from controller.auth import (
     JoinTokensFirst,
@@ -23,6 +26,7 @@ from controller.auth import (
 )
 from controller.ca import ROOT_CERT_FILE, CAError, CertificateAuthority
 from controller.ca_service import CertificateService
+from controller.metrics import ControllerCollector
 from controller.push_service import DiscoveryService, add_to_server
 from controller.quoting import quote
 from controller.sources.files import DirectoryWatcher
@@ -36,12 +40,16 @@ from controller.tokenreview import (
 )
 from controller.translate import ConfigError, Memo, Settings, SourcedObject, translate
 from mesh.api import mesh_pb2_grpc
+from mesh.http_endpoints import metrics_routes, serve_in_thread, stop_serving
 from mesh.keepalive import KEEPALIVE, Keepalive
 from mesh.version import add_version_flag
 
 log = logging.getLogger("controller")
 
 DEFAULT_LISTEN = "0.0.0.0:15012"
+# istiod serves its metrics on 15014, which on a node is the agent's: a controller on a
+# host that is also a node must not collide with it.
+DEFAULT_METRICS_LISTEN = "0.0.0.0:15016"
 DEFAULT_STATE_DIR = "/var/lib/ambimesh/controller"
 _WILDCARDS = ("", "0.0.0.0", "::")
 
@@ -70,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="CA material")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT for push + CA gRPC")
+    p.add_argument(
+        "--metrics-listen",
+        default=DEFAULT_METRICS_LISTEN,
+        help="HOST:PORT for Prometheus metrics over HTTP, /metrics (docs/metrics.md)",
+    )
     p.add_argument(
         "--serving-hosts",
         type=_comma_list,
@@ -107,10 +120,12 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def split_host_port(listen: str) -> tuple[str, int]:
+def split_host_port(
+    listen: str, flag: str = "--listen", example: str = DEFAULT_LISTEN
+) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StartupError(f"--listen {quote(listen)}: expected HOST:PORT, e.g. 0.0.0.0:15012")
+        raise StartupError(f"{flag} {quote(listen)}: expected HOST:PORT, e.g. {example}")
     return host.strip("[]"), int(port)
 
 
@@ -129,18 +144,22 @@ def grpc_server(
     keepalive: Keepalive = KEEPALIVE,
     discovery: DiscoveryService | None = None,
 ) -> grpc.aio.Server:
-    """The push and CA services on one server, accepting the nodes' keepalive pings."""
+    """The push and CA services on one server, accepting the nodes' keepalive pings; both
+    count into the discovery service's metrics."""
     # A second controller on the same port must fail, not silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *keepalive.server_options()])
-    add_to_server(discovery or DiscoveryService(store, authenticator), server)
-    mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        CertificateService(ca, store, authenticator), server
-    )
+    discovery = discovery or DiscoveryService(store, authenticator)
+    add_to_server(discovery, server)
+    certificates = CertificateService(ca, store, authenticator, discovery.metrics.certificates)
+    mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(certificates, server)
     return server
 
 
 async def serve(args: argparse.Namespace) -> None:
     host, _ = split_host_port(args.listen)
+    metrics_address = split_host_port(
+        args.metrics_listen, "--metrics-listen", DEFAULT_METRICS_LISTEN
+    )
     try:
         ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
     except (CAError, OSError) as e:
@@ -160,24 +179,58 @@ async def serve(args: argparse.Namespace) -> None:
     api = await _kube_api(args) if args.source == "kubernetes" else None
     try:
         authenticator = _authenticator(args, api)
-        if api is None:
-            watch = asyncio.create_task(_files_source(args, apply).run())
-        else:
-            source = KubernetesSource(api, apply)
-            watch = asyncio.create_task(source.run())
-            log.info("waiting for a first valid configuration from the API server")
-            if not await _first(source.applied.wait(), stopping.wait(), watch):
-                return
-        _freeze_loaded()
+        discovery = DiscoveryService(store, authenticator)
+        source: DirectoryWatcher | KubernetesSource
+        source = _files_source(args, apply) if api is None else KubernetesSource(api, apply)
+        metrics = _serve_metrics(metrics_address, discovery, ca, store, source)
+        watch = asyncio.create_task(source.run())
         try:
-            await _serve_grpc(args, host, store, authenticator, ca, stopping)
+            if isinstance(source, KubernetesSource):
+                log.info("waiting for a first valid configuration from the API server")
+                if not await _first(source.applied.wait(), stopping.wait(), watch):
+                    return
+            _freeze_loaded()
+            await _serve_grpc(args, host, store, authenticator, ca, discovery, stopping)
         finally:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+            stop_serving(metrics)
     finally:
         if api is not None:
             await api.close()
+
+
+def _serve_metrics(
+    address: tuple[str, int],
+    discovery: DiscoveryService,
+    ca: CertificateAuthority,
+    store: Store,
+    source: DirectoryWatcher | KubernetesSource,
+) -> ThreadingHTTPServer:
+    """``/metrics`` in its own thread (a scrape never stalls the push streams)."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    root_not_after = ca.root_not_after.timestamp()
+    registry.register(
+        ControllerCollector(
+            discovery.metrics,
+            connected_streams=discovery.connected_streams,
+            root_not_after=lambda: root_not_after,
+            config_serial=lambda: store.current.serial,
+            config_rejects=lambda: source.rejected,
+        )
+    )
+    try:
+        server = serve_in_thread(address, metrics_routes(registry))
+    except OSError as e:
+        raise StartupError(
+            f"cannot serve metrics on {address[0] or '*'}:{address[1]} ({e.strerror}): "
+            "choose another HOST:PORT with --metrics-listen"
+        ) from None
+    log.info("serving metrics on http://%s:%d/metrics", address[0] or "*", address[1])
+    return server
 
 
 def _freeze_loaded() -> None:
@@ -244,12 +297,12 @@ async def _serve_grpc(
     store: Store,
     authenticator: NodeAuthenticator,
     ca: CertificateAuthority,
+    discovery: DiscoveryService,
     stopping: asyncio.Event,
 ) -> None:
     """Serves push + CA until ``stopping``; never before a valid configuration is in
     ``store`` (an empty one would have every node drop its pods)."""
     serving = ca.serving_cert(serving_hosts(host, args.serving_hosts))
-    discovery = DiscoveryService(store, authenticator)
     server = grpc_server(store, authenticator, ca, discovery=discovery)
     credentials = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import grpc
 
 from controller.auth import AuthError, NodeAuthenticator
+from controller.metrics import ControllerMetrics
 from controller.store import Snapshot, Store, diff
 from mesh.api import mesh_pb2
 
@@ -129,15 +131,26 @@ class DiscoveryService:
     yielding responses and iterating the requests: grpc.aio's generator and iterator add an
     async generator step per message, 2000 per relabel at 1000 nodes."""
 
-    def __init__(self, store: Store, authenticator: NodeAuthenticator) -> None:
+    def __init__(
+        self,
+        store: Store,
+        authenticator: NodeAuthenticator,
+        metrics: ControllerMetrics | None = None,
+    ) -> None:
         self._store = store
         self._auth = authenticator
+        self.metrics = metrics or ControllerMetrics()
         self._encoder = Encoder()
         self.nodes: dict[str, NodeStatus] = {}
         self._readers: set[asyncio.Task[str | None]] = set()
         self._inboxes: set[Inbox] = set()
         self._announcer: asyncio.Task[None] | None = None
         self._closing = False
+
+    def connected_streams(self) -> int:
+        """Read by the metrics thread: list() copies the values under the GIL, so a node
+        joining meanwhile cannot break the iteration."""
+        return sum(status.connected for status in list(self.nodes.values()))
 
     def close(self) -> None:
         """End every stream normally, so a shutting-down server has none to cancel (gRPC logs
@@ -192,11 +205,14 @@ class DiscoveryService:
     async def _push(self, node: str, status: NodeStatus, replies: Inbox, context: Context) -> None:
         """Send, wait for the answer, wait for a newer version; until the node goes away
         (its reader ends and queues None). ``replies`` carries the node's answers and
-        :data:`NEWER`, so a stream waits on one queue and nothing else."""
+        :data:`NEWER`, so a stream waits on one queue and nothing else. Every ACK but the
+        stream's first (a node connecting applies no change) is a convergence time."""
         acked: Snapshot | None = None
         sent = self._store.current
+        counts, convergence = self.metrics.push, self.metrics.convergence
         while True:
             await context.write(self._encoder.encode(acked, sent))
+            counts.pushes += 1
             status.sent_version = sent.version
             while (reply := await replies.next()) is not None:
                 if isinstance(reply, _Reply):
@@ -206,11 +222,14 @@ class DiscoveryService:
             if reply is None:
                 return
             if reply.error_detail:
+                counts.rejects += 1
                 status.nacked_version, status.error_detail = reply.version, reply.error_detail
                 log.warning(
                     "node %s rejected version %s: %s", node, reply.version, reply.error_detail
                 )
             else:
+                if acked is not None:
+                    convergence.observe(time.monotonic() - sent.published)
                 acked, status.acked_version = sent, sent.version
                 log.debug("node %s applied version %s", node, sent.version)
             while self._store.current.serial <= sent.serial:

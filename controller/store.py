@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from mesh.api import mesh_pb2
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 class Snapshot:
     serial: int
     resources: Mapping[str, mesh_pb2.Resource]
+    # When it became current (time.monotonic()): how long nodes took to apply it.
+    published: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def version(self) -> str:

@@ -23,6 +23,7 @@ PART_OF = {"app.kubernetes.io/part-of": "ambimesh"}
 CONTROLLER = "ambimesh-controller"
 NODE = "ambimesh-node"
 CONTROLLER_PORT = 15012
+CONTROLLER_METRICS_PORT = 15016
 AGENT_METRICS_PORT = 15014
 ZTUNNEL_METRICS_PORT = 15020
 READINESS_PORT = 15021
@@ -63,7 +64,14 @@ def build(v: Values, namespace: str) -> list[Manifest]:
         Manifest("node-daemonset.yaml", _node_daemonset(v, namespace)),
         Manifest("node-metrics-service.yaml", _node_metrics_service(namespace)),
         Manifest(
-            "servicemonitor.yaml", _service_monitor(v, namespace), when="serviceMonitor.enabled"
+            "servicemonitor.yaml",
+            _service_monitor(v, namespace, NODE, ["ztunnel-metrics", "agent-metrics"]),
+            when="serviceMonitor.enabled",
+        ),
+        Manifest(
+            "controller-servicemonitor.yaml",
+            _service_monitor(v, namespace, CONTROLLER, ["http-monitoring"]),
+            when="serviceMonitor.enabled",
         ),
     ]
 
@@ -202,7 +210,8 @@ def _controller_service(namespace: str) -> Obj:
                     "port": CONTROLLER_PORT,
                     "targetPort": CONTROLLER_PORT,
                     "appProtocol": "grpc",
-                }
+                },
+                {"name": "http-monitoring", "port": CONTROLLER_METRICS_PORT},
             ],
         },
     }
@@ -238,6 +247,14 @@ _PREPARE_STATE = (
 )
 
 
+def _scrape_annotations(port: int) -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
 def _controller_deployment(v: Values, namespace: str) -> Obj:
     hosts = f"{CONTROLLER},{CONTROLLER}.{namespace}.svc,{CONTROLLER}.{namespace}.svc.cluster.local"
     return {
@@ -251,7 +268,10 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": _labels(CONTROLLER)},
             "template": {
-                "metadata": {"labels": _labels(CONTROLLER)},
+                "metadata": {
+                    "labels": _labels(CONTROLLER),
+                    "annotations": _scrape_annotations(CONTROLLER_METRICS_PORT),
+                },
                 "spec": {
                     "serviceAccountName": CONTROLLER,
                     # The API token its Kubernetes source and TokenReviews use.
@@ -291,12 +311,17 @@ def _controller_deployment(v: Values, namespace: str) -> Obj:
                                 "--state-dir=/var/lib/ambimesh/ca",
                                 "--tokens=/var/lib/ambimesh/tokens.yaml",
                                 f"--listen=0.0.0.0:{CONTROLLER_PORT}",
+                                f"--metrics-listen=0.0.0.0:{CONTROLLER_METRICS_PORT}",
                                 f"--serving-hosts={hosts}",
                                 f"--trust-domain={v['trustDomain']}",
                                 f"--log-level={v['logLevel']}",
                             ],
                             "ports": [
                                 {"name": "grpc", "containerPort": CONTROLLER_PORT},
+                                {
+                                    "name": "http-monitoring",
+                                    "containerPort": CONTROLLER_METRICS_PORT,
+                                },
                             ],
                             "readinessProbe": {
                                 "tcpSocket": {"port": CONTROLLER_PORT},
@@ -443,11 +468,6 @@ def _node_daemonset(v: Values, namespace: str) -> Obj:
             {"name": "node-token", "mountPath": TOKEN_DIR, "readOnly": True},
         ],
     }
-    metrics = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(ZTUNNEL_METRICS_PORT),
-        "prometheus.io/path": "/metrics",
-    }
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -461,7 +481,10 @@ def _node_daemonset(v: Values, namespace: str) -> Obj:
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
             "template": {
-                "metadata": {"labels": _labels(NODE), "annotations": metrics},
+                "metadata": {
+                    "labels": _labels(NODE),
+                    "annotations": _scrape_annotations(ZTUNNEL_METRICS_PORT),
+                },
                 "spec": {
                     "serviceAccountName": NODE,
                     "automountServiceAccountToken": False,
@@ -529,18 +552,18 @@ def _node_metrics_service(namespace: str) -> Obj:
     }
 
 
-def _service_monitor(v: Values, namespace: str) -> Obj:
+def _service_monitor(v: Values, namespace: str, component: str, ports: list[str]) -> Obj:
+    """Scrapes ``ports`` (names) of the Service labelled for ``component``."""
     interval = v["serviceMonitor"]["interval"]
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _meta(NODE, namespace, NODE),
+        "metadata": _meta(component, namespace, component),
         "spec": {
-            "selector": {"matchLabels": _labels(NODE)},
+            "selector": {"matchLabels": _labels(component)},
             "namespaceSelector": {"matchNames": [namespace]},
             "endpoints": [
-                {"port": "ztunnel-metrics", "path": "/metrics", "interval": interval},
-                {"port": "agent-metrics", "path": "/metrics", "interval": interval},
+                {"port": port, "path": "/metrics", "interval": interval} for port in ports
             ],
         },
     }

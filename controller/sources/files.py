@@ -221,6 +221,7 @@ class DirectoryWatcher:
         self._apply = apply
         self._interval = interval
         self._seen: Fingerprint | None = None
+        self.rejected = 0  # updates refused (a metric)
         self._files: dict[str, tuple[tuple[int, int], list[SourcedObject]]] = {}
 
     def load_once(self) -> None:
@@ -272,7 +273,9 @@ class DirectoryWatcher:
             objects = await asyncio.to_thread(self._load, stamp)
             self._apply(objects)
         except ConfigError as e:
+            self.rejected += 1
             log.error("configuration rejected, keeping the last good one: %s", e)
         except Exception:
+            self.rejected += 1
             log.exception("configuration update failed (a bug), keeping the last good one")
         return events

@@ -92,6 +92,7 @@ class KubernetesSource:
         self._debounce = debounce
         self._changed = asyncio.Event()
         self.applied = asyncio.Event()
+        self.rejected = 0  # states of the cluster refused (a metric)
         self.reflectors = [reflector(api, kind, self._changed.set) for kind in kinds]
 
     def objects(self) -> list[SourcedObject]:
@@ -124,9 +125,11 @@ class KubernetesSource:
         try:
             self._apply(self.objects())
         except ConfigError as e:
+            self.rejected += 1
             log.error("configuration rejected, keeping the last good one: %s", e)
             return
         except Exception:
+            self.rejected += 1
             log.exception("configuration update failed (a bug), keeping the last good one")
             return
         self.applied.set()

@@ -1,5 +1,6 @@
 """A real controller process (``python -m controller``) and the real node clients, on
-loopback with TLS: push snapshot + deltas, ACK/NACK, CA authorization, node auth."""
+loopback with TLS: push snapshot + deltas, ACK/NACK, CA authorization, node auth, and
+the metrics it serves over HTTP."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.api import mesh_pb2, mesh_pb2_grpc
 from mesh.cert_client import CertificateError, request_certificate
@@ -63,6 +66,7 @@ class Controller:
     root_pem: bytes
     log_path: Path
     tmp_path: Path
+    metrics_port: int
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -80,7 +84,19 @@ class Controller:
     def restart(self) -> None:
         """Stop and start again on the same port, state (root CA) and config directory."""
         self.stop()
-        self.process = launch(self.tmp_path, self.target, self.log_path)
+        self.process = launch(self.tmp_path, self.target, self.log_path, self.metrics_port)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of ``/metrics``: ``name{label="value",...}`` -> value."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            sample.name
+            + "".join(f'{{{k}="{v}"}}' for k, v in sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
 
 def free_port() -> int:
@@ -110,7 +126,9 @@ def port_open(port: int) -> bool:
         return False
 
 
-def launch(tmp_path: Path, target: str, log_path: Path) -> subprocess.Popen[bytes]:
+def launch(
+    tmp_path: Path, target: str, log_path: Path, metrics_port: int
+) -> subprocess.Popen[bytes]:
     port = int(target.rpartition(":")[2])
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
@@ -123,6 +141,8 @@ def launch(tmp_path: Path, target: str, log_path: Path) -> subprocess.Popen[byte
                 tmp_path / "tokens.yaml",
                 "--listen",
                 target,
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
                 "--log-level",
                 "DEBUG",
             ),
@@ -157,7 +177,8 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     tokens.chmod(0o600)
     target = f"127.0.0.1:{free_port()}"
     log_path = tmp_path / "controller.log"
-    process = launch(tmp_path, target, log_path)
+    metrics_port = free_port()
+    process = launch(tmp_path, target, log_path, metrics_port)
     running = Controller(
         process,
         target,
@@ -165,6 +186,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         (tmp_path / "state" / "root-cert.pem").read_bytes(),
         log_path,
         tmp_path,
+        metrics_port,
     )
     try:
         yield running
@@ -408,7 +430,9 @@ def test_restart_with_nodes_connected_ends_streams_cleanly_and_keeps_the_root(
     assert "Traceback" not in controller.log() and "ERROR" not in controller.log()
     assert not connected.acquire(timeout=0.5)  # no stream while the controller is away
 
-    controller.process = launch(controller.tmp_path, controller.target, controller.log_path)
+    controller.process = launch(
+        controller.tmp_path, controller.target, controller.log_path, controller.metrics_port
+    )
     assert connected.acquire(timeout=15), f"never reconnected:\n{controller.log()}"
     assert client.version == "1"  # the restarted controller counts from 1 again: taken
     _, csr = make_key_and_csr(SpiffeId("cluster.local", "demo", "web"))
@@ -421,12 +445,63 @@ def test_restart_with_nodes_connected_ends_streams_cleanly_and_keeps_the_root(
     )
 
 
+def test_metrics_count_pushes_convergence_certificates_and_rejections(
+    controller: Controller, clients: list[PushClient]
+) -> None:
+    client = connect(controller, clients, Recorder(reject_key="workload/demo/poison"))
+    (controller.config_dir / "more.yaml").write_text(pod_yaml("web-2", "node-a", "web", "10.1.0.3"))
+    wait_until(lambda: "workload/demo/web-2" in client.resources, 10, "the delta")
+    (controller.config_dir / "poison.yaml").write_text(
+        pod_yaml("poison", "node-a", "web", "10.1.0.66")
+    )
+    wait_until(lambda: "rejected version" in controller.log(), 10, "the NACK")
+    (controller.config_dir / "broken.yaml").write_text("kind: [\n")
+    wait_until(lambda: "broken.yaml" in controller.log(), 10, "the refused configuration")
+
+    web, db = SpiffeId("cluster.local", "demo", "web"), SpiffeId("cluster.local", "demo", "db")
+    request_certificate(
+        controller.target, controller.root_pem, TOKENS["node-a"], make_key_and_csr(web)[1], 60
+    )
+    for token, csr in [
+        (TOKENS["node-a"], make_key_and_csr(db)[1]),  # db runs on node-b
+        (TOKENS["node-a"], b"not a CSR"),
+        ("wrong", make_key_and_csr(web)[1]),
+    ]:
+        with pytest.raises(CertificateError):
+            request_certificate(controller.target, controller.root_pem, token, csr, 60)
+
+    m = controller.metrics()
+    assert m["pilot_xds"] == 1
+    # The snapshot, the web-2 delta, the poison delta; one NACK.
+    assert m['pilot_xds_pushes{type="wds"}'] == 3
+    assert m['pilot_total_xds_rejects{type="wds"}'] == 1
+    # Only the web-2 ACK converged a change: the first is the connect, poison was NACKed.
+    assert m["pilot_proxy_convergence_time_count"] == 1
+    assert 0 < m["pilot_proxy_convergence_time_sum"] < 10
+    assert m['pilot_proxy_convergence_time_bucket{le="10.0"}'] == 1
+    assert m["ambimesh_controller_config_versions_total"] == 3  # pods, web-2, poison
+    assert m["ambimesh_controller_config_rejects_total"] == 1  # broken.yaml
+    assert m["citadel_server_csr_count"] == 4
+    assert m["citadel_server_success_cert_issuance_count"] == 1
+    assert m["ambimesh_controller_certificates_denied_total"] == 1
+    assert m["citadel_server_csr_parsing_err_count"] == 1
+    assert m["citadel_server_authentication_failure_count"] == 1
+    root = x509.load_pem_x509_certificate(controller.root_pem)
+    assert m["citadel_server_root_cert_expiry_timestamp"] == root.not_valid_after_utc.timestamp()
+    assert m["process_resident_memory_bytes"] > 0
+
+    client.stop(5)
+    wait_until(lambda: controller.metrics()["pilot_xds"] == 0, 10, "the stream to end")
+
+
 def test_sigterm_shuts_down_cleanly(controller: Controller) -> None:
     assert controller.stop() == 0
     assert "Traceback" not in controller.log()
 
 
-@pytest.mark.parametrize("problem", ["missing-config-dir", "port-in-use", "unreadable-tokens"])
+@pytest.mark.parametrize(
+    "problem", ["missing-config-dir", "port-in-use", "metrics-port-in-use", "unreadable-tokens"]
+)
 def test_startup_errors_are_one_line(tmp_path: Path, problem: str) -> None:
     config_dir = tmp_path / "config"
     config_dir.mkdir()
@@ -436,6 +511,7 @@ def test_startup_errors_are_one_line(tmp_path: Path, problem: str) -> None:
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1] if problem == "port-in-use" else free_port()
+    metrics_port = holder.getsockname()[1] if problem == "metrics-port-in-use" else free_port()
     if problem == "missing-config-dir":
         config_dir = tmp_path / "absent"
     if problem == "unreadable-tokens":
@@ -451,6 +527,8 @@ def test_startup_errors_are_one_line(tmp_path: Path, problem: str) -> None:
                 tokens,
                 "--listen",
                 f"127.0.0.1:{port}",
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
             ),
             cwd=REPO,
             capture_output=True,
@@ -467,6 +545,7 @@ def test_startup_errors_are_one_line(tmp_path: Path, problem: str) -> None:
     expected = {
         "missing-config-dir": "does not exist",
         "port-in-use": "cannot listen",
+        "metrics-port-in-use": "--metrics-listen",
         "unreadable-tokens": "tokens",
     }
     assert expected[problem] in lines[0]

@@ -157,6 +157,7 @@ async def test_watcher_applies_changes_and_keeps_last_good_on_error(
         await wait_for(lambda: "c.yaml" in caplog.text)
         assert "keeping the last good" in caplog.text
         assert applied[-1] == ["one", "two"]
+        assert watcher.rejected == 1  # ambimesh_controller_config_rejects_total
         count = len(applied)
         await asyncio.sleep(0.1)
         assert len(applied) == count, "an unchanged bad directory is not re-applied"

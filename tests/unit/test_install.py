@@ -90,15 +90,29 @@ def test_every_object_is_valid_against_the_kubernetes_schemas(sets: list[str]) -
     )
 
 
-def test_service_monitor_scrapes_both_node_metrics_ports(objects: list[dict[str, Any]]) -> None:
-    monitor = by_kind(objects, "ServiceMonitor")
-    service = by_kind(objects, "Service", "ambimesh-node-metrics")
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
-    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
-    assert ports == {"ztunnel-metrics": 15020, "agent-metrics": 15014}
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} == set(ports)
+def test_service_monitors_scrape_the_node_and_controller_metrics_ports(
+    objects: list[dict[str, Any]],
+) -> None:
+    expected = {
+        "ambimesh-node": (
+            "ambimesh-node-metrics",
+            {"ztunnel-metrics": 15020, "agent-metrics": 15014},
+        ),
+        "ambimesh-controller": ("ambimesh-controller", {"http-monitoring": 15016}),
+    }
+    for name, (service_name, metrics_ports) in expected.items():
+        monitor = by_kind(objects, "ServiceMonitor", name)
+        service = by_kind(objects, "Service", service_name)
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= service["metadata"]["labels"].items()
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        assert metrics_ports.items() <= ports.items()
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} == set(metrics_ports)
+    controller = by_kind(objects, "Deployment", "ambimesh-controller")["spec"]["template"]
+    (container,) = controller["spec"]["containers"]
+    assert {"name": "http-monitoring", "containerPort": 15016} in container["ports"]
+    assert "--metrics-listen=0.0.0.0:15016" in container["args"]
+    assert controller["metadata"]["annotations"]["prometheus.io/port"] == "15016"
     assert "ServiceMonitor" not in {o["kind"] for o in render(default_values())}
 
 

@@ -281,6 +281,7 @@ async def test_a_rejected_state_keeps_the_last_good_configuration(
         await until(lambda: "configuration rejected" in caplog.text)
         assert "kubernetes: Pod demo/" in caplog.text
         assert controller.store.current is good
+        assert controller.source.rejected >= 1  # ambimesh_controller_config_rejects_total
         server.put(k.namespace("demo", {"ambimesh.io/dataplane-mode": "none"}))
         await until(lambda: controller.store.current.serial > good.serial)
         assert not controller.workload("demo", "server").ambient  # type: ignore[union-attr]

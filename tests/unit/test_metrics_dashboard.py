@@ -4,8 +4,9 @@ docs/metrics.md lists every exported metric, and the Prometheus scrape configura
 parses with the jobs the docs name.
 
 The exported set comes from the real collectors and metric classes registered on fresh
-registries (the same ones agent/main.py, ztunnel/main.py and waypoint/main.py serve), so a
-metric renamed in the code fails this test until the dashboard and the docs follow.
+registries (the same ones agent/main.py, ztunnel/main.py, waypoint/main.py and
+controller/main.py serve), so a metric renamed in the code fails this test until the
+dashboard and the docs follow.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Any, cast
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector
 
 from agent.metrics import AgentCollector
 from agent.node_agent import NodeAgent
 from bpf.maps import COUNTERS
+from controller.metrics import ControllerCollector, ControllerMetrics
 from mesh.cert_manager import CertStatus
 from mesh.cert_metrics import CertCollector
 from mesh.spiffe import SpiffeId
@@ -37,7 +40,12 @@ PROMETHEUS = ROOT / "deploy" / "metrics" / "prometheus.yml"
 DOCS = ROOT / "docs" / "metrics.md"
 
 # What a family of each type is exposed as (prometheus-client, `_created` disabled).
-SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "unknown": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+}
 
 
 def _agent_registry() -> CollectorRegistry:
@@ -70,10 +78,26 @@ def _waypoint_registry() -> CollectorRegistry:
     return registry
 
 
+def _controller_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(
+        ControllerCollector(
+            ControllerMetrics(),
+            connected_streams=lambda: 0,
+            root_not_after=lambda: 0.0,
+            config_serial=lambda: 0,
+            config_rejects=lambda: 0,
+        )
+    )
+    return registry
+
+
 REGISTRIES = {
     "agent": _agent_registry,
     "ztunnel": _ztunnel_registry,
     "waypoint": _waypoint_registry,
+    "controller": _controller_registry,
 }
 
 
@@ -215,6 +239,13 @@ def test_dashboard_covers_every_topic() -> None:
         "ambimesh_certificate_expiry_seconds",
         "istio_requests",
         "istio_request_duration_milliseconds",
+        "pilot_xds",
+        "pilot_proxy_convergence_time",
+        "pilot_total_xds_rejects",
+        "citadel_server_csr_count",
+        "citadel_server_root_cert_expiry_timestamp",
+        "ambimesh_controller_config_rejects",
+        "ambimesh_controller_certificates_denied",
     ):
         assert family in families, f"no panel shows {family}"
     assert {f"ambimesh_bpf_{c}" for c in COUNTERS} <= families
@@ -242,7 +273,7 @@ def test_docs_list_every_exported_metric(process: str) -> None:
 
 
 def test_docs_list_no_metric_that_is_not_exported() -> None:
-    documented = set(re.findall(r"`((?:istio|ambimesh)_[a-z_]+)`", DOCS.read_text()))
+    documented = set(re.findall(r"`((?:istio|ambimesh|pilot|citadel)_[a-z_]+)`", DOCS.read_text()))
     names = all_exported()
     stale = {n for n in documented if n not in names and n not in names.values()}
     assert not stale, f"docs/metrics.md lists metrics no component exports: {stale}"
@@ -251,8 +282,17 @@ def test_docs_list_no_metric_that_is_not_exported() -> None:
 def test_prometheus_config_has_the_jobs() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"ambimesh-agent", "ambimesh-ztunnel", "ambimesh-waypoint"}
-    ports = {"ambimesh-agent": "agent-metrics", "ambimesh-ztunnel": "ztunnel-metrics"}
+    assert set(jobs) == {
+        "ambimesh-agent",
+        "ambimesh-ztunnel",
+        "ambimesh-waypoint",
+        "ambimesh-controller",
+    }
+    ports = {
+        "ambimesh-agent": "agent-metrics",
+        "ambimesh-ztunnel": "ztunnel-metrics",
+        "ambimesh-controller": "http-monitoring",
+    }
     for name, job in jobs.items():
         assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
         relabels = job["relabel_configs"]
