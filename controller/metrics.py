@@ -89,7 +89,9 @@ class ControllerCollector(Collector):
         push, certs = self.metrics.push, self.metrics.certificates
         xds = {"type": XDS_TYPE}
         yield GaugeMetricFamily(
-            "pilot_xds", "Node push streams connected.", value=self.connected_streams()
+            "pilot_xds",
+            "Push streams connected (one per node agent, one per waypoint).",
+            value=self.connected_streams(),
         )
         yield _untyped(
             "pilot_xds_pushes", "Configuration responses written (counter).", push.pushes, xds
