@@ -54,6 +54,17 @@ static __always_inline int fastpath_ingress_ok(struct fastpath_bytes *sent,
     return unread + size <= FASTPATH_QUEUE_MAX;
 }
 
+/* Which way this send's last bytes took, for ambimesh_fastpath_sent. Looked up again, not
+ * kept from the start of the program: Linux 6.1's verifier forgets that a map value
+ * pointer tested for null once is one when the code tests it again after the paths
+ * joined ("R8 invalid mem access 'scalar'"), which later kernels track. */
+static __always_inline void fastpath_last_way(__u64 cookie, __u64 way)
+{
+    struct fastpath_flow *flow = fastpath_read.lookup(&cookie);
+    if (flow)
+        flow->last = way;
+}
+
 int ambimesh_fastpath(struct sk_msg_md *msg)
 {
     union fastpath_key_words key;
@@ -94,8 +105,7 @@ int ambimesh_fastpath(struct sk_msg_md *msg)
             int queue = exact &&
                         fastpath_ingress_ok(sent, pair, sent->redirected - excess_kernel, size);
             sent->redirected += size;
-            if (own)
-                own->last = FASTPATH_KERNEL;
+            fastpath_last_way(cookie, FASTPATH_KERNEL);
             struct fastpath_key peer = pair->peer;
             if (queue &&
                 fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
@@ -108,8 +118,7 @@ int ambimesh_fastpath(struct sk_msg_md *msg)
         }
     }
     sent->passed += size;
-    if (own)
-        own->last = FASTPATH_PASSED;
+    fastpath_last_way(cookie, FASTPATH_PASSED);
     return SK_PASS;
 }
 
