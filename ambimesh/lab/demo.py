@@ -1,6 +1,7 @@
 """`ambimesh lab demo`: one call across nodes through the mesh, proven three ways —
 the answer, a capture of the wire between the nodes, and the metrics both ztunnels kept;
-then the seed's 90/10 canary, counted over 200 calls through waypoint demo/waypoint."""
+the controller's view (push streams, convergence, certificates); then the seed's 90/10
+canary, counted over 200 calls through waypoint demo/waypoint."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ambimesh.lab.capture import fabric_capture
-from ambimesh.lab.lab import METRICS_PORT, Lab, LabError, say
+from ambimesh.lab.lab import CONTROLLER_METRICS_PORT, METRICS_PORT, Lab, LabError, say
 from ambimesh.lab.netclient import http_get
 from ambimesh.lab.topology import PodPlan
 
@@ -40,6 +41,32 @@ def istio_metrics(lab: Lab, node: str) -> list[str]:
         for line in body.splitlines()
         if line.startswith("istio_tcp_") and not line.startswith("#")
     ]
+
+
+# The controller's samples the demo shows (of docs/metrics.md's controller section).
+CONTROLLER_SHOWN = (
+    "pilot_xds",
+    "pilot_proxy_convergence_time_count",
+    "pilot_proxy_convergence_time_sum",
+    "pilot_total_xds_rejects",
+    "citadel_server_success_cert_issuance_count",
+    "ambimesh_controller_certificates_denied_total",
+    "ambimesh_controller_config_rejects_total",
+)
+
+
+def controller_metrics(lab: Lab) -> dict[str, float]:
+    """The controller's samples by name (labels dropped: these have at most ``type``)."""
+    plan = lab.load_plan()
+    _, body = http_get(
+        plan.fabric_netns, plan.controller_address, CONTROLLER_METRICS_PORT, "/metrics"
+    )
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name.partition("{")[0]] = float(value)
+    return samples
 
 
 # Run in a pod: `calls` requests to `url`, one connection each; prints a JSON list of the
@@ -167,4 +194,8 @@ def run_l4(lab: Lab) -> int:
             "waypoint -> server, each hop over mTLS; the waypoint's metrics below name the "
             "client)"
         )
+    say(f"metrics of the controller (:{CONTROLLER_METRICS_PORT}/metrics, istiod's names):")
+    shown = controller_metrics(lab)
+    for name in CONTROLLER_SHOWN:
+        print(f"  {name} {shown.get(name, 'missing')}")
     return 1 if plaintext or wire.packets == 0 or not principals else 0

@@ -50,6 +50,7 @@ COMPONENTS = ("agent", "ztunnel")
 READINESS_PORT = 15021
 METRICS_PORT = 15020
 AGENT_METRICS_PORT = 15014
+CONTROLLER_METRICS_PORT = 15016
 AGENT_READY = (
     "ambimesh_config_synced 1.0",
     "ambimesh_ztunnel_connected 1.0",
@@ -384,6 +385,7 @@ class Lab:
             "--config-dir", str(self.config_dir),
             "--state-dir", str(self.root_cert.parent),
             "--listen", f"{lab_plan.controller_address}:{CONTROLLER_PORT}",
+            "--metrics-listen", f"{lab_plan.controller_address}:{CONTROLLER_METRICS_PORT}",
             "--tokens", str(self.state / "tokens.yaml"),
         ]  # fmt: skip
         self._spawn_daemon("controller", None, lab_plan.fabric_netns, argv)

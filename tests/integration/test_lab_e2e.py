@@ -19,7 +19,7 @@ import yaml
 
 from ambimesh.lab import demo
 from ambimesh.lab.capture import fabric_capture
-from ambimesh.lab.demo import fetch_in_pod, istio_metrics
+from ambimesh.lab.demo import controller_metrics, fetch_in_pod, istio_metrics
 from ambimesh.lab.lab import AGENT_METRICS_PORT, Lab
 from ambimesh.lab.netclient import http_get
 from tests.integration.labs import log_text, logged, metric, running_lab, wait_until, write_config
@@ -153,11 +153,20 @@ def test_enrolling_a_namespace_at_runtime_and_back(lab: Lab) -> None:
     plan = lab.load_plan()
     server_ip = plan.pod("demo/server").address
     enrolled_before = agent_gauge(lab, "node-1", "ambimesh_enrolled_pods")
+    converged_before = controller_metrics(lab)["pilot_proxy_convergence_time_count"]
     try:
         set_namespace_label(lab, "legacy", "ambient")
         wait_until(
             lambda: agent_gauge(lab, "node-1", "ambimesh_enrolled_pods") == enrolled_before + 1,
             "legacy-client to be enrolled",
+        )
+        # Every node's agent ACKed the relabel's version: the controller timed each.
+        wait_until(
+            lambda: (
+                controller_metrics(lab)["pilot_proxy_convergence_time_count"]
+                >= converged_before + len(plan.nodes)
+            ),
+            "the controller to count every node's convergence",
         )
         lab.wait_ready()
         result = fetch_in_pod(lab, "legacy/legacy-client", f"http://{server_ip}:8080/enrolled")
@@ -230,9 +239,16 @@ def request_cert_as(lab: Lab, node: str, namespace: str, sa: str) -> str:
 
 
 def test_node_gets_certificates_only_for_its_own_pods(lab: Lab) -> None:
+    before = controller_metrics(lab)
+    assert before["pilot_xds"] >= len(lab.load_plan().nodes)  # every node's push stream
     assert request_cert_as(lab, "node-1", "demo", "client").startswith("ISSUED")
     assert request_cert_as(lab, "node-1", "demo", "server") == "REFUSED PERMISSION_DENIED"
     assert request_cert_as(lab, "node-2", "demo", "server").startswith("ISSUED")
+    after = controller_metrics(lab)
+    denied = "ambimesh_controller_certificates_denied_total"
+    assert after[denied] == before[denied] + 1
+    issued = "citadel_server_success_cert_issuance_count"
+    assert after[issued] >= before[issued] + 2
 
 
 PEER_PROBE = """
