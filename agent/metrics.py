@@ -42,6 +42,12 @@ class AgentCollector(Collector):
             "eBPF programs and links of this agent the kernel reports in force.",
             value=self.agent.bpf.attached_programs(),
         )
+        yield GaugeMetricFamily(
+            "ambimesh_bpf_fast_path_loaded",
+            "1 when the kernel accepted the same-node fast path's program, else 0 (ztunnel "
+            "then relays same-node connections in user space).",
+            value=int(self.agent.bpf.fast_path),
+        )
         counters = self.agent.bpf.counters()
         for name, value in sorted(counters.items()):
             yield CounterMetricFamily(f"ambimesh_bpf_{name}", f"BPF counter {name}.", value=value)

@@ -515,23 +515,20 @@ class MeshBpf:
                 *_POD_CGROUP_PROGRAMS,
                 _PROXY_PROGRAM,
                 _SK_LOOKUP_PROGRAM,
-                _FASTPATH_PROGRAM,
             ):
-                expected = -1 if prog_type in (_PROG_SOCK_OPS, _PROG_SK_MSG) else attach_type
+                expected = -1 if prog_type == _PROG_SOCK_OPS else attach_type
                 self._fns[name] = self._bpf.load_func(
                     name.encode(), prog_type, attach_type=expected
                 )
             self._listeners_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"inbound_listeners"))
             self._fastpath_socks_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"fastpath_socks"))
-            name, _, attach_type = _FASTPATH_PROGRAM
-            self._libbpf.prog_attach(self._fns[name].fd, self._fastpath_socks_fd, attach_type, 0)
-            self._attach_fastpath_counters()
         except Exception as exc:
             self._bpf.cleanup()
             raise BpfError(
                 f"the kernel rejected an eBPF program ({exc}); this needs Linux >= 5.15 with "
                 "CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF; `python -m bpf --dump` prints the C"
             ) from exc
+        self.fast_path = self._attach_fast_path()
         # Fds of the previous agent's cgroup programs (from their pins), by program id.
         self._predecessors: dict[int, int] = {}
         if self.pin_dir is not None:
@@ -812,8 +809,10 @@ class MeshBpf:
             for proxy in list(self._proxies.values()):
                 self.detach_proxy(proxy)
             name, _, attach_type = _FASTPATH_PROGRAM
-            with contextlib.suppress(OSError):  # a newer agent's may have replaced it
-                self._libbpf.prog_detach(self._fns[name].fd, self._fastpath_socks_fd, attach_type)
+            if name in self._fns:
+                with contextlib.suppress(OSError):  # a newer agent's may have replaced it
+                    fd = self._fns[name].fd
+                    self._libbpf.prog_detach(fd, self._fastpath_socks_fd, attach_type)
             self._unpin_programs()
         finally:
             self._closed = True
@@ -832,6 +831,35 @@ class MeshBpf:
         self.close()
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _attach_fast_path(self) -> bool:
+        """Load fastpath.c's sk_msg program onto fastpath_socks, with its counters; whether
+        the same-node fast path is on.
+
+        The fast path only saves work: a kernel whose verifier refuses its program (one
+        this code was not tested on) leaves it off, and capture runs. The pin of
+        fastpath_socks goes then, so ztunnel finds no fast path and relays those
+        connections in user space, as it does without an agent; sockops stops tracking.
+        """
+        name, prog_type, attach_type = _FASTPATH_PROGRAM
+        try:
+            fn = self._bpf.load_func(name.encode(), prog_type, attach_type=-1)
+            self._libbpf.prog_attach(fn.fd, self._fastpath_socks_fd, attach_type, 0)
+        except Exception as exc:  # bcc raises plain Exception, libbpf OSError
+            log.warning(
+                "same-node fast path off: the kernel refused %s (%s); ztunnel relays "
+                "same-node connections in user space",
+                name,
+                str(exc).splitlines()[0],
+            )
+            self._bpf[b"fastpath_config"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+            if self.pin_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pin_dir, "maps", "fastpath_socks"))
+            return False
+        self._fns[name] = fn
+        self._attach_fastpath_counters()
+        return True
 
     def _attach_fastpath_counters(self) -> None:
         """Count what fast-path apps read and really sent (fastpath.c), where the kernel has

@@ -223,6 +223,7 @@ class SameNodeFastPath:
         self.maps_dir = maps_dir
         self._maps: FastPathMaps | None = None
         self._next_try = 0.0
+        self._last_error = ""
 
     def maps(self) -> FastPathMaps | None:
         if self._maps is not None:
@@ -235,7 +236,10 @@ class SameNodeFastPath:
             maps = FastPathMaps.open(self.maps_dir)
             maps.set_enabled(True)
         except OSError as exc:
-            log.warning("same-node fast path relayed in user space: %s", exc)
+            # Once per cause: an agent that left the fast path off keeps it off.
+            if str(exc) != self._last_error:
+                self._last_error = str(exc)
+                log.warning("same-node fast path relayed in user space: %s", exc)
             return None
         self._maps = maps
         log.info("same-node fast path: kernel redirect through %s", self.maps_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import secrets
@@ -385,3 +386,33 @@ def test_ensure_bpffs_mounts_once(tmp_path: os.PathLike[str]) -> None:
         for _ in range(3):  # one per mount, should a broken ensure_bpffs stack them
             if mounts():
                 libc.umount2(target.encode(), _MNT_DETACH)
+
+
+class RefusedFastPath(MeshBpf):
+    """fastpath.c with a read through an integer that every verifier refuses: the kernel
+    turns the fast path's program down as 6.1 turned down an earlier one."""
+
+    @staticmethod
+    def source() -> str:
+        entry = "int ambimesh_fastpath(struct sk_msg_md *msg)\n{\n"
+        text = MeshBpf.source()
+        assert entry in text
+        refused = "    if (msg->size == 7)\n        return *(int *)(long)msg->size;\n"
+        return text.replace(entry, entry + refused)
+
+
+def test_a_refused_fast_path_leaves_capture_running_and_ztunnel_without_it(
+    lab: Lab, pin_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "bpf.loader")
+    with RefusedFastPath(pin_dir=pin_dir) as agent:
+        assert agent.fast_path is False
+        assert "same-node fast path off: the kernel refused ambimesh_fastpath" in caplog.text
+        # ztunnel opens the fast path through this pin: gone, so it relays in user space.
+        assert not os.path.exists(f"{pin_dir}/maps/fastpath_socks")
+        assert os.path.exists(f"{pin_dir}/maps/counters")
+        pod = enroll(lab, agent)
+        assert_steered(lab, pod.inbound)
+    with MeshBpf(pin_dir=pin_dir) as fixed:
+        assert fixed.fast_path is True
+        assert os.path.exists(f"{pin_dir}/maps/fastpath_socks")

@@ -243,3 +243,20 @@ def test_a_half_made_pairing_is_undone() -> None:
     maps = FailingMaps()
     assert fastpath._Pairing.start(maps, Side(), Side()) is None  # type: ignore[arg-type]
     assert maps.pairs == {}, "a pair stayed although the connection is relayed in user space"
+
+
+async def test_no_fast_path_maps_is_said_once_per_cause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that left the fast path off (no pinned maps) is not logged every retry."""
+    monkeypatch.setattr("ztunnel.fastpath_maps.REOPEN_SECONDS", 0.0)
+    caplog.set_level(logging.WARNING, "ztunnel.fastpath_maps")
+    fast_path = SameNodeFastPath(tmp_path / "absent")
+    assert [fast_path.maps() for _ in range(3)] == [None, None, None]
+    warnings = [r for r in caplog.records if "relayed in user space" in r.getMessage()]
+    assert len(warnings) == 1
+    (tmp_path / "absent").mkdir()  # another cause: a file that is no pinned map
+    (tmp_path / "absent" / "fastpath_socks").write_text("")
+    assert fast_path.maps() is None
+    warnings = [r for r in caplog.records if "relayed in user space" in r.getMessage()]
+    assert len(warnings) == 2

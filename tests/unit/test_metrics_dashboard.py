@@ -49,7 +49,9 @@ SUFFIXES = {
 
 
 def _agent_registry() -> CollectorRegistry:
-    bpf = SimpleNamespace(counters=lambda: dict.fromkeys(COUNTERS, 0), attached_programs=lambda: 0)
+    bpf = SimpleNamespace(
+        counters=lambda: dict.fromkeys(COUNTERS, 0), attached_programs=lambda: 0, fast_path=True
+    )
     agent = SimpleNamespace(
         enrolled={},
         desired={},
