@@ -850,7 +850,7 @@ class MeshBpf:
                 "same-node fast path off: the kernel refused %s (%s); ztunnel relays "
                 "same-node connections in user space",
                 name,
-                str(exc).splitlines()[0],
+                exc,
             )
             self._bpf[b"fastpath_config"][ctypes.c_int(0)] = ctypes.c_uint32(0)
             if self.pin_dir is not None:
