@@ -90,7 +90,7 @@ class ControllerCollector(Collector):
         xds = {"type": XDS_TYPE}
         yield GaugeMetricFamily(
             "pilot_xds",
-            "Push streams connected (one per node agent, one per waypoint).",
+            "Push streams connected (each node agent, ztunnel process and waypoint).",
             value=self.connected_streams(),
         )
         yield _untyped(

@@ -197,15 +197,15 @@ say "node-2 metrics: ${dst:-none}"
 [ -n "$dst" ] || die "node-2's ztunnel counts no mutual_tls connection as reporter=destination"
 step "node metrics"
 
-# The controller's own metrics (istiod's names): one push stream per node, and every node's
-# ACK of the label's version timed.
+# The controller's own metrics (istiod's names): the push streams of both nodes' agent and
+# ztunnel, and each one's ACK of the label's version timed.
 cmetrics=$(vm controller 'curl -sf http://127.0.0.1:15016/metrics') \
     || die "the controller serves no metrics on :15016"
 xds=$(awk '$1 == "pilot_xds" { print int($2) }' <<<"$cmetrics")
 converged=$(awk '$1 == "pilot_proxy_convergence_time_count" { print int($2) }' <<<"$cmetrics")
 say "controller metrics: pilot_xds ${xds:-missing}, pilot_proxy_convergence_time_count ${converged:-missing}"
-[ "$xds" = 2 ] || die "the controller's pilot_xds is ${xds:-missing}, not 2 (one push stream per node)"
-(( ${converged:-0} >= 2 )) || die "the controller timed ${converged:-no} node ACKs of the label, not both"
+[ "$xds" = 4 ] || die "the controller's pilot_xds is ${xds:-missing}, not 4 (agent and ztunnel of 2 nodes)"
+(( ${converged:-0} >= 4 )) || die "the controller timed ${converged:-no} ACKs of the label, not all 4"
 step "controller metrics"
 
 # The restart path: pinned maps and links exist, the unit's capabilities only (no drop-in).
