@@ -212,12 +212,11 @@ def _serve_metrics(
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
-    root_not_after = ca.root_not_after.timestamp()
     registry.register(
         ControllerCollector(
             discovery.metrics,
             connected_streams=discovery.connected_streams,
-            root_not_after=lambda: root_not_after,
+            root_not_after=ca.root_not_after.timestamp(),
             config_serial=lambda: store.current.serial,
             config_rejects=lambda: source.rejected,
         )

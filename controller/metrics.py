@@ -68,14 +68,15 @@ def _untyped(name: str, documentation: str, value: float, labels: dict[str, str]
 
 class ControllerCollector(Collector):
     """Reads ``metrics`` and, at scrape time, what the other parts hold: the connected
-    streams, the root's expiry, the configuration's serial and the source's rejections."""
+    streams, the configuration's serial and the source's rejections. The root's expiry
+    (Unix time) is fixed for the process's life."""
 
     def __init__(
         self,
         metrics: ControllerMetrics,
         *,
         connected_streams: Callable[[], int],
-        root_not_after: Callable[[], float],
+        root_not_after: float,
         config_serial: Callable[[], int],
         config_rejects: Callable[[], int],
     ) -> None:
@@ -127,7 +128,7 @@ class ControllerCollector(Collector):
         yield GaugeMetricFamily(
             "citadel_server_root_cert_expiry_timestamp",
             "Unix time at which the CA's root certificate expires.",
-            value=self.root_not_after(),
+            value=self.root_not_after,
         )
         yield CounterMetricFamily(
             "ambimesh_controller_certificates_denied",

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from ambimesh.lab.capture import fabric_capture
 from ambimesh.lab.lab import CONTROLLER_METRICS_PORT, METRICS_PORT, Lab, LabError, say
 from ambimesh.lab.netclient import http_get
@@ -61,12 +63,11 @@ def controller_metrics(lab: Lab) -> dict[str, float]:
     _, body = http_get(
         plan.fabric_netns, plan.controller_address, CONTROLLER_METRICS_PORT, "/metrics"
     )
-    samples = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name.partition("{")[0]] = float(value)
-    return samples
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
 
 
 # Run in a pod: `calls` requests to `url`, one connection each; prints a JSON list of the

@@ -87,7 +87,7 @@ def _controller_registry() -> CollectorRegistry:
         ControllerCollector(
             ControllerMetrics(),
             connected_streams=lambda: 0,
-            root_not_after=lambda: 0.0,
+            root_not_after=0.0,
             config_serial=lambda: 0,
             config_rejects=lambda: 0,
         )
